@@ -1,0 +1,30 @@
+"""The ``reclm`` command. Each sub-module registers its commands on the one Typer app."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from reclm.cli.common import app
+
+# Modules that add commands to ``app``; each owns one area (data/cf, llm, pipeline, serve).
+COMMAND_MODULES = ("reclm.cli.data", "reclm.cli.cf", "reclm.cli.llm", "reclm.cli.pipeline", "reclm.cli.serve")
+
+for module in COMMAND_MODULES:
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:  # an area not built yet must not break the others
+        if exc.name != module:
+            raise
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["app", "main", "typer"]

@@ -1,0 +1,79 @@
+"""The run directory: one folder holds every stage's inputs and outputs, so each CLI step and the
+pipeline read and write the same places."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from reclm.data.dataset import RecDataset
+from reclm.data.errors import DataError
+from reclm.data.loaders import load_dataset
+from reclm.data.split import Split, SplitSpec, make_split
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    # ------------------------------------------------------------ well-known paths
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def profiles(self) -> Path:
+        return self.root / "profiles"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def cf(self) -> Path:
+        return self.root / "cf"
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
+    def stage(self, name: str) -> Path:
+        """Folder of a training stage (sft, collab, reward, rl, item_sft, neighbours...)."""
+        return self.root / name
+
+    # ------------------------------------------------------------ dataset and split
+    def prepare(self, dataset: str, spec: SplitSpec, item_text: str | None = None) -> tuple[RecDataset, Split]:
+        """Load the dataset, split it and record both in ``data/`` (the split is saved, not recomputed)."""
+        data = load_dataset(dataset, item_text=item_text)
+        split = make_split(data, spec)
+        self.data.mkdir(parents=True, exist_ok=True)
+        source = {"dataset": dataset, "item_text": item_text, "fingerprint": data.fingerprint()}
+        (self.data / "dataset.json").write_text(json.dumps(source, indent=2))
+        split.save(self.data)
+        return data, split
+
+    def dataset_spec(self) -> dict:
+        path = self.data / "dataset.json"
+        if not path.is_file():
+            raise DataError("not a prepared run directory (run `reclm prepare` or `reclm run` first)", path)
+        return json.loads(path.read_text())
+
+    def load(self) -> tuple[RecDataset, Split]:
+        """The dataset and the split saved in this run; fails if the data changed since."""
+        source = self.dataset_spec()
+        data = load_dataset(source["dataset"], item_text=source.get("item_text"))
+        if data.fingerprint() != source["fingerprint"]:
+            raise DataError(
+                f"dataset {source['dataset']!r} changed since this run was prepared "
+                f"(fingerprint {data.fingerprint()} != {source['fingerprint']}); prepare a new run",
+                self.data / "dataset.json",
+            )
+        return data, Split.load(self.data)
