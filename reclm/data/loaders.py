@@ -101,7 +101,9 @@ def assemble(
         item_ids=item_ids,
         inter_user=inter_user,
         inter_item=inter_item,
-        item_fields={f: [vals.get(i, "") for i in item_ids] for f, vals in (item_fields.fields if item_fields else {}).items()},
+        item_fields={
+            f: [vals.get(i, "") for i in item_ids] for f, vals in (item_fields.fields if item_fields else {}).items()
+        },
         user_fields=(
             {f: [vals.get(u, "") for u in user_ids] for f, vals in user_fields.items()} if user_fields else None
         ),
@@ -351,8 +353,13 @@ def load_csv(path: str | Path, item_text: str | Path | None = None, name: str | 
         )
     )
     item_fields = read_item_text(Path(item_text)) if item_text else None
-    return assemble(name or path.stem, raw, item_fields, Path(item_text) if item_text else None,
-                    description=f"CSV interactions {path}")
+    return assemble(
+        name or path.stem,
+        raw,
+        item_fields,
+        Path(item_text) if item_text else None,
+        description=f"CSV interactions {path}",
+    )
 
 
 # ---------------------------------------------------------------- dispatch

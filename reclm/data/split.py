@@ -215,8 +215,9 @@ def ratio_split(data: RecDataset, spec: SplitSpec, temporal: bool) -> Split:
         key = np.lexsort((rng.permutation(len(users)), key))
         key = np.argsort(key)
     part = split_rows_per_user(users, key, lambda n: ratio_counts(n, spec.ratios))
-    test = np.concatenate([pairs(users[part == 2], items[part == 2]),
-                           pairs(data.inter_user[is_zero], data.inter_item[is_zero])])
+    test = np.concatenate(
+        [pairs(users[part == 2], items[part == 2]), pairs(data.inter_user[is_zero], data.inter_item[is_zero])]
+    )
     return Split(
         n_users=data.n_users,
         n_items=data.n_items,
@@ -244,7 +245,9 @@ def snapshot_split(data: RecDataset, spec: SplitSpec) -> Split:
     test_users, test_items = data.inter_user[~is_train], data.inter_item[~is_train]
     train_keys = set((train_users * data.n_items + train_items).tolist())
     fresh = np.fromiter(
-        (k not in train_keys for k in (test_users * data.n_items + test_items).tolist()), dtype=bool, count=len(test_users)
+        (k not in train_keys for k in (test_users * data.n_items + test_items).tolist()),
+        dtype=bool,
+        count=len(test_users),
     )
     test = pairs(test_users[fresh], test_items[fresh])
     zero_shot = np.setdiff1d(np.unique(test[:, 1]), np.unique(train_items))

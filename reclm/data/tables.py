@@ -29,9 +29,7 @@ def read_delimited(path: Path, sep: str, required: list[str], quoting: int = csv
         raise DataError(f"cannot parse table: {exc}", path) from exc
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(
-            f"bad header {list(frame.columns)}: expected columns {required} (missing {missing})", path, 1
-        )
+        raise DataError(f"bad header {list(frame.columns)}: expected columns {required} (missing {missing})", path, 1)
     if frame.empty:
         raise DataError("no rows after the header", path, 2)
     return frame
