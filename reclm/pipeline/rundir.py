@@ -15,39 +15,51 @@ from reclm.data.split import Split, SplitSpec, make_split
 
 @dataclass(frozen=True)
 class RunDir:
-    root: Path
+    """``redirect`` maps a top-level folder name to another place: the pipeline points the folder
+    a stage is writing at its work folder, so code written against RunDir writes crash-safely."""
 
-    def __init__(self, root: str | Path):
+    root: Path
+    redirect: tuple[tuple[str, Path], ...] = ()
+
+    def __init__(self, root: str | Path, redirect: dict[str, str | Path] | None = None):
         object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "redirect", tuple((k, Path(v)) for k, v in (redirect or {}).items()))
+
+    def path(self, name: str) -> Path:
+        return dict(self.redirect).get(name, self.root / name)
 
     # ------------------------------------------------------------ well-known paths
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.path("data")
 
     @property
     def teacher(self) -> Path:
-        return self.root / "teacher"
+        return self.path("teacher")
 
     @property
     def profiles(self) -> Path:
-        return self.root / "profiles"
+        return self.path("profiles")
 
     @property
     def embeddings(self) -> Path:
-        return self.root / "embeddings"
+        return self.path("embeddings")
 
     @property
     def cf(self) -> Path:
-        return self.root / "cf"
+        return self.path("cf")
 
     @property
     def manifests(self) -> Path:
-        return self.root / "manifests"
+        return self.path("manifests")
+
+    @property
+    def report(self) -> Path:
+        return self.path("report")
 
     def stage(self, name: str) -> Path:
         """Folder of a training stage (sft, collab, reward, rl, item_sft, neighbours...)."""
-        return self.root / name
+        return self.path(name)
 
     # ------------------------------------------------------------ dataset and split
     def prepare(self, dataset: str, spec: SplitSpec, item_text: str | None = None) -> tuple[RecDataset, Split]:

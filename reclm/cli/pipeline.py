@@ -1,0 +1,81 @@
+"""``reclm run`` (the whole method, cached and resumable) and ``reclm report``."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from reclm.cli.common import app, console, err_console, friendly_errors
+from reclm.pipeline.cache import StageError
+from reclm.pipeline.config import default_config, load_config
+from reclm.pipeline.stages import STAGE_NAMES
+
+
+def stage_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A failed stage is one line (its manifest keeps the details); exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except StageError as exc:
+            if os.environ.get("RECLM_DEBUG"):
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            if exc.__cause__ is not None:
+                err_console.print("(set RECLM_DEBUG=1 for the traceback)", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command("run")
+@friendly_errors
+@stage_errors
+def run_command(
+    config: Path = typer.Argument(None, help="Pipeline config (YAML), e.g. configs/ml-100k.yaml."),
+    dataset: str = typer.Option(None, help="Dataset (ml-100k or a path); overrides the config's."),
+    out: Path = typer.Option(None, help="Run directory (default: the config's `out`, else runs/<name>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and estimates; run nothing."),
+    seeds: int = typer.Option(None, min=1, help="CF seeds per run: N seeds from the config's first seed."),
+    from_stage: str = typer.Option(None, "--from", help=f"Rerun from this stage on ({', '.join(STAGE_NAMES)})."),
+    only: str = typer.Option(None, help="Run only this stage (its inputs must be complete)."),
+) -> None:
+    """Run every stage of RecLM in order; stages whose inputs did not change come from cache."""
+    from reclm.pipeline.run import dry_run as plan
+    from reclm.pipeline.run import make_pipeline, run
+    from reclm.utils import torch_threads
+
+    overrides: dict[str, Any] = {}
+    if dataset:
+        overrides["dataset"] = dataset
+    cfg = load_config(config, overrides) if config else default_config(dataset or "ml-100k")
+    if seeds:
+        first = cfg.cf.seeds[0]
+        cfg.cf.seeds = [first + i for i in range(seeds)]
+    name = config.stem if config else None
+    out_dir = out or cfg.default_out(name)
+    if dry_run:
+        plan(make_pipeline(cfg, out_dir, console), console, from_stage=from_stage, only=only)
+        return
+    torch_threads(cfg.threads)
+    run(cfg, out_dir, console, from_stage=from_stage, only=only)
+
+
+@app.command("report")
+@friendly_errors
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A run directory made by `reclm run`."),
+    out: Path = typer.Option(None, help="Where to write report.md / report.html (default RUN/report)."),
+) -> None:
+    """(Re)generate report.md and the self-contained report.html from a run directory."""
+    from reclm.pipeline.report import write_report
+
+    paths = write_report(run_dir, out or run_dir / "report")
+    for path in paths:
+        console.print(f"wrote {path}", highlight=False)

@@ -1,0 +1,649 @@
+"""Stage cache: manifests, input/output hashing, crash-safe outputs and resume.
+
+A stage's *input hash* covers its code version, the config subset it reads, the *output hashes* of
+the stages it needs, and the content of the external files it reads. Its *output hash* covers the
+content of its output folder. A stage is skipped when ``RUN/manifests/<stage>.json`` is complete,
+has the same input hash, and the output folder still holds exactly the files it recorded. Because
+downstream keys use upstream *output* hashes, a stage that reruns and writes the same bytes does not
+invalidate anything after it.
+
+Crash safety: a stage writes into ``RUN/.work/<folder>``; only when it returns is the old output
+moved aside, the new one renamed into place, and the manifest written (the manifest is the commit
+point). A stage that crashes leaves its work folder; the next run with the same input hash resumes
+in it (``ctx.resumed``), so stages with their own resume logic (generation caches, per-run units)
+lose nothing. ``ctx.unit`` gives the same guarantee to sub-units of a stage (one CF run, one
+profile variant) and reuses units of the previous output whose key is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from reclm.pipeline.config import PipelineConfig, stable_hash
+from reclm.pipeline.rundir import RunDir
+
+MANIFEST_VERSION = 1
+PACKAGES = (
+    "reclm",
+    "torch",
+    "numpy",
+    "scipy",
+    "transformers",
+    "peft",
+    "trl",
+    "sentence-transformers",
+    "ctranslate2",
+    "pydantic",
+)
+UNIT_MARKER = ".unit.json"
+
+
+class StageError(RuntimeError):
+    """A stage could not run; the message is one line for the user."""
+
+
+class StageUnavailable(StageError):
+    """The code a stage needs is not part of this installation yet."""
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def file_sha256(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - process-wide memo
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _memo:
+        h = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                h.update(chunk)
+        _memo[key] = h.hexdigest()
+    return _memo[key]
+
+
+def walk_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def path_hash(path: Path) -> str:
+    """Content hash of a file, or of every file under a folder (names included)."""
+    if path.is_file():
+        return file_sha256(path)[:16]
+    if path.is_dir():
+        h = hashlib.sha256()
+        for file in walk_files(path):
+            h.update(str(file.relative_to(path)).encode() + b"\0" + file_sha256(file).encode())
+        return h.hexdigest()[:16]
+    return "missing"
+
+
+def describe_outputs(folder: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for file in walk_files(folder):
+        stat = file.stat()
+        out[str(file.relative_to(folder))] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": file_sha256(file),
+        }
+    return out
+
+
+def outputs_hash(files: dict[str, dict[str, Any]]) -> str:
+    return stable_hash({name: info["sha256"] for name, info in files.items()})
+
+
+def outputs_intact(folder: Path, recorded: dict[str, dict[str, Any]]) -> bool:
+    """True when ``folder`` holds exactly the recorded files with the recorded content (size and
+    mtime unchanged are trusted; otherwise the file is hashed again)."""
+    if not folder.is_dir():
+        return False
+    present = {str(p.relative_to(folder)): p for p in walk_files(folder)}
+    if set(present) != set(recorded):
+        return False
+    for name, path in present.items():
+        info, stat = recorded[name], path.stat()
+        if stat.st_size != info["size"]:
+            return False
+        if stat.st_mtime_ns != info["mtime_ns"] and file_sha256(path) != info["sha256"]:
+            return False
+    return True
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+# ---------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak resident memory of this process during a block (Linux: VmHWM reset through
+    /proc/self/clear_refs; elsewhere a 50 ms sampler), plus the CUDA peak when a GPU is used."""
+
+    def __init__(self) -> None:
+        self.rss_mb = 0.0
+        self.gpu_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hwm = False
+
+    @staticmethod
+    def _status(key: str) -> float | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.rss_mb = max(self.rss_mb, self._status("VmRSS") or 0.0)
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._hwm = self._status("VmHWM") is not None
+        except OSError:
+            self._hwm = False
+        if not self._hwm:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self._cuda = self._cuda_available()
+        if self._cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    @staticmethod
+    def _cuda_available() -> bool:
+        import sys
+
+        torch = sys.modules.get("torch")
+        return bool(torch is not None and torch.cuda.is_available())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hwm:
+            self.rss_mb = self._status("VmHWM") or 0.0
+        else:
+            self._stop.set()
+            if self._thread:
+                self._thread.join()
+        if self._cuda or self._cuda_available():
+            import torch
+
+            self.gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+# ---------------------------------------------------------------- stages and their context
+
+
+@dataclass
+class Estimate:
+    """Dry-run estimate of one stage on this machine."""
+
+    seconds: float
+    tokens: int = 0
+    units: float = 0
+    unit: str = ""
+    basis: str = "default"  # "default" constants or "measured" on this machine
+
+
+@dataclass
+class Stage:
+    """One pipeline stage. ``run(ctx)`` writes into ``ctx.out`` and may return a summary dict with
+    ``tokens`` (int or {kind: int}) and ``units`` (work done, for speed calibration)."""
+
+    name: str
+    folder: str
+    run: Callable[[StageContext], dict[str, Any] | None]
+    needs: tuple[str, ...] = ()
+    config: Callable[[PipelineConfig], Any] = lambda cfg: {}
+    files: Callable[[PipelineConfig], list[Path]] = lambda cfg: []
+    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
+    estimate: Callable[[PipelineConfig, Any], Estimate] | None = None
+    version: int = 1
+    description: str = ""
+
+
+@dataclass
+class Unit:
+    """A sub-result of a stage (one CF run, one profile variant) committed on its own."""
+
+    path: Path
+    key: str
+    done: bool
+
+    def scratch(self) -> Path:
+        """An empty folder to write the unit into; ``commit()`` moves it into place."""
+        tmp = self.path.with_name(self.path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".partial")
+        (tmp / UNIT_MARKER).write_text(json.dumps({"key": self.key}))
+        shutil.rmtree(self.path, ignore_errors=True)
+        tmp.rename(self.path)
+        self.done = True
+
+
+def unit_key(path: Path) -> str | None:
+    try:
+        return json.loads((path / UNIT_MARKER).read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@dataclass
+class StageContext:
+    config: PipelineConfig
+    root: Path  # the run directory
+    out: Path  # where this stage writes (its work folder)
+    previous: Path | None  # the last completed output of this stage, for unit reuse
+    resumed: bool  # the work folder was kept from an interrupted attempt with the same inputs
+    console: Console
+    shared: dict[str, Any]  # objects loaded once per pipeline process (dataset, split)
+    stage: str = ""
+    inputs: dict[str, Any] = field(default_factory=dict)  # config subset, upstream output hashes, file hashes
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def run(self) -> RunDir:
+        """The run directory as upstream stages left it (this stage's own folder is ``out``)."""
+        return RunDir(self.root)
+
+    def data(self):
+        """(RecDataset, Split) of this run, loaded once."""
+        if "data" not in self.shared:
+            self.shared["data"] = RunDir(self.root).load()
+        return self.shared["data"]
+
+    def unit(self, relative: str, key: Any) -> Unit:
+        """``out/relative`` as a cached unit: done when it (or the previous output's copy) was
+        committed with the same key."""
+        digest = key if isinstance(key, str) else stable_hash(key)
+        path = self.out / relative
+        if path.is_dir() and unit_key(path) == digest:
+            return Unit(path, digest, True)
+        old = self.previous / relative if self.previous else None
+        if old is not None and old.is_dir() and unit_key(old) == digest:
+            tmp = path.with_name(path.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(old, tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            return Unit(path, digest, True)
+        return Unit(path, digest, False)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+# ---------------------------------------------------------------- the runner
+
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    action: str  # "cached" | "run" | "off" | "skip" (not selected by --only)
+    reason: str = ""
+    input_hash: str | None = None
+    inputs: dict[str, Any] | None = None
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    action: str  # "cached" | "ran" | "off" | "skip"
+    seconds: float = 0.0
+    manifest: dict[str, Any] | None = None
+
+
+class Pipeline:
+    """Runs stages in order into one run directory, skipping those whose inputs are unchanged."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        root: str | Path,
+        stages: list[Stage],
+        console: Console | None = None,
+        speeds: SpeedBook | None = None,
+    ):
+        self.config = config
+        self.root = Path(root)
+        self.stages = stages
+        self.by_name = {s.name: s for s in stages}
+        self.console = console or Console()
+        self.shared: dict[str, Any] = {}
+        self.speeds = speeds
+        for stage in stages:
+            for need in stage.needs:
+                if need not in self.by_name:
+                    raise ValueError(f"stage {stage.name!r} needs unknown stage {need!r}")
+
+    # ------------------------------------------------------------ manifests
+
+    def manifest_path(self, name: str) -> Path:
+        return self.root / "manifests" / f"{name}.json"
+
+    def manifest(self, name: str) -> dict[str, Any] | None:
+        path = self.manifest_path(name)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_manifest(self, name: str, record: dict[str, Any]) -> None:
+        path = self.manifest_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        tmp.replace(path)
+
+    # ------------------------------------------------------------ planning
+
+    def stage_inputs(self, stage: Stage, upstream: dict[str, str]) -> dict[str, Any]:
+        return {
+            "stage": stage.name,
+            "version": stage.version,
+            "manifest_version": MANIFEST_VERSION,
+            "config": stage.config(self.config),
+            "upstream": {need: upstream[need] for need in stage.needs},
+            "files": {str(p): path_hash(Path(p)) for p in stage.files(self.config)},
+        }
+
+    def cached_output(self, stage: Stage, input_hash: str) -> dict[str, Any] | None:
+        record = self.manifest(stage.name)
+        if not record or record.get("status") != "complete" or record.get("input_hash") != input_hash:
+            return None
+        if not outputs_intact(self.root / stage.folder, record.get("outputs", {})):
+            return None
+        return record
+
+    def plan(self, force: set[str] | None = None, only: str | None = None) -> list[StagePlan]:
+        """What ``run`` would do now: a stage runs when forced, when its inputs changed, or when an
+        upstream stage runs (its output is not known before)."""
+        force = force or set()
+        known: dict[str, str | None] = {}
+        plans = []
+        for stage in self.stages:
+            if not stage.enabled(self.config):
+                known[stage.name] = "off"
+                plans.append(StagePlan(stage, "off", "switched off in the config"))
+                continue
+            pending = [n for n in stage.needs if known.get(n) is None]
+            if pending:
+                known[stage.name] = None
+                action = "skip" if only and stage.name != only else "run"
+                plans.append(StagePlan(stage, action, f"after {pending[-1]}"))
+                continue
+            inputs = self.stage_inputs(stage, known)  # type: ignore[arg-type]
+            input_hash = stable_hash(inputs)
+            record = self.cached_output(stage, input_hash)
+            if only and stage.name != only:
+                known[stage.name] = record["output_hash"] if record else None
+                plans.append(StagePlan(stage, "skip", "" if record else "not complete", input_hash, inputs))
+            elif record and stage.name not in force:
+                known[stage.name] = record["output_hash"]
+                plans.append(StagePlan(stage, "cached", "inputs unchanged", input_hash, inputs))
+            else:
+                known[stage.name] = None
+                reason = "forced" if stage.name in force else self.why_run(stage, input_hash, inputs)
+                plans.append(StagePlan(stage, "run", reason, input_hash, inputs))
+        return plans
+
+    def why_run(self, stage: Stage, input_hash: str, inputs: dict[str, Any]) -> str:
+        record = self.manifest(stage.name)
+        if record is None:
+            return "never ran"
+        if record.get("status") != "complete":
+            return f"last attempt {record.get('status', 'unknown')}"
+        if record.get("input_hash") != input_hash:
+            old = record.get("inputs", {})
+            changed = [k for k in ("config", "upstream", "files", "version") if old.get(k) != inputs.get(k)]
+            if "upstream" in changed:
+                ups = [n for n, h in inputs["upstream"].items() if old.get("upstream", {}).get(n) != h]
+                changed[changed.index("upstream")] = "output of " + ", ".join(ups)
+            return "changed: " + ", ".join(changed) if changed else "inputs changed"
+        return "outputs missing or modified"
+
+    # ------------------------------------------------------------ running
+
+    def run(self, from_stage: str | None = None, only: str | None = None) -> list[StageOutcome]:
+        for name in (from_stage, only):
+            if name is not None and name not in self.by_name:
+                raise StageError(f"unknown stage {name!r}: expected one of {', '.join(self.by_name)}")
+        force: set[str] = set()
+        if from_stage:
+            start = [s.name for s in self.stages].index(from_stage)
+            force = {s.name for s in self.stages[start:]}
+        if only:
+            force = {only}
+            if not self.by_name[only].enabled(self.config):
+                raise StageError(f"stage {only!r} is switched off in the config")
+        self.root.mkdir(parents=True, exist_ok=True)
+        outcomes: list[StageOutcome] = []
+        with self.locked():
+            known: dict[str, str] = {}
+            for index, stage in enumerate(self.stages, 1):
+                label = f"[{index:>2}/{len(self.stages)}] {stage.name:<12}"
+                if not stage.enabled(self.config):
+                    known[stage.name] = "off"
+                    self.write_manifest(stage.name, {"stage": stage.name, "status": "off"})
+                    outcomes.append(StageOutcome(stage.name, "off"))
+                    self.console.print(f"{label} off", highlight=False)
+                    continue
+                inputs = self.stage_inputs(stage, known)
+                input_hash = stable_hash(inputs)
+                record = self.cached_output(stage, input_hash)
+                if only and stage.name != only:
+                    if stage.name in {n for s in self.stages if s.name == only for n in s.needs} and not record:
+                        raise StageError(
+                            f"--only {only}: stage {stage.name!r} is not complete for this config; "
+                            f"run without --only first"
+                        )
+                    if record:
+                        known[stage.name] = record["output_hash"]
+                    outcomes.append(StageOutcome(stage.name, "skip"))
+                    continue
+                if record and stage.name not in force:
+                    known[stage.name] = record["output_hash"]
+                    outcomes.append(StageOutcome(stage.name, "cached", record.get("seconds", 0.0), record))
+                    self.console.print(f"{label} cached", highlight=False)
+                    continue
+                record = self.execute(stage, inputs, input_hash)
+                known[stage.name] = record["output_hash"]
+                outcomes.append(StageOutcome(stage.name, "ran", record["seconds"], record))
+                self.console.print(f"{label} done   {format_cost(record)}", highlight=False)
+        return outcomes
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        handle = (self.root / ".lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StageError(f"{self.root}: another `reclm run` is using this run directory") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+    def execute(self, stage: Stage, inputs: dict[str, Any], input_hash: str) -> dict[str, Any]:
+        work_root = self.root / ".work"
+        work = work_root / stage.folder
+        key_file = work_root / f"{stage.folder}.key"
+        resumed = work.is_dir() and key_file.is_file() and key_file.read_text() == input_hash
+        if not resumed:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            key_file.write_text(input_hash)
+        final = self.root / stage.folder
+        record: dict[str, Any] = {
+            "stage": stage.name,
+            "status": "running",
+            "folder": stage.folder,
+            "config_hash": stable_hash(inputs["config"]),
+            "input_hash": input_hash,
+            "inputs": inputs,
+            "packages": package_versions(),
+            "host": {"cores": len(os.sched_getaffinity(0)), "machine": platform.machine()},
+            "started": now(),
+            "resumed": resumed,
+        }
+        self.write_manifest(stage.name, record)
+        ctx = StageContext(
+            config=self.config,
+            root=self.root,
+            out=work,
+            previous=final if final.is_dir() else None,
+            resumed=resumed,
+            console=self.console,
+            shared=self.shared,
+            stage=stage.name,
+            inputs=inputs,
+        )
+        start = time.perf_counter()
+        try:
+            with PeakMemory() as memory:
+                summary = stage.run(ctx) or {}
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            record.update(status=status, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
+            self.write_manifest(stage.name, record)
+            if isinstance(exc, StageError | KeyboardInterrupt):
+                raise
+            raise StageError(f"stage {stage.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        self.swap_into_place(work, final)
+        key_file.unlink(missing_ok=True)
+        files = describe_outputs(final)
+        tokens = summary.pop("tokens", 0)
+        record.update(
+            status="complete",
+            finished=now(),
+            seconds=round(seconds, 3),
+            tokens=tokens if isinstance(tokens, dict) else {"total": int(tokens)},
+            tokens_total=sum(tokens.values()) if isinstance(tokens, dict) else int(tokens),
+            peak_memory_mb=round(memory.rss_mb, 1),
+            peak_gpu_memory_mb=None if memory.gpu_mb is None else round(memory.gpu_mb, 1),
+            units=summary.pop("units", None),
+            unit=summary.pop("unit", None),
+            summary=summary,
+            notes=ctx.notes,
+            output_hash=outputs_hash(files),
+            outputs=files,
+        )
+        self.write_manifest(stage.name, record)
+        if self.speeds is not None:
+            self.speeds.record(stage.name, record)
+        return record
+
+    def swap_into_place(self, work: Path, final: Path) -> None:
+        """Replace ``final`` with ``work``: the old output is moved aside first, so at no moment
+        does a half-written folder sit at ``final`` (the manifest, written after, commits)."""
+        trash = self.root / ".work" / f"{final.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            final.rename(trash)
+        work.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def format_bytes_mb(mb: float | None) -> str:
+    if mb is None:
+        return "-"
+    return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_cost(record: dict[str, Any]) -> str:
+    parts = [
+        f"{format_seconds(record.get('seconds', 0.0)):>9}",
+        f"peak {format_bytes_mb(record.get('peak_memory_mb'))}",
+    ]
+    if record.get("tokens_total"):
+        parts.append(f"tokens {record['tokens_total']:,}")
+    if record.get("resumed"):
+        parts.append("(resumed)")
+    return "  ".join(parts)
+
+
+# ---------------------------------------------------------------- measured speeds for --dry-run
+
+
+class SpeedBook:
+    """Seconds per unit measured by finished stages on this machine (``speeds.json`` in the reclm
+    cache), used by ``--dry-run`` in place of the default constants."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def record(self, stage: str, record: dict[str, Any]) -> None:
+        units = record.get("units")
+        if not units or not record.get("unit"):
+            return
+        book = self.load()
+        book[stage] = {
+            "unit": record["unit"],
+            "seconds_per_unit": record["seconds"] / units,
+            "tokens_per_unit": record.get("tokens_total", 0) / units,
+            "cores": record.get("host", {}).get("cores"),
+            "measured": record.get("finished"),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(book, indent=2))
+        tmp.replace(self.path)
+
+    def seconds_per_unit(self, stage: str, unit: str) -> float | None:
+        entry = self.load().get(stage)
+        if entry and entry.get("unit") == unit and entry.get("cores") == len(os.sched_getaffinity(0)):
+            return float(entry["seconds_per_unit"])
+        return None

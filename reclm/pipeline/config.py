@@ -1,0 +1,369 @@
+"""The pipeline's configuration: one YAML file, validated by pydantic (unknown keys are errors).
+
+``load_config(path)`` reads a YAML file; ``default_config(dataset)`` is what ``reclm run --dataset X``
+uses: the built-in defaults below, which are the CPU ml-100k setting (``configs/ml-100k.yaml`` spells
+them out; a test keeps the two equal), with ``dataset`` set.
+Every error is one line naming the file and the key path, e.g.
+``configs/x.yaml: cf.backbones[2]: 'lightgnc' is not one of 'bias-mf', 'ncf', 'lightgcn', 'sgl', 'simgcl'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from reclm.data.split import SplitSpec
+
+BACKBONES = ("bias-mf", "ncf", "lightgcn", "sgl", "simgcl")
+FEATURE_MODES = ("none", "text", "text+profiles")
+
+Backbone = Literal["bias-mf", "ncf", "lightgcn", "sgl", "simgcl"]
+FeatureMode = Literal["none", "text", "text+profiles"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitOptions(Section):
+    """reclm.data.split.SplitSpec as YAML."""
+
+    method: Literal["auto", "random", "temporal", "snapshot"] = "auto"
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    zero_shot_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 2020
+
+    @field_validator("ratios")
+    @classmethod
+    def ratios_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in value) or abs(sum(value) - 1) > 1e-6:
+            raise ValueError(f"{list(value)} must be three non-negative numbers summing to 1")
+        return value
+
+    def spec(self) -> SplitSpec:
+        return SplitSpec(self.method, self.ratios, self.zero_shot_fraction, self.seed)
+
+
+class StageSwitches(Section):
+    """Which stages run. Switching a stage off keeps the run valid: the profiles come from the last
+    generator that is on (distilled -> collaborative -> RL)."""
+
+    teacher: Literal["file", "openai", "offline"] = "offline"
+    sft: bool = True
+    collab: bool = True
+    reward: bool = True
+    rl: Literal["ppo", "dpo", "none"] = "dpo"
+    item_side: bool = False
+    ablation: bool = False  # also profile with every earlier generator and train the ablation backbones on them
+
+    @model_validator(mode="after")
+    def consistent(self) -> StageSwitches:
+        if not self.sft:
+            for name in ("collab", "reward"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: true needs sft: true (it tunes the distilled model)")
+            if self.rl != "none":
+                raise ValueError("rl needs sft: true (it tunes the distilled model)")
+        if self.rl == "ppo" and not self.reward:
+            raise ValueError("rl: ppo needs reward: true (PPO optimises the reward model's score)")
+        return self
+
+    def generators(self) -> list[str]:
+        """User-profile generators in the order they build on each other (the last one writes the profiles)."""
+        chain = ["sft"] if self.sft else []
+        if self.collab:
+            chain.append("collab")
+        if self.rl != "none":
+            chain.append("rl")
+        return chain
+
+
+class OpenAITeacher(Section):
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-3.5-turbo"
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(8, ge=1, le=256)
+    max_tokens: int = Field(160, ge=8)
+    temperature: float = Field(0.0, ge=0, le=2)
+    price_per_1k_prompt: float = Field(0.0005, ge=0)
+    price_per_1k_completion: float = Field(0.0015, ge=0)
+
+
+class TeacherOptions(Section):
+    """Which users and items get teacher profiles (``null`` = all), and where they come from."""
+
+    users: int | None = Field(300, ge=1)
+    items: int | None = Field(300, ge=1)
+    seed: int = 0
+    user_file: str | None = None  # file teacher: defaults to the dataset's teacher_user_profiles.jsonl
+    item_file: str | None = None
+    openai: OpenAITeacher = OpenAITeacher()
+
+
+class PromptOptions(Section):
+    max_items: int = Field(20, ge=1)  # keep the most recent N history items
+    max_words: int = Field(30, ge=1)  # cut long item text (abstracts) to M words
+
+
+class LoraOptions(Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainOptions(Section):
+    steps: int = Field(60, ge=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    max_seq_len: int = Field(512, ge=32)
+    seed: int = 0
+
+
+class SFTOptions(TrainOptions):
+    holdout: float = Field(0.1, ge=0, lt=1)  # share of teacher pairs kept for validation loss
+
+
+class CollabOptions(TrainOptions):
+    steps: int = Field(30, ge=0)
+    batch_size: int = Field(4, ge=1)
+    max_seq_len: int = Field(1024, ge=32)
+    neighbours: int = Field(3, ge=0)  # similar users shown in turn 1
+
+
+class RewardOptions(TrainOptions):
+    steps: int = Field(40, ge=0)
+    pairs: int | None = Field(None, ge=1)  # preference pairs to build (null = one per eligible user)
+
+
+class RLOptions(TrainOptions):
+    steps: int = Field(10, ge=0)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    kl_coef: float = Field(0.05, ge=0)  # PPO KL penalty against the SFT reference
+    beta: float = Field(0.1, gt=0)  # DPO temperature
+
+
+class LLMOptions(Section):
+    base_model: str = "smollm2-135m"
+    lora: LoraOptions = LoraOptions()
+    sft: SFTOptions = SFTOptions()
+    collab: CollabOptions = CollabOptions()
+    reward: RewardOptions = RewardOptions()
+    rl: RLOptions = RLOptions()
+    item_side: TrainOptions = TrainOptions(steps=40)
+
+
+class NeighbourOptions(Section):
+    """The CF model whose embeddings give similar users / items (trained on train interactions only)."""
+
+    backbone: Backbone = "lightgcn"
+    k: int = Field(5, ge=1)
+    epochs: int = Field(30, ge=1)
+
+
+class GenerationOptions(Section):
+    backend: Literal["transformers", "ctranslate2", "openai"] = "ctranslate2"
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(64, ge=4)
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy
+    seed: int = 0
+    users: int | None = Field(None, ge=1)  # profile only the first N users (null = all)
+    items: int | None = Field(None, ge=1)
+
+
+class EncoderOptions(Section):
+    model: str = "all-MiniLM-L6-v2"
+    batch_size: int = Field(64, ge=1)
+
+
+class CFOptions(Section):
+    """Backbones x feature modes x seeds; ``params`` are reclm.cf.config.CFConfig fields shared by all
+    runs, ``per_backbone`` overrides them for one backbone."""
+
+    backbones: list[Backbone] = list(BACKBONES)
+    features: list[FeatureMode] = ["text", "text+profiles"]
+    seeds: list[int] = [2020]
+    ablation_backbones: list[Backbone] = ["lightgcn"]
+    params: dict[str, Any] = {}
+    per_backbone: dict[Backbone, dict[str, Any]] = {}
+
+    @field_validator("backbones", "features", "seeds")
+    @classmethod
+    def non_empty_unique(cls, value: list) -> list:
+        if not value:
+            raise ValueError("must list at least one value")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} has duplicates")
+        return value
+
+    def run_params(self, backbone: str, features: str, seed: int) -> dict[str, Any]:
+        return {
+            **self.params,
+            **self.per_backbone.get(backbone, {}),
+            "backbone": backbone,
+            "features": features,
+            "seed": seed,
+        }
+
+
+class ReportOptions(Section):
+    examples: int = Field(3, ge=0)  # example profiles shown beside the user's history
+    metric: str = "ndcg@20"  # the per-user metric of the significance test
+
+
+class PipelineConfig(Section):
+    dataset: str = "ml-100k"
+    item_text: str | None = None
+    out: str | None = None  # run directory (default runs/<config or dataset name>)
+    threads: int | None = Field(None, ge=1)  # torch threads (default: the cores available)
+    split: SplitOptions = SplitOptions()
+    stages: StageSwitches = StageSwitches()
+    teacher: TeacherOptions = TeacherOptions()
+    prompt: PromptOptions = PromptOptions()
+    llm: LLMOptions = LLMOptions()
+    neighbours: NeighbourOptions = NeighbourOptions()
+    generation: GenerationOptions = GenerationOptions()
+    encoder: EncoderOptions = EncoderOptions()
+    cf: CFOptions = CFOptions()
+    report: ReportOptions = ReportOptions()
+
+    def section(self, *keys: str) -> dict[str, Any]:
+        """The named top-level sections as plain data (what a stage's cache key is built from)."""
+        dumped = self.model_dump(mode="json")
+        return {k: dumped[k] for k in keys}
+
+    def default_out(self, name: str | None = None) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / (name or Path(str(self.dataset)).name)
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def stable_hash(value: Any) -> str:
+    """sha256 of canonical JSON: equal data, equal hash (key order does not matter)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at ``loc`` (for listing the keys it accepts)."""
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def describe_error(error: dict) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        owner = model_at(loc)
+        known = f" (expected one of: {', '.join(owner.model_fields)})" if owner else ""
+        return f"{key_path(loc)}: unknown key{known}"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{key_path(loc)}: {value!r} is not one of {expected}"
+    message = error["msg"].removeprefix("Value error, ")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{key_path(loc)}: {message}{shown}"
+
+
+def validate_config(raw: Any, source: str = "config") -> PipelineConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_error(exc.errors()[0])}") from None
+    check_cf_params(config, source)
+    return config
+
+
+def check_cf_params(config: PipelineConfig, source: str) -> None:
+    """Validate ``cf.params`` / ``cf.per_backbone`` against the CF trainer's own CFConfig."""
+    try:
+        from reclm.cf.config import CFConfig
+    except ImportError:  # the CF area not installed: the train-cf stage reports it
+        return
+    for backbone in config.cf.backbones:
+        for where, params in (("cf.params", config.cf.params), (f"cf.per_backbone.{backbone}", None)):
+            params = params if params is not None else config.cf.per_backbone.get(backbone, {})
+            for key in ("backbone", "features", "seed"):
+                if key in params:
+                    raise ConfigError(f"{source}: {where}.{key}: set it with cf.{key}s, not in {where}")
+        merged = config.cf.run_params(backbone, config.cf.features[0], config.cf.seeds[0])
+        try:
+            CFConfig.model_validate(merged)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = error["loc"][0] if error["loc"] else ""
+            where = f"cf.per_backbone.{backbone}" if key in config.cf.per_backbone.get(backbone, {}) else "cf.params"
+            error = {**error, "loc": (*where.split("."), *error["loc"])}
+            if error["type"] == "extra_forbidden":
+                known = ", ".join(k for k in CFConfig.model_fields if k not in ("backbone", "features", "seed"))
+                raise ConfigError(
+                    f"{source}: {key_path(error['loc'])}: unknown key (expected one of: {known})"
+                ) from None
+            raise ConfigError(f"{source}: {describe_error(error)}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read and validate a YAML config; ``overrides`` (dotted keys) are applied before validation."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+    return validate_config(apply_overrides(raw, overrides), str(path))
+
+
+def apply_overrides(raw: Any, overrides: dict[str, Any] | None) -> Any:
+    if not overrides:
+        return raw
+    raw = dict(raw or {})
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[last] = value
+    return raw
+
+
+def default_config(dataset: str = "ml-100k", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """The built-in defaults (the CPU ml-100k setting, spelled out in configs/ml-100k.yaml) for ``dataset``."""
+    return validate_config(apply_overrides({"dataset": dataset}, overrides), f"--dataset {dataset}")

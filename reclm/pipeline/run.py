@@ -1,0 +1,97 @@
+"""``reclm run``: the plan (``--dry-run``), then the stages, then where the report is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from reclm.pipeline import estimate as est
+from reclm.pipeline.cache import Pipeline, SpeedBook, StageError, StageOutcome, StagePlan, format_seconds
+from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.stages import STAGES
+from reclm.utils import cache_root
+
+
+def speed_book() -> SpeedBook:
+    return SpeedBook(cache_root() / "pipeline" / "speeds.json")
+
+
+def make_pipeline(config: PipelineConfig, out: str | Path, console: Console | None = None) -> Pipeline:
+    return Pipeline(config, out, STAGES, console=console, speeds=speed_book())
+
+
+def save_config(config: PipelineConfig, out: Path) -> None:
+    """The effective config beside the results, so a run directory says how it was made."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(out / "config.yaml")
+
+
+def forced(pipeline: Pipeline, from_stage: str | None, only: str | None) -> set[str]:
+    names = [s.name for s in pipeline.stages]
+    for name in (from_stage, only):
+        if name is not None and name not in names:
+            raise StageError(f"unknown stage {name!r}: expected one of {', '.join(names)}")
+    if only:
+        return {only}
+    if from_stage:
+        return set(names[names.index(from_stage) :])
+    return set()
+
+
+def dry_run(
+    pipeline: Pipeline, console: Console, from_stage: str | None = None, only: str | None = None
+) -> list[StagePlan]:
+    """Print which stages would run or come from cache, with time and token estimates."""
+    plans = pipeline.plan(force=forced(pipeline, from_stage, only), only=only)
+    size = est.data_size(pipeline.config, pipeline.root)
+    table = Table(title=f"plan for {pipeline.root}", title_justify="left")
+    for column in ("#", "stage", "action", "why", "work", "est. time", "est. tokens", "basis"):
+        table.add_column(column, justify="right" if column in ("#", "est. time", "est. tokens") else "left")
+    total_seconds = total_tokens = 0.0
+    for index, plan in enumerate(plans, 1):
+        stage = plan.stage
+        if plan.action != "run" or stage.estimate is None:
+            table.add_row(str(index), stage.name, plan.action, plan.reason, "", "", "", "")
+            continue
+        guess = stage.estimate(pipeline.config, size, pipeline.speeds)
+        total_seconds += guess.seconds
+        total_tokens += guess.tokens
+        work = f"{guess.units:,.0f} {guess.unit}" if guess.unit else ""
+        tokens = f"{guess.tokens:,}" if guess.tokens else "-"
+        table.add_row(
+            str(index), stage.name, "run", plan.reason, work, format_seconds(guess.seconds), tokens, guess.basis
+        )
+    console.print(table)
+    where = "prepared split" if size.measured else "dataset before splitting"
+    console.print(
+        f"estimated total: {format_seconds(total_seconds)}, {int(total_tokens):,} LLM tokens "
+        f"({size.users:,} users, {size.items:,} items, {size.train:,} train pairs from the {where}; "
+        f"constants in reclm/pipeline/estimate.py)",
+        highlight=False,
+    )
+    return plans
+
+
+def run(
+    config: PipelineConfig,
+    out: str | Path,
+    console: Console | None = None,
+    from_stage: str | None = None,
+    only: str | None = None,
+) -> list[StageOutcome]:
+    console = console or Console()
+    pipeline = make_pipeline(config, out, console)
+    save_config(config, Path(out))
+    outcomes = pipeline.run(from_stage=from_stage, only=only)
+    ran = sum(o.seconds for o in outcomes if o.action == "ran")
+    cached = sum(o.action == "cached" for o in outcomes)
+    console.print(f"finished in {format_seconds(ran)} of stage work ({cached} stages from cache)", highlight=False)
+    report = Path(out) / "report" / "report.html"
+    if report.is_file():
+        console.print(f"report: {report}", highlight=False)
+    return outcomes

@@ -1,0 +1,535 @@
+"""The twelve stages of ``reclm run``, in order, each with what it reads and where it writes.
+
+| # | stage      | folder      | needs                                   |
+|---|------------|-------------|-----------------------------------------|
+| 1 | prepare    | data/       | dataset files                           |
+| 2 | teacher    | teacher/    | prepare (+ teacher files)               |
+| 3 | sft        | sft/        | prepare, teacher                        |
+| 4 | neighbours | neighbours/ | prepare                                 |
+| 5 | collab     | collab/     | prepare, teacher, sft, neighbours       |
+| 6 | reward     | reward/     | prepare, teacher, sft, neighbours       |
+| 7 | rl         | rl/         | prepare, sft, collab, reward, neighbours|
+| 8 | item_side  | item_sft/   | prepare, teacher, sft, neighbours       |
+| 9 | profiles   | profiles/   | prepare, teacher, sft, collab, rl, item_side |
+|10 | encode     | embeddings/ | prepare, profiles                       |
+|11 | train_cf   | cf/         | prepare, encode                         |
+|12 | report     | report/     | every stage above                       |
+
+A stage whose implementation is not installed yet raises :class:`StageUnavailable` with a clear
+message; it never writes a stand-in result. Stage bodies call the areas' public functions
+(``reclm.llm``, ``reclm.cf``, ``reclm.text``); this module only wires them to the run directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reclm.pipeline import estimate as est
+from reclm.pipeline.cache import Stage, StageContext, StageUnavailable
+from reclm.pipeline.config import PipelineConfig, stable_hash
+from reclm.pipeline.rundir import RunDir
+
+# ---------------------------------------------------------------- helpers
+
+
+def need(stage: str, module: str, *names: str) -> Any:
+    """Import ``module`` (and check it has ``names``) or fail the stage with 'not available yet'."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise StageUnavailable(f"stage {stage!r} is not available yet: {module} is not implemented") from None
+        raise
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise StageUnavailable(f"stage {stage!r} is not available yet: {module} has no {', '.join(missing)}")
+    return mod
+
+
+def dataset_files(cfg: PipelineConfig) -> list[Path]:
+    """The files a dataset is read from (their content is part of the prepare stage's key)."""
+    spec = str(cfg.dataset)
+    files: list[Path] = []
+    if spec == "ml-100k":
+        from reclm.data.loaders import ml100k_folder
+
+        files = sorted(p for p in ml100k_folder().iterdir() if p.is_file())
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            files = [path]
+    if cfg.item_text:
+        files.append(Path(cfg.item_text).expanduser())
+    return files
+
+
+def teacher_files(cfg: PipelineConfig) -> list[Path]:
+    if cfg.stages.teacher != "file":
+        return []
+    return [Path(p).expanduser() for p in (cfg.teacher.user_file, cfg.teacher.item_file) if p]
+
+
+def prompt_budget(cfg: PipelineConfig):
+    prompts = need("teacher", "reclm.llm.prompts", "PromptBudget")
+    return prompts.PromptBudget(max_items=cfg.prompt.max_items, max_words=cfg.prompt.max_words)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+def user_generator(cfg: PipelineConfig) -> str | None:
+    """The stage whose adapter writes the final user profiles (None: teacher profiles are used)."""
+    chain = cfg.stages.generators()
+    return chain[-1] if chain else None
+
+
+# ---------------------------------------------------------------- 1 prepare
+
+
+def run_prepare(ctx: StageContext) -> dict:
+    cfg = ctx.config
+    run = RunDir(ctx.root, redirect={"data": ctx.out})
+    data, split = run.prepare(str(cfg.dataset), cfg.split.spec(), item_text=cfg.item_text)
+    ctx.shared["data"] = (data, split)
+    return {"units": data.n_interactions, "unit": "interaction", **split.stats(), "dataset": data.summary()}
+
+
+# ---------------------------------------------------------------- 2 teacher
+
+
+def make_teacher(cfg: PipelineConfig, data) -> Any:
+    kind = cfg.stages.teacher
+    common = {
+        "budget": prompt_budget(cfg),
+        "max_users": cfg.teacher.users,
+        "max_items": cfg.teacher.items,
+        "seed": cfg.teacher.seed,
+    }
+    if kind == "offline":
+        return need("teacher", "reclm.llm.teachers.offline", "OfflineTeacher").OfflineTeacher(**common)
+    if kind == "file":
+        module = need("teacher", "reclm.llm.teachers.file", "FileTeacher")
+        return module.FileTeacher(user_file=cfg.teacher.user_file, item_file=cfg.teacher.item_file, **common)
+    module = need("teacher", "reclm.llm.teachers.openai", "OpenAITeacher")
+    return module.OpenAITeacher(**cfg.teacher.openai.model_dump(), **common)
+
+
+def run_teacher(ctx: StageContext) -> dict:
+    data, split = ctx.data()
+    teacher = make_teacher(ctx.config, data)
+    report = teacher.run(data, split, RunDir(ctx.root, redirect={"teacher": ctx.out}))
+    info = report.to_dict()
+    tokens = info.get("extra", {}).get("tokens") or 0
+    written = sum(info["written"].values()) + sum(info["resumed"].values())
+    return {"units": written, "unit": "profile", "tokens": tokens, "teacher": info}
+
+
+# ---------------------------------------------------------------- 3 sft and the issue-4 tuning stages
+
+
+def run_sft(ctx: StageContext) -> dict:
+    sft = need("sft", "reclm.llm.sft", "train_sft")
+    cfg = ctx.config
+    result = sft.train_sft(
+        teacher_dir=ctx.run.teacher,
+        out_dir=ctx.out,
+        base_model=cfg.llm.base_model,
+        lora=cfg.llm.lora.model_dump(),
+        **cfg.llm.sft.model_dump(),
+    )
+    return summary_of(result, unit="step", units=cfg.llm.sft.steps)
+
+
+def run_collab(ctx: StageContext) -> dict:
+    raise StageUnavailable("stage 'collab' is not available yet: collaborative tuning (issue 4) is not implemented")
+
+
+def run_reward(ctx: StageContext) -> dict:
+    raise StageUnavailable("stage 'reward' is not available yet: the reward model (issue 4) is not implemented")
+
+
+def run_rl(ctx: StageContext) -> dict:
+    raise StageUnavailable(f"stage 'rl' ({ctx.config.stages.rl}) is not available yet: RL (issue 4) is not implemented")
+
+
+def run_item_side(ctx: StageContext) -> dict:
+    raise StageUnavailable(
+        "stage 'item_side' is not available yet: the item-side generator (issue 4) is not implemented"
+    )
+
+
+def summary_of(result: Any, unit: str, units: float) -> dict:
+    """A stage result (dataclass, dict or None) as a manifest summary with tokens and units."""
+    if result is None:
+        info: dict = {}
+    elif isinstance(result, dict):
+        info = dict(result)
+    elif hasattr(result, "to_dict"):
+        info = result.to_dict()
+    elif hasattr(result, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        info = asdict(result)
+    else:
+        info = {"result": str(result)}
+    info.setdefault("tokens", info.get("train_tokens", 0) or 0)
+    info.setdefault("units", units)
+    info.setdefault("unit", unit)
+    return info
+
+
+# ---------------------------------------------------------------- 4 neighbours
+
+
+def run_neighbours(ctx: StageContext) -> dict:
+    """Similar users and items: cosine top-k of the final embeddings of a CF model trained on train only."""
+    cf = need("neighbours", "reclm.cf", "train_cf", "CFConfig", "SideFeatures")
+    cfg = ctx.config
+    data, split = ctx.data()
+    params = {**cfg.cf.params, **cfg.cf.per_backbone.get(cfg.neighbours.backbone, {})}
+    params.update(backbone=cfg.neighbours.backbone, features="none", epochs=cfg.neighbours.epochs)
+    params.setdefault("seed", cfg.cf.seeds[0])
+    config = cf.CFConfig(**params)
+    result = cf.train_cf(split, config, cf.SideFeatures(), ctx.out / "model", user_ids=data.user_ids)
+    users, items = result.model.final_embeddings()
+    k = cfg.neighbours.k
+    write_neighbours(ctx.out / "users.jsonl", "user", data.user_ids, top_k_cosine(users, k))
+    write_neighbours(ctx.out / "items.jsonl", "item", data.item_ids, top_k_cosine(items, k))
+    return {"units": result.epochs_run * len(split.train), "unit": "epoch-interaction", "k": k}
+
+
+def top_k_cosine(vectors: Any, k: int, block: int = 4096) -> np.ndarray:
+    """Row-wise top-k cosine neighbours (excluding the row itself), in blocks to bound memory."""
+    x = np.asarray(vectors.detach().cpu() if hasattr(vectors, "detach") else vectors, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(x) - 1)
+    out = np.zeros((len(x), max(k, 0)), dtype=np.int64)
+    for start in range(0, len(x), block):
+        sims = x[start : start + block] @ x.T
+        rows = np.arange(sims.shape[0])
+        sims[rows, rows + start] = -np.inf
+        top = np.argpartition(-sims, k, axis=1)[:, :k] if k < len(x) - 1 else np.argsort(-sims, axis=1)[:, :k]
+        order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
+        out[start : start + block] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def write_neighbours(path: Path, kind: str, raw_ids: list[str], neighbours: np.ndarray) -> None:
+    with path.open("w") as handle:
+        for row, ids in enumerate(neighbours):
+            handle.write(json.dumps({kind: raw_ids[row], "neighbours": [raw_ids[j] for j in ids]}) + "\n")
+
+
+# ---------------------------------------------------------------- 9 profiles
+
+
+def run_profiles(ctx: StageContext) -> dict:
+    raise StageUnavailable("stage 'profiles' is not available yet: reclm.llm generation is not implemented")
+
+
+# ---------------------------------------------------------------- 10 encode
+
+
+def run_encode(ctx: StageContext) -> dict:
+    """Item text embeddings (for every feature mode but ``none``) and profile embeddings."""
+    from reclm.text.encoder import TextEncoder
+
+    cfg = ctx.config
+    data, _ = ctx.data()
+    encoder = TextEncoder(cfg.encoder.model, batch_size=cfg.encoder.batch_size)
+    texts = data.item_texts()
+    vectors = encoder.encode(texts, desc="item text")
+    save_embeddings(ctx.out / "item_text.npz", data.item_ids, vectors, encoder, "dataset item text")
+    count = len(texts)
+    encode = need("encode", "reclm.llm.encode", "encode_profiles")
+    for source, target in profile_sets(ctx.run.profiles, ctx.out):
+        result = encode.encode_profiles(source, target, encoder=encoder)
+        count += int(getattr(result, "count", 0) or 0)
+    return {"units": count, "unit": "text", "encoder": encoder.name, "dim": int(vectors.shape[1])}
+
+
+def profile_sets(profiles: Path, embeddings: Path) -> list[tuple[Path, Path]]:
+    """(profiles folder, embeddings folder) for the final profiles and every ablation variant."""
+    sets = [(profiles, embeddings)]
+    ablation = profiles / "ablation"
+    if ablation.is_dir():
+        sets += [(v, embeddings / "ablation" / v.name) for v in sorted(ablation.iterdir()) if v.is_dir()]
+    return sets
+
+
+def save_embeddings(path: Path, ids: list[str], vectors: np.ndarray, encoder: Any, source: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, ids=np.asarray(ids, dtype=str), vectors=vectors.astype(np.float32))
+    meta = {"encoder": encoder.name, "dim": int(vectors.shape[1]), "count": len(ids), "source": source}
+    write_json(path.with_suffix(".json"), meta)
+
+
+# ---------------------------------------------------------------- 11 train-cf
+
+
+def cf_runs(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Every CF run of the config: backbones x features x seeds, plus the ablation runs (the earlier
+    generators' profiles on ``cf.ablation_backbones``)."""
+    final = user_generator(cfg) or "teacher"
+    runs = []
+    for backbone in cfg.cf.backbones:
+        for features in cfg.cf.features:
+            for seed in cfg.cf.seeds:
+                variant = final if features == "text+profiles" else None
+                runs.append(cf_run(backbone, features, seed, variant, final=True))
+    if cfg.stages.ablation:
+        for variant in cfg.stages.generators()[:-1]:
+            for backbone in cfg.cf.ablation_backbones:
+                for seed in cfg.cf.seeds:
+                    runs.append(cf_run(backbone, "text+profiles", seed, variant, final=False))
+    return runs
+
+
+def cf_run(backbone: str, features: str, seed: int, variant: str | None, final: bool) -> dict[str, Any]:
+    tag = f"@{variant}" if variant and not final else ""
+    return {
+        "name": f"{backbone}-{features}{tag}-s{seed}",
+        "backbone": backbone,
+        "features": features,
+        "seed": seed,
+        "variant": variant,
+        "final": final,
+    }
+
+
+def run_train_cf(ctx: StageContext) -> dict:
+    cf = need("train_cf", "reclm.cf", "train_cf", "CFConfig", "SideFeatures")
+    cf_features = need("train_cf", "reclm.cf.features", "load_profile_embeddings")
+    from reclm.pipeline.cache import path_hash
+
+    cfg = ctx.config
+    data, split = ctx.data()
+    embeddings = ctx.run.embeddings
+    item_text = np.load(embeddings / "item_text.npz")["vectors"]
+    runs = cf_runs(cfg)
+    done = 0
+    epochs_run = 0
+    for position, run in enumerate(runs, 1):
+        folder = embeddings if run["final"] else embeddings / "ablation" / str(run["variant"])
+        params = cfg.cf.run_params(run["backbone"], run["features"], run["seed"])
+        files = [embeddings / "item_text.npz"] if run["features"] != "none" else []
+        if run["features"] == "text+profiles":
+            files += [folder / "users.npz", folder / "items.npz"]
+        key = {"params": params, "split": ctx.inputs["upstream"]["prepare"], "files": {}}
+        key["files"] = {str(f.relative_to(ctx.root)): path_hash(f) for f in files}
+        unit = ctx.unit(run["name"], key)
+        if unit.done:
+            ctx.console.print(f"    train-cf {position}/{len(runs)} {run['name']}: cached", highlight=False)
+            continue
+        features = cf.SideFeatures()
+        if run["features"] != "none":
+            features.item_text = item_text
+        if run["features"] == "text+profiles":
+            features.user_profiles, _ = cf_features.load_profile_embeddings(folder / "users.npz", data.user_ids)
+            features.item_profiles, _ = cf_features.load_profile_embeddings(folder / "items.npz", data.item_ids)
+        extra = {"pipeline_run": run}
+        result = cf.train_cf(
+            split, cf.CFConfig(**params), features, unit.scratch(), user_ids=data.user_ids, extra_info=extra
+        )
+        unit.commit()
+        done += 1
+        epochs_run += result.epochs_run
+        recall, ndcg = result.test.get("recall@20", float("nan")), result.test.get("ndcg@20", float("nan"))
+        ctx.console.print(
+            f"    train-cf {position}/{len(runs)} {run['name']}: test recall@20 {recall:.4f} ndcg@20 {ndcg:.4f}",
+            highlight=False,
+        )
+    write_json(ctx.out / "runs.json", runs)
+    return {
+        "units": max(epochs_run, 1) * len(split.train),
+        "unit": "epoch-interaction",
+        "runs": len(runs),
+        "trained": done,
+    }
+
+
+# ---------------------------------------------------------------- 12 report
+
+
+def run_report(ctx: StageContext) -> dict:
+    from reclm.pipeline.report import write_report
+
+    paths = write_report(ctx.root, ctx.out)
+    return {"files": [p.name for p in paths]}
+
+
+# ---------------------------------------------------------------- the stage list
+
+
+def generators_on(cfg: PipelineConfig) -> bool:
+    return bool(cfg.stages.collab or cfg.stages.reward or cfg.stages.rl != "none" or cfg.stages.item_side)
+
+
+def build_stages() -> list[Stage]:
+    return [
+        Stage(
+            "prepare",
+            "data",
+            run_prepare,
+            config=lambda c: {"dataset": str(c.dataset), "item_text": c.item_text, **c.section("split")},
+            files=dataset_files,
+            estimate=est.prepare,
+            description="load the dataset, split it (train/valid/test, zero-shot items)",
+        ),
+        Stage(
+            "teacher",
+            "teacher",
+            run_teacher,
+            needs=("prepare",),
+            config=lambda c: {"kind": c.stages.teacher, **c.section("teacher", "prompt")},
+            files=teacher_files,
+            estimate=est.teacher,
+            description="teacher profiles for a sample of users and items",
+        ),
+        Stage(
+            "sft",
+            "sft",
+            run_sft,
+            needs=("prepare", "teacher"),
+            config=lambda c: {"base": c.llm.base_model, "lora": c.llm.lora.model_dump(), "sft": c.llm.sft.model_dump()},
+            enabled=lambda c: c.stages.sft,
+            estimate=est.sft,
+            description="distillation: LoRA SFT of the small LM on the teacher pairs",
+        ),
+        Stage(
+            "neighbours",
+            "neighbours",
+            run_neighbours,
+            needs=("prepare",),
+            config=lambda c: {**c.section("neighbours"), "params": c.cf.params, "seed": c.cf.seeds[0]},
+            enabled=generators_on,
+            estimate=est.neighbours,
+            description="similar users/items from a CF model trained on train pairs",
+        ),
+        Stage(
+            "collab",
+            "collab",
+            run_collab,
+            needs=("prepare", "teacher", "sft", "neighbours"),
+            config=lambda c: {
+                "base": c.llm.base_model,
+                "lora": c.llm.lora.model_dump(),
+                "collab": c.llm.collab.model_dump(),
+            },
+            enabled=lambda c: c.stages.collab,
+            estimate=est.collab,
+            description="collaborative instruction tuning (two-turn dialogues)",
+        ),
+        Stage(
+            "reward",
+            "reward",
+            run_reward,
+            needs=("prepare", "teacher", "sft", "neighbours"),
+            config=lambda c: {
+                "base": c.llm.base_model,
+                "lora": c.llm.lora.model_dump(),
+                "reward": c.llm.reward.model_dump(),
+            },
+            enabled=lambda c: c.stages.reward,
+            estimate=est.reward,
+            description="preference pairs and the reward model",
+        ),
+        Stage(
+            "rl",
+            "rl",
+            run_rl,
+            needs=("prepare", "teacher", "sft", "neighbours", "collab", "reward"),
+            config=lambda c: {
+                "kind": c.stages.rl,
+                "rl": c.llm.rl.model_dump(),
+                "generation": c.generation.model_dump(),
+            },
+            enabled=lambda c: c.stages.rl != "none",
+            estimate=est.rl,
+            description="PPO (KL-penalised) or DPO on the profile writer",
+        ),
+        Stage(
+            "item_side",
+            "item_sft",
+            run_item_side,
+            needs=("prepare", "teacher", "sft", "neighbours"),
+            config=lambda c: {
+                "base": c.llm.base_model,
+                "lora": c.llm.lora.model_dump(),
+                "item": c.llm.item_side.model_dump(),
+            },
+            enabled=lambda c: c.stages.item_side,
+            estimate=est.item_side,
+            description="item-profile writer tuned on item text and neighbour items",
+        ),
+        Stage(
+            "profiles",
+            "profiles",
+            run_profiles,
+            needs=("prepare", "teacher", "sft", "collab", "rl", "item_side"),
+            config=lambda c: {
+                **c.section("generation", "prompt"),
+                "base": c.llm.base_model,
+                "chain": c.stages.generators(),
+                "ablation": c.stages.ablation,
+            },
+            estimate=est.profiles,
+            description="generate user and item profiles (final generator, and earlier ones for the ablation)",
+        ),
+        Stage(
+            "encode",
+            "embeddings",
+            run_encode,
+            needs=("prepare", "profiles"),
+            config=lambda c: c.section("encoder"),
+            estimate=est.encode,
+            description="embed item text and profiles",
+        ),
+        Stage(
+            "train_cf",
+            "cf",
+            run_train_cf,
+            needs=("prepare", "encode"),
+            config=lambda c: {"cf": c.cf.model_dump(mode="json"), "runs": cf_runs(c)},
+            estimate=est.train_cf,
+            description="train every backbone with and without profiles (full-shot and zero-shot test)",
+        ),
+        Stage(
+            "report",
+            "report",
+            run_report,
+            needs=(
+                "prepare",
+                "teacher",
+                "sft",
+                "neighbours",
+                "collab",
+                "reward",
+                "rl",
+                "item_side",
+                "profiles",
+                "encode",
+                "train_cf",
+            ),
+            config=lambda c: c.section("report"),
+            estimate=est.report,
+            description="paper-style tables, significance, costs, plots: report.md and report.html",
+        ),
+    ]
+
+
+STAGES = build_stages()
+STAGE_NAMES = [s.name for s in STAGES]
+
+__all__ = ["STAGES", "STAGE_NAMES", "build_stages", "cf_runs", "stable_hash", "top_k_cosine"]
