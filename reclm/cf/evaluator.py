@@ -1,0 +1,136 @@
+"""Full-ranking evaluation shared by every backbone.
+
+Three tasks come from a split:
+- ``valid``: candidates = all non-zero-shot items, the user's train items masked, truth = valid items;
+- ``test`` (full-shot): same candidates, train and valid items masked, truth = full-shot test items;
+- ``zero_shot``: candidates = only the zero-shot items, truth = the user's zero-shot test items.
+Only users with at least one ground-truth item are evaluated. Users are scored in batches; the
+top-K comes from ``torch.topk`` over the (masked) score matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from reclm.cf.backbones.base import CFModel
+from reclm.cf.metrics import topk_metrics
+from reclm.data.split import Split
+
+TASKS = ("valid", "test", "zero_shot")
+
+
+@dataclass
+class EvalTask:
+    name: str
+    users: np.ndarray  # evaluated users (each has >= 1 truth item)
+    truth: sp.csr_matrix  # (n_users, n_items) ground truth
+    mask: sp.csr_matrix  # (n_users, n_items) items excluded from the ranking
+    candidates: np.ndarray  # bool (n_items,): items that may be ranked
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.candidates.sum())
+
+
+@dataclass
+class EvalResult:
+    task: str
+    metrics: dict[str, float]  # means over evaluated users
+    n_users: int
+    per_user: pd.DataFrame | None = None
+
+
+def build_tasks(split: Split) -> dict[str, EvalTask]:
+    zero = split.zero_shot_mask
+    train = split.train_matrix()
+    seen = split.matrix(np.concatenate([split.train, split.valid]))
+
+    def task(name: str, pairs: np.ndarray, mask: sp.csr_matrix, candidates: np.ndarray) -> EvalTask:
+        truth = split.matrix(pairs)
+        users = np.flatnonzero(np.diff(truth.indptr) > 0)
+        return EvalTask(name, users, truth, mask, candidates)
+
+    return {
+        "valid": task("valid", split.valid, train, ~zero),
+        "test": task("test", split.full_shot_test(), seen, ~zero),
+        "zero_shot": task("zero_shot", split.zero_shot_test(), seen, zero.copy()),
+    }
+
+
+class Evaluator:
+    def __init__(self, split: Split, topks: list[int], batch_size: int = 1024, device: torch.device | str = "cpu"):
+        self.tasks = build_tasks(split)
+        self.topks = sorted(topks)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.n_items = split.n_items
+
+    def has(self, task: str) -> bool:
+        return len(self.tasks[task].users) > 0 and self.tasks[task].n_candidates > 0
+
+    @torch.no_grad()
+    def evaluate(self, model: CFModel, task_name: str, per_user: bool = False) -> EvalResult:
+        task = self.tasks[task_name]
+        if not self.has(task_name):
+            return EvalResult(task_name, {}, 0, None)
+        was_training = model.training
+        model.eval()
+        try:
+            scorer = model.scorer()
+            size = self.batch_size
+            parts = [self._batch(scorer, task, task.users[s : s + size]) for s in range(0, len(task.users), size)]
+        finally:
+            model.train(was_training)
+        columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        means = {name: float(values.mean()) for name, values in columns.items() if name != "n_truth"}
+        frame = None
+        if per_user:
+            frame = pd.DataFrame({"task": task_name, "user": task.users, **columns})
+        return EvalResult(task_name, means, len(task.users), frame)
+
+    @torch.no_grad()
+    def rank(self, model: CFModel, task_name: str, users: np.ndarray, k: int) -> np.ndarray:
+        """The top-``k`` items (``(len(users), k)``) that ``task_name`` would rank for ``users``."""
+        task = self.tasks[task_name]
+        was_training = model.training
+        model.eval()
+        try:
+            return self._top(model.scorer(), task, np.asarray(users), k)[0].cpu().numpy()
+        finally:
+            model.train(was_training)
+
+    def _top(self, scorer, task: EvalTask, users: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k item indices after masking, and the score matrix they came from."""
+        device = self.device
+        scores = scorer(torch.as_tensor(users, device=device)).float()
+        scores[:, torch.as_tensor(~task.candidates, device=device)] = -torch.inf
+        rows, cols = csr_rows(task.mask, users)
+        if len(rows):
+            scores[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)] = -torch.inf
+        k = min(k, task.n_candidates)
+        return torch.topk(scores, k, dim=1).indices, scores
+
+    def _batch(self, scorer, task: EvalTask, users: np.ndarray) -> dict[str, np.ndarray]:
+        device = self.device
+        top, scores = self._top(scorer, task, users, max(self.topks))
+        truth = torch.zeros_like(scores, dtype=torch.bool)
+        t_rows, t_cols = csr_rows(task.truth, users)
+        truth[torch.as_tensor(t_rows, device=device), torch.as_tensor(t_cols, device=device)] = True
+        hits = truth.gather(1, top)
+        n_truth = truth.sum(1)
+        values = topk_metrics(hits, n_truth, self.topks)
+        out = {name: v.cpu().numpy() for name, v in values.items()}
+        out["n_truth"] = n_truth.cpu().numpy()
+        return out
+
+
+def csr_rows(matrix: sp.csr_matrix, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(batch row, column) of every stored entry in ``matrix``'s rows ``users``."""
+    sub = matrix[users]
+    rows = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
+    return rows, sub.indices.astype(np.int64)

@@ -1,0 +1,272 @@
+"""The one trainer for every backbone: BPR (+ the backbone's extra terms) with Adam, validation
+every ``eval_every`` epochs, early stopping with patience, the best-validation checkpoint kept in
+memory and restored, and test / zero-shot evaluated once, at that epoch."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from reclm.cf.backbones import CFModel, build_model
+from reclm.cf.config import CFConfig
+from reclm.cf.evaluator import EvalResult, Evaluator
+from reclm.cf.features import SideFeatures
+from reclm.cf.sampler import BPRSampler
+from reclm.data.split import Split
+from reclm.utils import seed_everything, torch_threads
+
+CHECKPOINT_FORMAT = "reclm-cf/1"
+
+
+@dataclass
+class CFResult:
+    valid: dict[str, float]
+    test: dict[str, float]
+    zero_shot: dict[str, float]
+    best_epoch: int
+    epoch_seconds: float
+    eval_seconds: float
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+    model: CFModel | None = None
+    out_dir: Path | None = None
+
+    def metrics_json(self) -> dict:
+        return {
+            "valid": self.valid,
+            "test": self.test,
+            "zero_shot": self.zero_shot,
+            "best_epoch": self.best_epoch,
+            "epoch_seconds": self.epoch_seconds,
+            "eval_seconds": self.eval_seconds,
+            "epochs_run": self.epochs_run,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    def __init__(self, split: Split, config: CFConfig, features: SideFeatures, show_progress: bool = True):
+        if len(split.train) == 0:
+            raise ValueError("the split has no train pairs")
+        if len(split.valid) == 0:
+            raise ValueError("the split has no validation pairs: model selection needs them (use a valid ratio > 0)")
+        self.split, self.config, self.features = split, config, features
+        self.show_progress = show_progress
+        torch_threads(config.threads)
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.model = build_model(config, split.n_users, split.n_items, split.train, features, self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        candidates = np.flatnonzero(~split.zero_shot_mask)
+        self.sampler = BPRSampler(split.train, split.n_items, candidates)
+        self.evaluator = Evaluator(split, config.topks, config.eval_batch_size, self.device)
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------ one epoch
+    def train_epoch(self) -> dict[str, float]:
+        model, cfg = self.model, self.config
+        model.train()
+        model.start_epoch(self.rng)
+        users, pos, neg = self.sampler.epoch(self.rng)
+        users_t = torch.as_tensor(users, device=self.device)
+        pos_t = torch.as_tensor(pos, device=self.device)
+        neg_t = torch.as_tensor(neg, device=self.device)
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for start in range(0, len(users), cfg.batch_size):
+            batch = slice(start, start + cfg.batch_size)
+            terms = model.batch_loss(users_t[batch], pos_t[batch], neg_t[batch])
+            extra = model.fusion.extra_loss(users_t[batch], pos_t[batch])
+            if extra is not None:
+                terms["fusion"] = extra
+                terms["total"] = terms["total"] + extra
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            self.optimizer.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            n_batches += 1
+        return {("loss" if k == "total" else k): v / max(1, n_batches) for k, v in sums.items()}
+
+    def evaluate(self, task: str, per_user: bool = False) -> EvalResult:
+        return self.evaluator.evaluate(self.model, task, per_user=per_user)
+
+    # ------------------------------------------------------------ the loop
+    def fit(self) -> tuple[int, dict[str, float]]:
+        """Train until early stopping; restore and return the best validation epoch and its metrics."""
+        cfg = self.config
+        metric = cfg.valid_metric
+        best_score, best_epoch, best_valid = -np.inf, 0, {}
+        best_state = None
+        since_best = 0
+        columns = [
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+        ]
+        with Progress(*columns, disable=not self.show_progress, transient=False) as progress:
+            bar = progress.add_task(f"{cfg.backbone}/{cfg.features}", total=cfg.epochs, status="")
+            for epoch in range(1, cfg.epochs + 1):
+                start = time.perf_counter()
+                losses = self.train_epoch()
+                synchronize(self.device)
+                record: dict = {"epoch": epoch, **losses, "train_seconds": time.perf_counter() - start}
+                if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                    start = time.perf_counter()
+                    valid = self.evaluate("valid").metrics
+                    record["eval_seconds"] = time.perf_counter() - start
+                    record["valid"] = valid
+                    score = valid.get(metric, float("nan"))
+                    if score > best_score:
+                        best_score, best_epoch, best_valid = score, epoch, valid
+                        best_state = copy.deepcopy(self.model.state_dict())
+                        since_best = 0
+                    else:
+                        since_best += 1
+                self.history.append(record)
+                status = f"loss {losses['loss']:.4f}"
+                if best_epoch:
+                    status += f"  best {metric} {best_score:.4f} @ {best_epoch}"
+                progress.update(bar, advance=1, status=status)
+                if since_best > cfg.patience:  # as RecBole's stopping_step
+                    break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return best_epoch, best_valid
+
+
+def train_cf(
+    split: Split,
+    config: CFConfig,
+    features: SideFeatures | None = None,
+    out_dir: str | Path | None = None,
+    show_progress: bool = True,
+    user_ids: list[str] | None = None,
+    extra_info: dict | None = None,
+) -> CFResult:
+    """Train ``config.backbone`` on ``split``, select on validation, evaluate test and zero-shot at the
+    best validation epoch, and (when ``out_dir`` is given) write metrics.json, history.json,
+    per_user.csv, config.yaml, model.pt and, for dot-product models, embeddings.npz."""
+    features = features or SideFeatures()
+    trainer = Trainer(split, config, features, show_progress=show_progress)
+    best_epoch, _ = trainer.fit()
+    results = {task: trainer.evaluate(task, per_user=True) for task in ("valid", "test", "zero_shot")}
+    history = trainer.history
+    evals = [h["eval_seconds"] for h in history if "eval_seconds" in h]
+    result = CFResult(
+        valid=results["valid"].metrics,
+        test=results["test"].metrics,
+        zero_shot=results["zero_shot"].metrics,
+        best_epoch=best_epoch,
+        epoch_seconds=float(np.mean([h["train_seconds"] for h in history])),
+        eval_seconds=float(np.mean(evals)) if evals else 0.0,
+        epochs_run=len(history),
+        history=history,
+        model=trainer.model,
+    )
+    if out_dir is not None:
+        result.out_dir = write_outputs(Path(out_dir), result, trainer, results, user_ids, extra_info or {})
+    return result
+
+
+def write_outputs(
+    out: Path,
+    result: CFResult,
+    trainer: Trainer,
+    results: dict[str, EvalResult],
+    user_ids: list[str] | None,
+    extra_info: dict,
+) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    config = trainer.config
+    metrics = result.metrics_json()
+    metrics.update(
+        {
+            "users_evaluated": {task: r.n_users for task, r in results.items()},
+            "train_seconds_total": float(sum(h["train_seconds"] for h in result.history)),
+            "device": str(trainer.device),
+            "threads": torch.get_num_threads(),
+            "feature_coverage": trainer.features.coverage,
+            "split": trainer.split.stats(),
+            "config": config.model_dump(),
+            **extra_info,
+        }
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "history.json").write_text(json.dumps(result.history, indent=2))
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    frames = [r.per_user for r in results.values() if r.per_user is not None]
+    per_user = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["task", "user"])
+    if user_ids is not None and len(per_user):
+        per_user.insert(2, "user_id", np.asarray(user_ids, dtype=object)[per_user["user"].to_numpy()])
+    per_user.to_csv(out / "per_user.csv", index=False, float_format="%.6g")
+    save_model(trainer.model, out / "model.pt", trainer.split.train, trainer.features)
+    if trainer.model.dot_product:
+        users, items = trainer.model.final_embeddings()
+        np.savez(out / "embeddings.npz", users=users.cpu().numpy(), items=items.cpu().numpy())
+    return out
+
+
+def save_model(model: CFModel, path: Path, train: np.ndarray, features: SideFeatures) -> None:
+    """A self-contained checkpoint: config, sizes, feature dims, train edges (for the graph) and weights
+    (feature matrices are buffers of the fusion module, so they travel in the state dict)."""
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": model.config.model_dump(),
+            "n_users": model.n_users,
+            "n_items": model.n_items,
+            "feature_dims": features.dims(),
+            "train": torch.as_tensor(np.asarray(train, dtype=np.int64)),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        path,
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> CFModel:
+    """Rebuild a trained model from ``model.pt`` (fusion encoders included, so new users and items can
+    be encoded with ``model.fusion.encode_new_items`` / ``encode_new_users``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a reclm CF checkpoint (format {checkpoint.get('format')!r})")
+    config = CFConfig(**checkpoint["config"])
+    dims = checkpoint["feature_dims"]
+    n_users, n_items = checkpoint["n_users"], checkpoint["n_items"]
+    rows = {"item_text": n_items, "user_profiles": n_users, "item_profiles": n_items}
+    placeholders = {
+        name: (np.zeros((rows[name], dim), np.float32) if dim else None) for name, dim in dims.items()
+    }  # overwritten by the state dict's buffers
+    features = SideFeatures(**placeholders)
+    model = build_model(config, n_users, n_items, checkpoint["train"].numpy(), features, device)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model

@@ -1,0 +1,133 @@
+"""``reclm train-cf``: train and evaluate one CF backbone in one feature mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from reclm.cf.config import BACKBONES, FEATURE_MODES, CFConfig
+from reclm.cli.common import app, console, friendly_errors
+from reclm.cli.data import parse_ratios
+from reclm.data.loaders import load_dataset
+from reclm.data.split import SplitSpec, make_split
+from reclm.pipeline.rundir import RunDir
+
+
+def choice(name: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
+    return value
+
+
+def parse_topks(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--topks {text!r}: expected integers like 10,20,40") from exc
+
+
+@app.command("train-cf")
+@friendly_errors
+def train_cf_command(
+    dataset: str = typer.Option(
+        None,
+        help="ml-100k, or a path (paper layout, RecBole atomic folder, CSV). "
+        "[default: ml-100k, or the --run's dataset]",
+    ),
+    run: Path = typer.Option(None, help="Prepared run directory: use its saved split (and its profiles)."),
+    backbone: str = typer.Option(None, help=f"{' | '.join(BACKBONES)} [default: lightgcn]"),
+    features: str = typer.Option(None, help=f"{' | '.join(FEATURE_MODES)} [default: none]"),
+    profiles: Path = typer.Option(None, help="Run directory holding embeddings/{users,items}.npz (text+profiles)."),
+    seed: int = typer.Option(None, help="Model seed (init, sampling) [default: 2020]."),
+    config: Path = typer.Option(None, help="YAML file of CF settings (flags override it)."),
+    split: str = typer.Option("auto", help="auto | random | temporal | snapshot (ignored with --run)"),
+    ratios: str = typer.Option("0.8,0.1,0.1", help="train,valid,test ratios per user"),
+    zero_shot: float = typer.Option(0.1, help="Share of items held out of training (zero-shot)."),
+    split_seed: int = typer.Option(2020, help="Seed of the split (kept apart from --seed)."),
+    item_text: str = typer.Option(None, help="Item text file (CSV or JSON Lines keyed by 'item') for CSV data."),
+    epochs: int = typer.Option(None, help="Maximum epochs [300]."),
+    dim: int = typer.Option(None, help="Embedding size [64]."),
+    lr: float = typer.Option(None, help="Adam learning rate [1e-3]."),
+    batch_size: int = typer.Option(None, help="BPR batch size [2048]."),
+    layers: int = typer.Option(None, help="Graph layers [2]."),
+    reg_weight: float = typer.Option(None, help="L2 weight on layer-0 representations [1e-5]."),
+    patience: int = typer.Option(None, help="Validations without improvement before stopping [10]."),
+    eval_every: int = typer.Option(None, help="Validate every N epochs [1]."),
+    valid_metric: str = typer.Option(None, help="Selection metric [ndcg@20]."),
+    topks: str = typer.Option(None, help="Cut-offs, e.g. 10,20,40."),
+    device: str = typer.Option(None, help="auto | cpu | cuda [auto]."),
+    threads: int = typer.Option(None, help="Torch CPU threads [all available cores or RECLM_THREADS]."),
+    out: Path = typer.Option(None, help="Output folder [RUN/cf/<backbone>-<features>-s<seed> with --run]."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train a CF backbone (BPR, early stopping on validation) and report valid / test / zero-shot metrics."""
+    from reclm.cf.features import load_side_features
+    from reclm.cf.trainer import train_cf
+
+    overrides = {
+        "backbone": choice("backbone", backbone, BACKBONES),
+        "features": choice("features", features, FEATURE_MODES),
+        "seed": seed,
+        "epochs": epochs,
+        "dim": dim,
+        "lr": lr,
+        "batch_size": batch_size,
+        "layers": layers,
+        "reg_weight": reg_weight,
+        "patience": patience,
+        "eval_every": eval_every,
+        "valid_metric": valid_metric,
+        "topks": parse_topks(topks),
+        "device": choice("device", device, ("auto", "cpu", "cuda")),
+        "threads": threads,
+    }
+    cfg = CFConfig.from_yaml(config, **overrides) if config else CFConfig.build(source="flags", **overrides)
+    info: dict = {}
+    if run is not None:
+        rundir = RunDir(run)
+        if dataset is not None:
+            raise ValueError("give either --run (its dataset and split are used) or --dataset, not both")
+        data, the_split = rundir.load()
+        info["split_source"] = str(rundir.data)
+        out = out or rundir.cf / cfg.run_name()
+        profiles = profiles or (run if cfg.features == "text+profiles" else None)
+    else:
+        if out is None:
+            raise ValueError("--out DIR is required (or give --run RUN_DIR)")
+        data = load_dataset(dataset or "ml-100k", item_text=item_text)
+        spec = SplitSpec(method=split, ratios=parse_ratios(ratios), zero_shot_fraction=zero_shot, seed=split_seed)
+        the_split = make_split(data, spec)
+        the_split.save(Path(out) / "split")
+        info["split_source"] = str(Path(out) / "split")
+    info["dataset"] = data.name
+    side = load_side_features(data, cfg.features, profiles)
+    console.print(
+        f"[bold]{cfg.backbone}[/] / features [bold]{cfg.features}[/] on {data.name}: "
+        f"{the_split.n_users} users, {the_split.n_items} items, {the_split.stats()['train']} train pairs"
+    )
+    result = train_cf(the_split, cfg, side, out, show_progress=not quiet, user_ids=data.user_ids, extra_info=info)
+    console.print(results_table(result.metrics_json(), cfg.topks, json.loads((Path(out) / "metrics.json").read_text())))
+    console.print(
+        f"best epoch {result.best_epoch} of {result.epochs_run}; {result.epoch_seconds:.3f} s/epoch train, "
+        f"{result.eval_seconds:.3f} s/validation; written to {out}"
+    )
+
+
+def results_table(metrics: dict, topks: list[int], full: dict) -> Table:
+    table = Table(title="metrics (test and zero-shot at the best validation epoch)")
+    table.add_column("task")
+    table.add_column("users", justify="right")
+    for k in topks:
+        table.add_column(f"Recall@{k}", justify="right")
+        table.add_column(f"NDCG@{k}", justify="right")
+    users = full.get("users_evaluated", {})
+    for task in ("valid", "test", "zero_shot"):
+        values = metrics[task]
+        cells = [f"{values[f'{m}@{k}']:.4f}" if values else "-" for k in topks for m in ("recall", "ndcg")]
+        table.add_row(task.replace("_", "-"), str(users.get(task, 0)), *cells)
+    return table
