@@ -347,7 +347,39 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+    raw = resolve_paths(raw, path.parent)
     return validate_config(apply_overrides(raw, overrides), str(path))
+
+
+PATH_KEYS = ("dataset", "item_text", "teacher.user_file", "teacher.item_file")
+
+
+def resolve_paths(raw: Any, base: Path) -> Any:
+    """Relative input paths in a config file are relative to the file's folder (so a config works
+    from any working directory); built-in dataset names and absolute paths are kept."""
+    from reclm.data.loaders import BUILTIN
+
+    if not isinstance(raw, dict):
+        return raw
+    raw = dict(raw)
+    for dotted in PATH_KEYS:
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(last), str):
+            continue
+        value = node[last]
+        if value in BUILTIN or Path(value).expanduser().is_absolute():
+            continue
+        if parents:  # copy the nested mapping before changing it
+            parent = raw
+            for part in parents:
+                parent[part] = dict(parent[part])
+                parent = parent[part]
+            node = parent
+        node[last] = str((base / value).resolve())
+    return raw
 
 
 def apply_overrides(raw: Any, overrides: dict[str, Any] | None) -> Any:

@@ -1,0 +1,267 @@
+"""The stage cache itself, with small stages defined here: what reruns, what is skipped, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from reclm.pipeline.cache import Pipeline, Stage, StageContext, StageError
+from reclm.pipeline.config import PipelineConfig
+
+
+class Calls:
+    """Counts stage executions and lets a test make one stage fail."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.fail_once: set[str] = set()
+        self.resumed: dict[str, list[bool]] = {}
+
+    def hit(self, ctx: StageContext) -> None:
+        self.count[ctx.stage] = self.count.get(ctx.stage, 0) + 1
+        self.resumed.setdefault(ctx.stage, []).append(ctx.resumed)
+
+
+def read(root: Path, folder: str) -> str:
+    return (root / folder / "value.txt").read_text()
+
+
+def make_stages(calls: Calls, source: Path) -> list[Stage]:
+    """prepare <- teacher <- sft <- report, and neighbours <- prepare; values flow through files."""
+
+    def prepare(ctx: StageContext) -> dict:
+        calls.hit(ctx)
+        (ctx.out / "value.txt").write_text(f"data({source.read_text()},{ctx.config.split.seed})")
+        return {"units": 10, "unit": "row"}
+
+    def teacher(ctx: StageContext) -> dict:
+        calls.hit(ctx)
+        # only the parity of teacher.users matters: equal outputs for 2 and 4
+        (ctx.out / "value.txt").write_text(f"teacher({read(ctx.root, 'data')},{(ctx.config.teacher.users or 0) % 2})")
+        return {"tokens": 7}
+
+    def sft(ctx: StageContext) -> None:
+        calls.hit(ctx)
+        (ctx.out / "partial.txt").write_text("half")
+        if ctx.stage in calls.fail_once:
+            calls.fail_once.discard(ctx.stage)
+            raise RuntimeError("simulated crash")
+        (ctx.out / "value.txt").write_text(f"sft({read(ctx.root, 'teacher')},{ctx.config.llm.sft.steps})")
+
+    def neighbours(ctx: StageContext) -> None:
+        calls.hit(ctx)
+        (ctx.out / "value.txt").write_text(f"nb({read(ctx.root, 'data')},{ctx.config.neighbours.k})")
+
+    def report(ctx: StageContext) -> None:
+        calls.hit(ctx)
+        parts = [read(ctx.root, f) for f in ("sft", "neighbours") if (ctx.root / f).is_dir()]
+        (ctx.out / "value.txt").write_text("report(" + ",".join(parts) + ")")
+
+    return [
+        Stage("prepare", "data", prepare, config=lambda c: c.section("split"), files=lambda c: [source]),
+        Stage("teacher", "teacher", teacher, needs=("prepare",), config=lambda c: c.section("teacher")),
+        Stage(
+            "sft",
+            "sft",
+            sft,
+            needs=("teacher",),
+            config=lambda c: c.llm.sft.model_dump(),
+            enabled=lambda c: c.stages.sft,
+        ),
+        Stage("neighbours", "neighbours", neighbours, needs=("prepare",), config=lambda c: c.section("neighbours")),
+        Stage("report", "report", report, needs=("sft", "neighbours")),
+    ]
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    source = tmp_path / "source.txt"
+    source.write_text("v1")
+    calls = Calls()
+    stages = make_stages(calls, source)
+
+    def run(config: PipelineConfig | None = None, **kwargs):
+        pipeline = Pipeline(config or PipelineConfig(), tmp_path / "run", stages, console=Console(quiet=True))
+        return {o.name: o.action for o in pipeline.run(**kwargs)}
+
+    return run, calls, tmp_path / "run", source
+
+
+def test_first_run_runs_everything_and_rerun_skips_everything(setup):
+    run, calls, root, _ = setup
+    assert set(run().values()) == {"ran"}
+    assert calls.count == {"prepare": 1, "teacher": 1, "sft": 1, "neighbours": 1, "report": 1}
+    assert read(root, "report") == "report(sft(teacher(data(v1,2020),0),60),nb(data(v1,2020),5))"
+    assert set(run().values()) == {"cached"}
+    assert calls.count == {"prepare": 1, "teacher": 1, "sft": 1, "neighbours": 1, "report": 1}
+    manifest = json.loads((root / "manifests" / "teacher.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["tokens_total"] == 7
+    assert manifest["peak_memory_mb"] > 0
+    assert manifest["packages"]["torch"]
+    assert manifest["config_hash"] and manifest["input_hash"] and manifest["output_hash"]
+    assert (
+        manifest["inputs"]["upstream"]["prepare"]
+        == json.loads((root / "manifests" / "prepare.json").read_text())["output_hash"]
+    )
+
+
+def test_changing_one_input_reruns_exactly_the_dependent_stages(setup):
+    run, calls, root, _ = setup
+    run()
+    config = PipelineConfig()
+    config.llm.sft.steps = 61
+    actions = run(config)
+    assert actions == {"prepare": "cached", "teacher": "cached", "sft": "ran", "neighbours": "cached", "report": "ran"}
+    assert read(root, "report").startswith("report(sft(teacher(data(v1,2020),0),61)")
+
+    config.neighbours.k = 9
+    actions = run(config)
+    assert actions == {"prepare": "cached", "teacher": "cached", "sft": "cached", "neighbours": "ran", "report": "ran"}
+
+
+def test_changed_file_reruns_its_stage_and_everything_after(setup):
+    run, calls, root, source = setup
+    run()
+    source.write_text("v2")
+    assert set(run().values()) == {"ran"}
+    assert "data(v2,2020)" in read(root, "report")
+
+
+def test_upstream_rerun_with_identical_output_does_not_invalidate_downstream(setup):
+    run, calls, root, _ = setup
+    config = PipelineConfig()
+    config.teacher.users = 2
+    run(config)
+    config.teacher.users = 4  # a different config, but the teacher writes the same bytes
+    actions = run(config)
+    assert actions["teacher"] == "ran"
+    assert actions["sft"] == "cached" and actions["report"] == "cached"
+
+
+def test_interrupted_stage_resumes_and_loses_nothing(setup):
+    run, calls, root, _ = setup
+    calls.fail_once.add("sft")
+    with pytest.raises(StageError, match="simulated crash"):
+        run()
+    manifest = json.loads((root / "manifests" / "sft.json").read_text())
+    assert manifest["status"] == "failed" and "simulated crash" in manifest["error"]
+    assert not (root / "sft").exists(), "a failed stage must not leave an output that looks finished"
+    assert (root / ".work" / "sft" / "partial.txt").read_text() == "half"  # kept for resume
+    assert calls.count == {"prepare": 1, "teacher": 1, "sft": 1}
+
+    actions = run()
+    assert actions == {"prepare": "cached", "teacher": "cached", "sft": "ran", "neighbours": "ran", "report": "ran"}
+    assert calls.resumed["sft"] == [False, True]
+    assert read(root, "sft") == "sft(teacher(data(v1,2020),0),60)"
+    assert not (root / ".work" / "sft").exists()
+
+
+def test_stage_without_completed_manifest_is_rerun(setup):
+    run, calls, root, _ = setup
+    run()
+    # a crash after the output was moved into place but before the manifest was committed
+    manifest = root / "manifests" / "neighbours.json"
+    record = json.loads(manifest.read_text())
+    record["status"] = "running"
+    manifest.write_text(json.dumps(record))
+    actions = run()
+    assert actions["neighbours"] == "ran" and actions["sft"] == "cached"
+
+
+def test_modified_or_missing_output_is_rebuilt(setup):
+    run, calls, root, _ = setup
+    run()
+    (root / "teacher" / "value.txt").write_text("tampered")
+    actions = run()
+    assert actions["teacher"] == "ran"
+    assert read(root, "teacher") == "teacher(data(v1,2020),0)"
+    assert actions["sft"] == "cached"  # the rebuilt output equals the recorded one
+    (root / "neighbours" / "extra.txt").write_text("x")
+    assert run()["neighbours"] == "ran"
+
+
+def test_switched_off_stage_and_switching_it_back_on(setup):
+    run, calls, root, _ = setup
+    config = PipelineConfig.model_validate({"stages": {"sft": False, "collab": False, "reward": False, "rl": "none"}})
+    actions = run(config)
+    assert actions["sft"] == "off"
+    assert json.loads((root / "manifests" / "sft.json").read_text())["status"] == "off"
+    assert read(root, "report") == "report(nb(data(v1,2020),5))"
+    actions = run()
+    assert actions == {"prepare": "cached", "teacher": "cached", "sft": "ran", "neighbours": "cached", "report": "ran"}
+
+
+def test_from_and_only(setup):
+    run, calls, root, _ = setup
+    run()
+    actions = run(from_stage="sft")
+    assert actions == {"prepare": "cached", "teacher": "cached", "sft": "ran", "neighbours": "ran", "report": "ran"}
+    actions = run(only="teacher")
+    assert actions == {"prepare": "skip", "teacher": "ran", "sft": "skip", "neighbours": "skip", "report": "skip"}
+    with pytest.raises(StageError, match="unknown stage 'nope'"):
+        run(only="nope")
+
+
+def test_only_needs_complete_inputs(setup):
+    run, calls, root, _ = setup
+    with pytest.raises(StageError, match="stage 'prepare' is not complete"):
+        run(only="teacher")
+
+
+def test_plan_matches_what_run_does(setup, tmp_path):
+    run, calls, root, _ = setup
+    pipeline = Pipeline(PipelineConfig(), root, make_stages(Calls(), tmp_path / "source.txt"), Console(quiet=True))
+    assert [p.action for p in pipeline.plan()] == ["run"] * 5
+    run()
+    assert [p.action for p in pipeline.plan()] == ["cached"] * 5
+    config = PipelineConfig()
+    config.neighbours.k = 3
+    pipeline.config = config
+    plan = {p.stage.name: (p.action, p.reason) for p in pipeline.plan()}
+    assert plan["neighbours"] == ("run", "changed: config")
+    assert plan["report"][0] == "run" and plan["sft"][0] == "cached"
+
+
+def test_units_are_committed_alone_and_reused_from_the_previous_output(tmp_path):
+    runs: list[str] = []
+    fail = {"b"}
+
+    def body(ctx: StageContext) -> None:
+        for name in ("a", "b", "c"):
+            unit = ctx.unit(name, {"name": name, "value": ctx.config.cf.seeds[0] if name == "c" else 0})
+            if unit.done:
+                continue
+            scratch = unit.scratch()
+            runs.append(name)
+            if name in fail:
+                fail.discard(name)
+                raise RuntimeError("crash in unit b")
+            (scratch / "out.txt").write_text(name)
+            unit.commit()
+
+    stage = Stage("train_cf", "cf", body, config=lambda c: c.cf.seeds)
+    pipeline = Pipeline(PipelineConfig(), tmp_path, [stage], Console(quiet=True))
+    with pytest.raises(StageError):
+        pipeline.run()
+    pipeline.run()
+    assert runs == ["a", "b", "b", "c"], "after the crash only the unfinished units run"
+    pipeline.config = PipelineConfig.model_validate({"cf": {"seeds": [7]}})
+    pipeline.run()
+    assert runs[4:] == ["c"], "units whose key did not change are taken from the previous output"
+    assert sorted(p.name for p in (tmp_path / "cf").iterdir()) == ["a", "b", "c"]
+    assert (tmp_path / "cf" / "a" / "out.txt").read_text() == "a"
+
+
+def test_a_second_run_on_the_same_directory_is_refused(setup, tmp_path):
+    import fcntl
+
+    run, calls, root, _ = setup
+    root.mkdir()
+    with (root / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        with pytest.raises(StageError, match="another `reclm run`"):
+            run()

@@ -1,0 +1,111 @@
+"""Config loading and validation: every error is one line naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from reclm.cli.main import app
+from reclm.pipeline.config import ConfigError, PipelineConfig, default_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "cf:\n  backbones: [bias-mf, ncf, lightgnc]\n",
+            "x.yaml: cf.backbones[2]: 'lightgnc' is not one of 'bias-mf', 'ncf', 'lightgcn', 'sgl' or 'simgcl'",
+        ),
+        ("colour: red\n", "x.yaml: colour: unknown key (expected one of: dataset, item_text, out"),
+        ("llm:\n  sft:\n    stepz: 3\n", "x.yaml: llm.sft.stepz: unknown key (expected one of: steps, batch_size"),
+        ("llm:\n  sft:\n    steps: -1\n", "x.yaml: llm.sft.steps: Input should be greater than or equal to 0 (got -1)"),
+        ("split:\n  ratios: [0.5, 0.1, 0.1]\n", "x.yaml: split.ratios: [0.5, 0.1, 0.1] must be three non-negative"),
+        ("stages:\n  rl: ppo2\n", "x.yaml: stages.rl: 'ppo2' is not one of 'ppo', 'dpo' or 'none'"),
+        ("stages:\n  sft: false\n", "x.yaml: stages: collab: true needs sft: true"),
+        ("stages:\n  rl: ppo\n  reward: false\n", "x.yaml: stages: rl: ppo needs reward: true"),
+        ("generation:\n  batch_size: many\n", "x.yaml: generation.batch_size: Input should be a valid integer"),
+        ("cf:\n  seeds: []\n", "x.yaml: cf.seeds: must list at least one value"),
+        ("- just\n- a list\n", "x.yaml: expected a mapping of keys at the top level, got list"),
+        ("cf: [unclosed\n", "x.yaml: line 2: not valid YAML"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_cf_params_are_checked_against_the_cf_trainer_config(tmp_path):
+    pytest.importorskip("reclm.cf.config")
+    with pytest.raises(
+        ConfigError, match=r"x.yaml: cf.params.learning_rate: unknown key \(expected one of: fusion, dim"
+    ):
+        load_config(write(tmp_path, "cf:\n  params: {learning_rate: 0.1}\n"))
+    with pytest.raises(ConfigError, match=r"x.yaml: cf.per_backbone.sgl.sgl_drop_ratio: Input should be less than 1"):
+        load_config(write(tmp_path, "cf:\n  per_backbone: {sgl: {sgl_drop_ratio: 2}}\n"))
+    with pytest.raises(ConfigError, match=r"cf.params.seed: set it with cf.seeds"):
+        load_config(write(tmp_path, "cf:\n  params: {seed: 3}\n"))
+    config = load_config(write(tmp_path, "cf:\n  params: {epochs: 7, dim: 32}\n  per_backbone: {ncf: {epochs: 3}}\n"))
+    assert config.cf.run_params("ncf", "text", 1)["epochs"] == 3
+    assert config.cf.run_params("sgl", "text", 1) == {
+        "epochs": 7,
+        "dim": 32,
+        "backbone": "sgl",
+        "features": "text",
+        "seed": 1,
+    }
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: no such config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_ml100k_config_is_the_builtin_default():
+    assert load_config(CONFIGS / "ml-100k.yaml") == PipelineConfig()
+    assert default_config("ml-100k") == PipelineConfig()
+
+
+def test_shipped_configs_load(tmp_path):
+    mind = load_config(CONFIGS / "mind-paper.yaml")
+    assert mind.stages.teacher == "file" and mind.split.method == "snapshot"
+    assert Path(mind.dataset) == (REPO.parent / "shared" / "datasets" / "mind").resolve()
+    netflix = load_config(CONFIGS / "netflix.yaml")
+    assert netflix.split.method == "auto" and netflix.split.ratios == (0.8, 0.1, 0.1)
+    assert netflix.stages.teacher == "file"
+    for config in (mind, netflix):
+        assert set(config.cf.backbones) == {"bias-mf", "ncf", "lightgcn", "sgl", "simgcl"}
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "c.yaml"
+    path.write_text(
+        yaml.safe_dump({"dataset": "../data/x.csv", "item_text": "items.csv", "teacher": {"user_file": "/abs.jsonl"}})
+    )
+    config = load_config(path)
+    assert config.dataset == str(tmp_path / "data" / "x.csv")
+    assert config.item_text == str(tmp_path / "sub" / "items.csv")
+    assert config.teacher.user_file == "/abs.jsonl"
+    assert load_config(path, {"dataset": "ml-100k"}).dataset == "ml-100k"
+
+
+def test_cli_prints_the_config_error_on_one_line_and_exits_2(tmp_path):
+    path = write(tmp_path, "cf:\n  backbones: [lightgnc]\n")
+    result = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cf.backbones[0]: 'lightgnc' is not one of" in lines[0]
