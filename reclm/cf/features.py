@@ -97,9 +97,8 @@ def load_side_features(data: RecDataset, mode: str, profiles: str | Path | None 
         return SideFeatures()
     if mode not in ("text", "text+profiles"):
         raise ValueError(f"unknown feature mode {mode!r}: expected none, text or text+profiles")
-    features = SideFeatures(item_text=item_text_embeddings(data, encoder))
-    features.coverage["item_text"] = float(np.mean([bool(t) for t in data.item_texts()]))
-    if mode == "text+profiles":
+    folder = None
+    if mode == "text+profiles":  # check the profile files before spending time on text
         if profiles is None:
             raise ValueError("--features text+profiles needs --profiles RUN_DIR (with embeddings/users.npz, items.npz)")
         folder = Path(profiles) / "embeddings"
@@ -108,6 +107,9 @@ def load_side_features(data: RecDataset, mode: str, profiles: str | Path | None 
             raise DataError(
                 f"text+profiles needs profile embeddings; missing {', '.join(missing)} (run `reclm encode`)", folder
             )
+    features = SideFeatures(item_text=item_text_embeddings(data, encoder))
+    features.coverage["item_text"] = float(np.mean([bool(t) for t in data.item_texts()]))
+    if folder is not None:
         features.user_profiles, features.coverage["user_profiles"] = load_profile_embeddings(
             folder / "users.npz", data.user_ids
         )

@@ -119,15 +119,15 @@ def train_cf_command(
 
 
 def results_table(metrics: dict, topks: list[int], full: dict) -> Table:
-    table = Table(title="metrics (test and zero-shot at the best validation epoch)")
-    table.add_column("task")
-    table.add_column("users", justify="right")
-    for k in topks:
-        table.add_column(f"Recall@{k}", justify="right")
-        table.add_column(f"NDCG@{k}", justify="right")
+    """Metrics as rows, tasks as columns (fits an 80-column terminal)."""
+    tasks = ("valid", "test", "zero_shot")
+    table = Table(title="test and zero-shot at the best validation epoch")
+    table.add_column("metric")
+    for task in tasks:
+        table.add_column(task.replace("_", "-"), justify="right")
     users = full.get("users_evaluated", {})
-    for task in ("valid", "test", "zero_shot"):
-        values = metrics[task]
-        cells = [f"{values[f'{m}@{k}']:.4f}" if values else "-" for k in topks for m in ("recall", "ndcg")]
-        table.add_row(task.replace("_", "-"), str(users.get(task, 0)), *cells)
+    table.add_row("users", *(str(users.get(task, 0)) for task in tasks))
+    for k in topks:
+        for name, key in ((f"Recall@{k}", f"recall@{k}"), (f"NDCG@{k}", f"ndcg@{k}")):
+            table.add_row(name, *(f"{metrics[t][key]:.4f}" if metrics[t] else "-" for t in tasks))
     return table

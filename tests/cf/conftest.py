@@ -62,3 +62,17 @@ def tiny_split() -> Split:
 @pytest.fixture
 def tiny_features(tiny_split) -> SideFeatures:
     return clustered_features(tiny_split)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests share a 2-core machine with other jobs: one intra-op thread is fastest and stable."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def make_split():
+    """The clustered split builder, for tests that need variants."""
+    return clustered_split

@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from reclm.cf import CFConfig, load_model, train_cf
+from reclm.cf.features import SideFeatures
+
+
+def small_config(**kw) -> CFConfig:
+    base = {"dim": 8, "feature_hidden": [16], "batch_size": 64, "epochs": 30, "patience": 3, "topks": [1, 2, 5]}
+    return CFConfig(**{**base, **kw})
+
+
+def test_selection_ignores_test_and_restores_the_best_validation_epoch(tiny_split, make_split):
+    cfg = small_config(backbone="bias-mf", lr=0.05, epochs=40, patience=4)
+    first = train_cf(tiny_split, cfg, show_progress=False)
+    history = first.history
+    best = first.best_epoch
+    scores = [h["valid"]["ndcg@20"] for h in history]
+    assert best == int(np.argmax(scores)) + 1
+    assert first.epochs_run < 40 and best < first.epochs_run  # stopped early, after its best epoch
+    # the returned model is the best epoch's, not the last one's
+    assert first.valid["ndcg@20"] == pytest.approx(scores[best - 1])
+    assert first.valid["ndcg@20"] != pytest.approx(scores[-1])
+
+    # same train/valid, a different test set: selection (and everything before test) is unchanged
+    other = make_split()
+    rng = np.random.default_rng(5)
+    other.test = np.array([(u, int(rng.integers(0, 36))) for u in range(60)], dtype=np.int64)
+    second = train_cf(other, cfg, show_progress=False)
+    assert second.best_epoch == best
+    assert second.valid == first.valid
+    assert second.test != first.test
+
+
+def test_training_is_deterministic_given_the_seed(tiny_split, tiny_features):
+    cfg = small_config(backbone="simgcl", features="text", epochs=3)
+    a = train_cf(tiny_split, cfg, tiny_features, show_progress=False)
+    b = train_cf(tiny_split, cfg, tiny_features, show_progress=False)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert a.test == b.test
+    c = train_cf(tiny_split, cfg.model_copy(update={"seed": 7}), tiny_features, show_progress=False)
+    assert [h["loss"] for h in c.history] != [h["loss"] for h in a.history]
+
+
+@pytest.mark.parametrize("backbone", ["bias-mf", "lightgcn"])
+def test_text_features_score_unseen_items(backbone, tiny_split, tiny_features):
+    """Zero-shot items have no train edge: only their text places them. Chance recall@1 is 1/4."""
+    cfg = small_config(backbone=backbone, features="text", lr=0.01, epochs=60, patience=10)
+    result = train_cf(tiny_split, cfg, tiny_features, show_progress=False)
+    assert result.zero_shot["recall@1"] >= 0.8
+    assert result.test["recall@5"] > 0.5
+
+
+def test_outputs_written_and_model_reloads(tmp_path, tiny_split, tiny_features):
+    cfg = small_config(backbone="lightgcn", features="text+profiles", epochs=4)
+    result = train_cf(
+        tiny_split, cfg, tiny_features, tmp_path, show_progress=False, user_ids=[f"u{i}" for i in range(60)]
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("valid", "test", "zero_shot", "best_epoch", "epoch_seconds", "eval_seconds", "config"):
+        assert key in metrics
+    assert set(metrics["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (1, 2, 5, 20)}
+    assert all(0.0 <= v <= 1.0 for task in ("valid", "test", "zero_shot") for v in metrics[task].values())
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history) == result.epochs_run and "valid" in history[0]
+    per_user = pd.read_csv(tmp_path / "per_user.csv")
+    assert set(per_user["task"]) == {"valid", "test", "zero_shot"}
+    assert per_user.loc[per_user.task == "test", "recall@5"].mean() == pytest.approx(metrics["test"]["recall@5"])
+    assert per_user["user_id"].str.startswith("u").all()
+
+    emb = np.load(tmp_path / "embeddings.npz")
+    model = load_model(tmp_path / "model.pt")
+    scores = model.user_item_scores([0, 1])
+    assert torch.allclose(torch.as_tensor(emb["users"][[0, 1]] @ emb["items"].T), scores, atol=1e-5)
+    assert torch.allclose(result.model.user_item_scores([0, 1]), scores, atol=1e-5)
+    # the loaded model still encodes a new item from its text and profile embeddings
+    with torch.no_grad():
+        new = model.fusion.encode_new_items(torch.as_tensor(tiny_features.item_text[:1]), None)
+    assert new.shape == (1, 8)
+
+
+def test_missing_validation_is_refused(tiny_split):
+    tiny_split.valid = np.zeros((0, 2), dtype=np.int64)
+    with pytest.raises(ValueError, match="validation"):
+        train_cf(tiny_split, small_config(), show_progress=False)
+
+
+def test_text_mode_without_text_is_refused(tiny_split):
+    with pytest.raises(ValueError, match="item text"):
+        train_cf(tiny_split, small_config(features="text"), SideFeatures(), show_progress=False)
