@@ -10,7 +10,14 @@ import typer
 from reclm.cli.common import app
 
 # Modules that add commands to ``app``; each owns one area (data/cf, llm, pipeline, serve).
-COMMAND_MODULES = ("reclm.cli.data", "reclm.cli.cf", "reclm.cli.llm", "reclm.cli.pipeline", "reclm.cli.serve")
+COMMAND_MODULES = (
+    "reclm.cli.data",
+    "reclm.cli.cf",
+    "reclm.cli.llm",
+    "reclm.cli.llm_data",
+    "reclm.cli.pipeline",
+    "reclm.cli.serve",
+)
 
 for module in COMMAND_MODULES:
     try:

@@ -11,9 +11,10 @@ It exists so that the whole method runs on a fresh machine with no teacher file 
 - item profile: the dominant identities and interests among the users who interacted with the item in
   train; for items with no train interaction (zero-shot), from the item's own categories and era.
 
-"Top" ranks a label by ``count * sqrt(lift)`` (lift = the label's share in this user's items over its
-share overall), so a user who watches mostly comedies gets Comedy, while a label everyone has (Drama)
-needs a real majority to win. Ties break alphabetically: the output is deterministic.
+"Top": the most frequent label first, then labels ranked by ``count * sqrt(lift)`` (lift = the label's
+share in this user's items over its share overall), so the dominant category always shows and the
+remaining slots go to what sets the user apart rather than to what everyone watches. Ties break
+alphabetically: the output is deterministic.
 Format: ``User identity: A, B, C; User interests: X, Y, Z.`` A student distilled on these learns to
 summarise history and features, nothing more: use a real teacher (file or openai) for the paper's setting.
 """
@@ -115,15 +116,20 @@ class ItemAttributes:
 
 
 def top_labels(counts: Counter, total: int, overall: Counter, overall_total: int, k: int) -> list[str]:
-    """The ``k`` labels with the highest ``count * sqrt(lift)``; ties alphabetical."""
+    """The most frequent label first, then the labels with the highest ``count * sqrt(lift)``
+    (lift = share here / share overall); ties alphabetical. ``k`` labels at most."""
 
     def score(label: str) -> float:
         share = counts[label] / max(1, total)
         base = overall[label] / max(1, overall_total) or share
         return counts[label] * math.sqrt(share / base) if base else 0.0
 
-    ranked = sorted(counts, key=lambda label: (-score(label), label))
-    return [label for label in ranked if counts[label] > 0][:k]
+    present = [label for label in counts if counts[label] > 0]
+    if not present or k <= 0:
+        return []
+    first = min(present, key=lambda label: (-counts[label], -score(label), label))
+    rest = sorted((label for label in present if label != first), key=lambda label: (-score(label), label))
+    return [first, *rest][:k]
 
 
 def age_band(value: str) -> str | None:
