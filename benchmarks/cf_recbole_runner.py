@@ -65,6 +65,7 @@ def main() -> None:
         "best_epoch": len(epoch_seconds) - int(trainer.cur_step),  # eval_step 1: epochs since the best
         "epochs_run": len(epoch_seconds),
         "epoch_seconds": sum(epoch_seconds) / max(1, len(epoch_seconds)),
+        "epoch_seconds_all": epoch_seconds,
         "threads": torch.get_num_threads(),
         "recbole_users": int(data.user_num - 1),
         "recbole_items": int(data.item_num - 1),

@@ -83,7 +83,7 @@ def assemble(
         if unknown.any():
             row = int(np.flatnonzero(unknown)[0])
             raise DataError(
-                f"item {items[row]!r} has no entry in {item_source}; expected every interacted item described",
+                f"item {str(items[row])!r} has no entry in {item_source}; expected every interacted item described",
                 raw.source,
                 int(raw.lines[row]),
             )
