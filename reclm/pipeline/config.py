@@ -88,14 +88,19 @@ class StageSwitches(Section):
 
 
 class OpenAITeacher(Section):
+    """reclm.llm.teachers.EndpointConfig: any OpenAI-compatible chat endpoint (key read from the
+    environment variable ``api_key_env``; prices per 1,000 tokens, for the ledger)."""
+
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-3.5-turbo"
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = Field(8, ge=1, le=256)
+    max_retries: int = Field(6, ge=0)
+    timeout: float = Field(60.0, gt=0)
     max_tokens: int = Field(160, ge=8)
     temperature: float = Field(0.0, ge=0, le=2)
-    price_per_1k_prompt: float = Field(0.0005, ge=0)
-    price_per_1k_completion: float = Field(0.0015, ge=0)
+    price_in: float = Field(0.0005, ge=0)
+    price_out: float = Field(0.0015, ge=0)
 
 
 class TeacherOptions(Section):
@@ -106,6 +111,7 @@ class TeacherOptions(Section):
     seed: int = 0
     user_file: str | None = None  # file teacher: defaults to the dataset's teacher_user_profiles.jsonl
     item_file: str | None = None
+    prompt_from: Literal["auto", "split", "source"] = "auto"  # file teacher: what our prompts are built from
     openai: OpenAITeacher = OpenAITeacher()
 
 
@@ -166,6 +172,7 @@ class LLMOptions(Section):
 class NeighbourOptions(Section):
     """The CF model whose embeddings give similar users / items (trained on train interactions only)."""
 
+    source: Literal["cf", "shipped"] = "cf"  # shipped: the dataset's neighbour lists (Netflix, MIND items)
     backbone: Backbone = "lightgcn"
     k: int = Field(5, ge=1)
     epochs: int = Field(30, ge=1)

@@ -366,7 +366,10 @@ def cost_table(manifests: dict[str, dict]) -> list[Any]:
 
     rows = []
     total = 0.0
-    for name in [n for n in STAGE_ORDER if n in manifests] + sorted(set(manifests) - set(STAGE_ORDER)):
+    names = [n for n in STAGE_ORDER if n in manifests] + sorted(set(manifests) - set(STAGE_ORDER))
+    for name in names:
+        if name == "report":  # this document: its own cost is not known while it is written
+            continue
         record = manifests[name]
         status = record.get("status", "?")
         if status == "off":

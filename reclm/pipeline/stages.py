@@ -108,30 +108,37 @@ def run_prepare(ctx: StageContext) -> dict:
 # ---------------------------------------------------------------- 2 teacher
 
 
-def make_teacher(cfg: PipelineConfig, data) -> Any:
-    kind = cfg.stages.teacher
-    common = {
+def make_teacher(cfg: PipelineConfig) -> Any:
+    teachers = need("teacher", "reclm.llm.teachers", "make_teacher", "EndpointConfig")
+    options: dict[str, Any] = {
         "budget": prompt_budget(cfg),
         "max_users": cfg.teacher.users,
         "max_items": cfg.teacher.items,
         "seed": cfg.teacher.seed,
     }
-    if kind == "offline":
-        return need("teacher", "reclm.llm.teachers.offline", "OfflineTeacher").OfflineTeacher(**common)
+    kind = cfg.stages.teacher
     if kind == "file":
-        module = need("teacher", "reclm.llm.teachers.file", "FileTeacher")
-        return module.FileTeacher(user_file=cfg.teacher.user_file, item_file=cfg.teacher.item_file, **common)
-    module = need("teacher", "reclm.llm.teachers.openai", "OpenAITeacher")
-    return module.OpenAITeacher(**cfg.teacher.openai.model_dump(), **common)
+        files = {"user_file": cfg.teacher.user_file, "item_file": cfg.teacher.item_file}
+        options.update(files, prompt_from=cfg.teacher.prompt_from)
+    elif kind == "openai":
+        options["endpoint"] = teachers.EndpointConfig(**cfg.teacher.openai.model_dump())
+    return teachers.make_teacher(kind, **options)
 
 
 def run_teacher(ctx: StageContext) -> dict:
     data, split = ctx.data()
-    teacher = make_teacher(ctx.config, data)
-    report = teacher.run(data, split, RunDir(ctx.root, redirect={"teacher": ctx.out}))
+    report = make_teacher(ctx.config).run(data, split, RunDir(ctx.root, redirect={"teacher": ctx.out}))
     info = report.to_dict()
-    tokens = info.get("extra", {}).get("tokens") or 0
+    ledger = info.get("extra", {}).get("ledger") or {}
+    tokens = {"prompt": ledger.get("prompt_tokens", 0), "completion": ledger.get("completion_tokens", 0)}
     written = sum(info["written"].values()) + sum(info["resumed"].values())
+    for note in report.notes:
+        ctx.note(note)
+    ctx.console.print(
+        f"    teacher {ctx.config.stages.teacher}: {info['written']['user'] + info['resumed']['user']} users, "
+        f"{info['written']['item'] + info['resumed']['item']} items",
+        highlight=False,
+    )
     return {"units": written, "unit": "profile", "tokens": tokens, "teacher": info}
 
 
@@ -193,70 +200,92 @@ def summary_of(result: Any, unit: str, units: float) -> dict:
 
 
 def run_neighbours(ctx: StageContext) -> dict:
-    """Similar users and items: cosine top-k of the final embeddings of a CF model trained on train only."""
-    cf = need("neighbours", "reclm.cf", "train_cf", "CFConfig", "SideFeatures")
-    cfg = ctx.config
+    """Similar users and items from train pairs only (reclm.llm.neighbours): cosine top-k of the
+    embeddings of a CF model trained here, or the dataset's shipped lists."""
+    module = need("neighbours", "reclm.llm.neighbours", "build_neighbours")
+    cfg = ctx.config.neighbours
     data, split = ctx.data()
-    params = {**cfg.cf.params, **cfg.cf.per_backbone.get(cfg.neighbours.backbone, {})}
-    params.update(backbone=cfg.neighbours.backbone, features="none", epochs=cfg.neighbours.epochs)
-    params.setdefault("seed", cfg.cf.seeds[0])
-    config = cf.CFConfig(**params)
-    result = cf.train_cf(split, config, cf.SideFeatures(), ctx.out / "model", user_ids=data.user_ids)
-    users, items = result.model.final_embeddings()
-    k = cfg.neighbours.k
-    write_neighbours(ctx.out / "users.jsonl", "user", data.user_ids, top_k_cosine(users, k))
-    write_neighbours(ctx.out / "items.jsonl", "item", data.item_ids, top_k_cosine(items, k))
-    return {"units": result.epochs_run * len(split.train), "unit": "epoch-interaction", "k": k}
-
-
-def top_k_cosine(vectors: Any, k: int, block: int = 4096) -> np.ndarray:
-    """Row-wise top-k cosine neighbours (excluding the row itself), in blocks to bound memory."""
-    x = np.asarray(vectors.detach().cpu() if hasattr(vectors, "detach") else vectors, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    k = min(k, len(x) - 1)
-    out = np.zeros((len(x), max(k, 0)), dtype=np.int64)
-    for start in range(0, len(x), block):
-        sims = x[start : start + block] @ x.T
-        rows = np.arange(sims.shape[0])
-        sims[rows, rows + start] = -np.inf
-        top = np.argpartition(-sims, k, axis=1)[:, :k] if k < len(x) - 1 else np.argsort(-sims, axis=1)[:, :k]
-        order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
-        out[start : start + block] = np.take_along_axis(top, order, axis=1)
-    return out
-
-
-def write_neighbours(path: Path, kind: str, raw_ids: list[str], neighbours: np.ndarray) -> None:
-    with path.open("w") as handle:
-        for row, ids in enumerate(neighbours):
-            handle.write(json.dumps({kind: raw_ids[row], "neighbours": [raw_ids[j] for j in ids]}) + "\n")
+    # RUN/cf is pointed at a folder that does not exist, so that the CF model is always the one
+    # trained here from this stage's declared inputs (never a leftover of an earlier run).
+    run = RunDir(ctx.root, redirect={"neighbours": ctx.out, "cf": ctx.out / "no-cf"})
+    summary = module.build_neighbours(
+        run, data, split, k=cfg.k, source=cfg.source, backbone=cfg.backbone, epochs=cfg.epochs
+    )
+    units = cfg.epochs * len(split.train) if cfg.source == "cf" else len(split.train)
+    return {"units": units, "unit": "epoch-interaction", **summary}
 
 
 # ---------------------------------------------------------------- 9 profiles
 
 
 def run_profiles(ctx: StageContext) -> dict:
-    raise StageUnavailable("stage 'profiles' is not available yet: reclm.llm generation is not implemented")
+    """Profiles for every user and item: generated by the last generator that is on (and, with
+    ``stages.ablation``, by each earlier one into ``profiles/ablation/<stage>/``); with no generator
+    (``sft: false``) the teacher's own profiles are used as they are."""
+    summary = copy_teacher_profiles(ctx) if user_generator(ctx.config) is None else generate_profiles(ctx)
+    summary["quality"] = write_quality(ctx, ctx.out)
+    return summary
+
+
+def copy_teacher_profiles(ctx: StageContext) -> dict:
+    """The teacher-only variant: its profiles are the profiles (ids without one get a zero vector)."""
+    import shutil
+
+    copied = {}
+    for name in ("users.jsonl", "items.jsonl"):
+        source = ctx.run.teacher / name
+        if source.is_file():
+            shutil.copyfile(source, ctx.out / name)
+            copied[name] = sum(1 for line in source.open() if line.strip())
+    if not copied:
+        raise StageUnavailable("stage 'profiles': sft is off and the teacher wrote no profiles to use")
+    ctx.note("sft is off: the teacher's profiles are used as the profiles (no generation)")
+    return {"source": "teacher", "units": sum(copied.values()), "unit": "profile", "copied": copied}
+
+
+def generate_profiles(ctx: StageContext) -> dict:
+    raise StageUnavailable("stage 'profiles' is not available yet: reclm.llm profile generation is not implemented")
+
+
+def write_quality(ctx: StageContext, folder: Path) -> dict | None:
+    """profiles/quality.json: format, empty and duplicate rates, similarity to held-out teacher profiles."""
+    quality = need("profiles", "reclm.llm.quality", "quality_report", "read_heldout")
+    from reclm.text.encoder import TextEncoder
+
+    heldout_file = ctx.run.stage("sft") / "heldout.json"
+    heldout = quality.read_heldout(heldout_file) if heldout_file.is_file() else None
+    reference = ctx.run.teacher if ctx.run.teacher.is_dir() else None
+    encoder = TextEncoder(ctx.config.encoder.model, batch_size=ctx.config.encoder.batch_size) if reference else None
+    report = quality.quality_report(folder, reference, heldout, encoder)
+    report["heldout_file"] = str(heldout_file) if heldout is not None else None
+    write_json(folder / "quality.json", report)
+    return {k: v for k, v in report.items() if k in ("users", "items")}
 
 
 # ---------------------------------------------------------------- 10 encode
 
 
 def run_encode(ctx: StageContext) -> dict:
-    """Item text embeddings (for every feature mode but ``none``) and profile embeddings."""
+    """Item text embeddings (every feature mode but ``none`` needs them) and profile embeddings
+    (reclm.llm.encode) for the final profiles and every ablation variant."""
     from reclm.text.encoder import TextEncoder
 
+    encode = need("encode", "reclm.llm.encode", "encode_file")
     cfg = ctx.config
     data, _ = ctx.data()
     encoder = TextEncoder(cfg.encoder.model, batch_size=cfg.encoder.batch_size)
-    texts = data.item_texts()
-    vectors = encoder.encode(texts, desc="item text")
+    vectors = encoder.encode(data.item_texts(), desc="item text")
     save_embeddings(ctx.out / "item_text.npz", data.item_ids, vectors, encoder, "dataset item text")
-    count = len(texts)
-    encode = need("encode", "reclm.llm.encode", "encode_profiles")
+    count = data.n_items
+    metas = {}
     for source, target in profile_sets(ctx.run.profiles, ctx.out):
-        result = encode.encode_profiles(source, target, encoder=encoder)
-        count += int(getattr(result, "count", 0) or 0)
-    return {"units": count, "unit": "text", "encoder": encoder.name, "dim": int(vectors.shape[1])}
+        for kind, name in (("user", "users.jsonl"), ("item", "items.jsonl")):
+            if (source / name).is_file():
+                label = str((source / name).relative_to(ctx.root))
+                meta = encode.encode_file(source / name, kind, encoder, target, label)
+                metas[label] = meta
+                count += meta["count"]
+    return {"units": count, "unit": "text", "encoder": encoder.name, "dim": int(vectors.shape[1]), "files": metas}
 
 
 def profile_sets(profiles: Path, embeddings: Path) -> list[tuple[Path, Path]]:
@@ -412,7 +441,7 @@ def build_stages() -> list[Stage]:
             "neighbours",
             run_neighbours,
             needs=("prepare",),
-            config=lambda c: {**c.section("neighbours"), "params": c.cf.params, "seed": c.cf.seeds[0]},
+            config=lambda c: c.section("neighbours"),
             enabled=generators_on,
             estimate=est.neighbours,
             description="similar users/items from a CF model trained on train pairs",
@@ -532,4 +561,4 @@ def build_stages() -> list[Stage]:
 STAGES = build_stages()
 STAGE_NAMES = [s.name for s in STAGES]
 
-__all__ = ["STAGES", "STAGE_NAMES", "build_stages", "cf_runs", "stable_hash", "top_k_cosine"]
+__all__ = ["STAGES", "STAGE_NAMES", "build_stages", "cf_runs", "stable_hash"]

@@ -1,0 +1,179 @@
+"""The real stages end to end on a tiny dataset, through the CLI: prepare, offline teacher, teacher
+profiles (no generator), encode, train-cf (two backbones, with and without profiles), report."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from reclm.cli.main import app
+
+FAST_CF = {"epochs": 4, "patience": 3, "dim": 16, "batch_size": 128, "eval_batch_size": 64, "feature_hidden": [32]}
+
+
+def tiny_config(dataset: Path, out: Path, **cf) -> dict:
+    return {
+        "dataset": str(dataset / "inter.csv"),
+        "item_text": str(dataset / "items.csv"),
+        "out": str(out),
+        "threads": 1,
+        "split": {"method": "random", "zero_shot_fraction": 0.1, "seed": 1},
+        "stages": {"teacher": "offline", "sft": False, "collab": False, "reward": False, "rl": "none"},
+        "teacher": {"users": None, "items": None},
+        "cf": {"backbones": ["bias-mf", "lightgcn"], "seeds": [1], "params": FAST_CF, **cf},
+        "report": {"examples": 2},
+    }
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def stage_lines(output: str) -> dict[str, str]:
+    """``[ n/12] stage  action`` lines -> {stage: action}."""
+    found = re.findall(r"\[\s*\d+/12\] (\w+)\s+(done|cached|off)", output)
+    return dict(found)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from tests.pipeline.conftest import write_tiny_dataset
+
+    base = tmp_path_factory.mktemp("e2e")
+    dataset = write_tiny_dataset(base / "data")
+    out = base / "run"
+    config = base / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(dataset, out)))
+    output = invoke("run", str(config))
+    return config, out, output, dataset
+
+
+def test_first_run_runs_the_real_stages(finished_run):
+    config, out, output, _ = finished_run
+    assert stage_lines(output) == {
+        "prepare": "done",
+        "teacher": "done",
+        "sft": "off",
+        "neighbours": "off",
+        "collab": "off",
+        "reward": "off",
+        "rl": "off",
+        "item_side": "off",
+        "profiles": "done",
+        "encode": "done",
+        "train_cf": "done",
+        "report": "done",
+    }
+    runs = json.loads((out / "cf" / "runs.json").read_text())
+    assert sorted(r["name"] for r in runs) == [
+        "bias-mf-text+profiles-s1",
+        "bias-mf-text-s1",
+        "lightgcn-text+profiles-s1",
+        "lightgcn-text-s1",
+    ]
+    for run in runs:
+        metrics = json.loads((out / "cf" / run["name"] / "metrics.json").read_text())
+        assert 0 <= metrics["test"]["recall@20"] <= metrics["test"]["recall@40"] <= 1
+        assert "recall@20" in metrics["zero_shot"]
+    users = {json.loads(line)["id"] for line in (out / "profiles" / "users.jsonl").open()}
+    assert len(users) >= 35  # the offline teacher profiles every user with a train history
+    with __import__("numpy").load(out / "embeddings" / "users.npz") as arrays:
+        assert arrays["vectors"].shape == (len(users), 384)
+    manifest = json.loads((out / "manifests" / "train_cf.json").read_text())
+    assert manifest["status"] == "complete" and manifest["seconds"] > 0 and manifest["peak_memory_mb"] > 100
+    assert json.loads((out / "manifests" / "sft.json").read_text()) == {"stage": "sft", "status": "off"}
+
+
+def test_report_has_the_paper_table_costs_quality_and_plots(finished_run):
+    _, out, _, _ = finished_run
+    md = (out / "report" / "report.md").read_text()
+    for heading in (
+        "## Results",
+        "## Significance",
+        "## Ablation",
+        "## Plots",
+        "## Cost per stage",
+        "## Profile quality",
+        "## Example profiles",
+    ):
+        assert heading in md
+    rows = [line for line in md.splitlines() if line.startswith("| bias-mf |") or line.startswith("| lightgcn |")]
+    assert len(rows) >= 4  # both backbones, full-shot and zero-shot tables
+    results = json.loads((out / "report" / "results.json").read_text())
+    lightgcn = next(r for r in results if r["run"] == "lightgcn-text-s1")
+    cell = f"{lightgcn['test']['recall@20']:.4f}"
+    assert any(line.startswith("| lightgcn |") and cell in line for line in md.splitlines())
+    assert "Wilcoxon" in md and "| bias-mf | full-shot |" in md
+    assert "+ teacher profiles" in md  # the ablation row of this run's profile source
+    assert re.search(r"\| train_cf \| complete \| [\d.]+ (s|min) \|", md)
+    assert "users.format_rate" in md or "users.count" in md
+    assert "profile: User identity:" in md
+    assert (out / "report" / "plots" / "validation_curves.png").stat().st_size > 1000
+    assert (out / "report" / "plots" / "activity_buckets.png").stat().st_size > 1000
+    assert "| 0-5 |" in md or "| 6-20 |" in md
+
+
+def test_report_html_is_self_contained(finished_run):
+    _, out, _, _ = finished_run
+    page = (out / "report" / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert "href=" not in page
+    sources = re.findall(r"""src\s*=\s*["']([^"']*)""", page)
+    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"(?i)(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", page.replace("data:image/png;base64,", ""))
+    assert "<link" not in page and "@import" not in page and "<script" not in page
+
+
+def test_rerun_is_all_cached_and_fast(finished_run):
+    config, out, _, _ = finished_run
+    start = time.perf_counter()
+    output = invoke("run", str(config))
+    assert time.perf_counter() - start < 30
+    actions = stage_lines(output)
+    assert {a for s, a in actions.items()} == {"cached", "off"}
+    assert "(0 stages from cache)" not in output
+
+
+def test_reports_regenerate_from_the_run_directory(finished_run, tmp_path):
+    _, out, _, _ = finished_run
+    output = invoke("report", str(out), "--out", str(tmp_path))
+    assert "report.html" in output
+    assert (tmp_path / "report.md").read_text() == (out / "report" / "report.md").read_text()
+
+
+def test_dry_run_prints_the_plan_with_estimates(finished_run):
+    config, out, _, _ = finished_run
+    data = yaml.safe_load(config.read_text())
+    data["cf"]["params"] = {**FAST_CF, "dim": 8}
+    changed = config.with_name("changed.yaml")
+    changed.write_text(yaml.safe_dump(data))
+    manifest = out / "manifests" / "train_cf.json"
+    before = manifest.read_bytes()
+    output = invoke("run", str(changed), "--dry-run")
+    assert re.search(r"train_cf\s+│\s+run", output)
+    assert re.search(r"encode\s+│\s+cached", output)
+    assert "estimated total" in output
+    assert manifest.read_bytes() == before, "a dry run runs nothing"
+
+
+def test_adding_a_feature_mode_trains_only_the_new_runs(finished_run):
+    config, out, _, _ = finished_run
+    before = {p.parent.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "cf").glob("*/metrics.json")}
+    data = yaml.safe_load(config.read_text())
+    data["cf"]["features"] = ["none", "text", "text+profiles"]
+    config.write_text(yaml.safe_dump(data))
+    output = invoke("run", str(config))
+    actions = stage_lines(output)
+    assert actions["train_cf"] == "done" and actions["report"] == "done" and actions["encode"] == "cached"
+    assert output.count(": cached") == 4  # the four earlier CF runs were reused
+    after = {p.parent.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "cf").glob("*/metrics.json")}
+    assert {n for n in after if n not in before} == {"bias-mf-none-s1", "lightgcn-none-s1"}
+    assert all(after[n] == before[n] for n in before)
