@@ -49,7 +49,6 @@ def run_command(
     """Run every stage of RecLM in order; stages whose inputs did not change come from cache."""
     from reclm.pipeline.run import dry_run as plan
     from reclm.pipeline.run import make_pipeline, run
-    from reclm.utils import torch_threads
 
     overrides: dict[str, Any] = {}
     if dataset:
@@ -63,7 +62,6 @@ def run_command(
     if dry_run:
         plan(make_pipeline(cfg, out_dir, console), console, from_stage=from_stage, only=only)
         return
-    torch_threads(cfg.threads)
     run(cfg, out_dir, console, from_stage=from_stage, only=only)
 
 

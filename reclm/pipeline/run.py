@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -77,6 +80,28 @@ def dry_run(
     return plans
 
 
+@contextlib.contextmanager
+def thread_count(threads: int | None) -> Iterator[None]:
+    """``threads`` for every stage: torch's thread count and RECLM_THREADS (which the CF trainer and
+    the LLM code read), restored afterwards."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    saved_env, saved_torch = os.environ.get("RECLM_THREADS"), torch.get_num_threads()
+    os.environ["RECLM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("RECLM_THREADS", None)
+        else:
+            os.environ["RECLM_THREADS"] = saved_env
+        torch.set_num_threads(saved_torch)
+
+
 def run(
     config: PipelineConfig,
     out: str | Path,
@@ -87,7 +112,8 @@ def run(
     console = console or Console()
     pipeline = make_pipeline(config, out, console)
     save_config(config, Path(out))
-    outcomes = pipeline.run(from_stage=from_stage, only=only)
+    with thread_count(config.threads):
+        outcomes = pipeline.run(from_stage=from_stage, only=only)
     ran = sum(o.seconds for o in outcomes if o.action == "ran")
     cached = sum(o.action == "cached" for o in outcomes)
     console.print(f"finished in {format_seconds(ran)} of stage work ({cached} stages from cache)", highlight=False)

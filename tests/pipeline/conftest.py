@@ -37,7 +37,7 @@ def write_tiny_dataset(folder: Path, users: int = 40, items: int = 60, per_user:
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 

@@ -44,11 +44,9 @@ def stage_lines(output: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from tests.pipeline.conftest import write_tiny_dataset
-
+def finished_run(tmp_path_factory, tiny_dataset):
     base = tmp_path_factory.mktemp("e2e")
-    dataset = write_tiny_dataset(base / "data")
+    dataset = tiny_dataset
     out = base / "run"
     config = base / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(dataset, out)))
