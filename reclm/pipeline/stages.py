@@ -146,16 +146,25 @@ def run_teacher(ctx: StageContext) -> dict:
 
 
 def run_sft(ctx: StageContext) -> dict:
+    """Distillation: LoRA SFT of the base model on the teacher's user pairs (reclm.llm.sft); resumes
+    from its own checkpoints when an interrupted attempt left them."""
     sft = need("sft", "reclm.llm.sft", "train_sft")
     cfg = ctx.config
     result = sft.train_sft(
-        teacher_dir=ctx.run.teacher,
-        out_dir=ctx.out,
+        ctx.run.teacher,
+        ctx.out,
         base_model=cfg.llm.base_model,
         lora=cfg.llm.lora.model_dump(),
+        kind="user",
         **cfg.llm.sft.model_dump(),
     )
-    return summary_of(result, unit="step", units=cfg.llm.sft.steps)
+    info = result.to_dict()
+    info.pop("train_curve", None)
+    ctx.console.print(
+        f"    sft: {result.steps} steps, held-out loss {result.heldout_loss_before} -> {result.heldout_loss_after}",
+        highlight=False,
+    )
+    return {**info, "tokens": {"train": result.train_tokens}, "units": result.steps, "unit": "step"}
 
 
 def run_collab(ctx: StageContext) -> dict:
