@@ -614,10 +614,12 @@ def format_cost(record: dict[str, Any]) -> str:
 
 class SpeedBook:
     """Seconds per unit measured by finished stages on this machine (``speeds.json`` in the reclm
-    cache), used by ``--dry-run`` in place of the default constants."""
+    cache), used by ``--dry-run`` in place of the default constants. Stages shorter than
+    ``min_seconds`` are not recorded: their time is mostly fixed overhead (loading a model)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, min_seconds: float = 20.0):
         self.path = path
+        self.min_seconds = min_seconds
 
     def load(self) -> dict[str, Any]:
         try:
@@ -627,7 +629,7 @@ class SpeedBook:
 
     def record(self, stage: str, record: dict[str, Any]) -> None:
         units = record.get("units")
-        if not units or not record.get("unit"):
+        if not units or not record.get("unit") or record.get("seconds", 0) < self.min_seconds:
             return
         book = self.load()
         book[stage] = {

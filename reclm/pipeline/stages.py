@@ -249,7 +249,7 @@ def copy_teacher_profiles(ctx: StageContext) -> dict:
     if not copied:
         raise StageUnavailable("stage 'profiles': sft is off and the teacher wrote no profiles to use")
     ctx.note("sft is off: the teacher's profiles are used as the profiles (no generation)")
-    return {"source": "teacher", "units": sum(copied.values()), "unit": "profile", "copied": copied}
+    return {"source": "teacher", "units": sum(copied.values()), "unit": "copied profile", "copied": copied}
 
 
 def generate_profiles(ctx: StageContext) -> dict:

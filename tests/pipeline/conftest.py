@@ -42,6 +42,14 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Measured stage speeds and caches of these tests stay out of the user's reclm cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RECLM_CACHE", str(tmp_path_factory.mktemp("reclm-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     import torch

@@ -265,3 +265,25 @@ def test_a_second_run_on_the_same_directory_is_refused(setup, tmp_path):
         fcntl.flock(handle, fcntl.LOCK_EX)
         with pytest.raises(StageError, match="another `reclm run`"):
             run()
+
+
+def test_dry_run_estimates_use_speeds_measured_on_this_machine(tmp_path):
+    from reclm.pipeline import estimate
+    from reclm.pipeline.cache import SpeedBook
+
+    book = SpeedBook(tmp_path / "speeds.json")
+    size = estimate.DataSize(users=100, items=50, interactions=10_000, train=8_000, measured=True)
+    config = PipelineConfig()
+    default = estimate.prepare(config, size, book)
+    assert default.basis == "default"
+    assert default.seconds == pytest.approx(10_000 * estimate.PREPARE_PER_INTERACTION)
+    book.record("prepare", {"units": 1000, "unit": "interaction", "seconds": 5.0, "host": {"cores": 2}})
+    assert estimate.prepare(config, size, book).basis == "default", "short stages are not recorded"
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    book.record("prepare", {"units": 1000, "unit": "interaction", "seconds": 40.0, "host": {"cores": cores}})
+    measured = estimate.prepare(config, size, book)
+    assert measured.basis == "measured" and measured.seconds == pytest.approx(400.0)
+    sft = estimate.sft(config, size, book)
+    assert sft.units == config.llm.sft.steps and sft.tokens > 0

@@ -175,3 +175,16 @@ def test_adding_a_feature_mode_trains_only_the_new_runs(finished_run):
     after = {p.parent.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "cf").glob("*/metrics.json")}
     assert {n for n in after if n not in before} == {"bias-mf-none-s1", "lightgcn-none-s1"}
     assert all(after[n] == before[n] for n in before)
+
+
+def test_several_seeds_give_mean_std_and_a_test_over_seeds(finished_run):
+    config, out, _, _ = finished_run
+    output = invoke("run", str(config), "--seeds", "2")
+    assert stage_lines(output)["train_cf"] == "done"
+    assert "lightgcn-text-s2" in output and "lightgcn-text-s1: cached" in output
+    md = (out / "report" / "report.md").read_text()
+    assert "mean ± std over 2 seeds" in md
+    row = next(line for line in md.splitlines() if line.startswith("| lightgcn | full-shot |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == "2" and cells[7] != "-"  # seeds compared, t-test p-value
+    assert re.search(r"\| lightgcn \| 0\.\d{4} ± 0\.\d{4} \|", md)
