@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "reclm.cli.cf",
     "reclm.cli.llm",
     "reclm.cli.llm_data",
+    "reclm.cli.llm_stages",
     "reclm.cli.pipeline",
     "reclm.cli.serve",
 )

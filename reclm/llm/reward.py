@@ -1,0 +1,548 @@
+"""Preference pairs and the reward model that scores a profile given the user's prompt.
+
+Pairs come from users NOT used for SFT (so the reward model judges profiles the writer was not fitted on).
+For each user: ``chosen`` is a good profile (teacher or distilled); ``rejected`` is one of the paper's
+negative kinds, in its proportions (exact counts by largest remainder, then shuffled):
+
+| kind              | share | rejected profile                                        |
+|-------------------|-------|---------------------------------------------------------|
+| ``neighbour``     | 30%   | a similar user's profile (another user's if none has one)|
+| ``concat``        | 30%   | own profile + the neighbour's profile                   |
+| ``identity_only`` | 10%   | ``User identity: A, B, C`` (interests dropped)          |
+| ``identity_dup``  | 10%   | the identity part written twice, no interests           |
+| ``identity_empty``| 10%   | ``User identity: ``                                     |
+| ``dot``           | 10%   | ``.``                                                   |
+
+The reward model is the base causal LM as ``AutoModelForSequenceClassification`` (one label) with LoRA
+(the score head is trained in full), reading the chat-rendered (prompt, profile) conversation, trained
+with the pairwise loss ``-log sigmoid(r_chosen - r_rejected)``. Accuracy is reported on held-out USERS
+per negative kind and averaged over kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reclm.data.dataset import RecDataset
+from reclm.data.split import Split
+from reclm.llm.chat import SYSTEM_PROMPT, as_conversation, render
+from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
+
+NEGATIVE_SHARES: dict[str, float] = {
+    "neighbour": 0.3,
+    "concat": 0.3,
+    "identity_only": 0.1,
+    "identity_dup": 0.1,
+    "identity_empty": 0.1,
+    "dot": 0.1,
+}
+NEGATIVE_KINDS = tuple(NEGATIVE_SHARES)
+PAIRS_FILE = "pairs.jsonl"
+
+
+# ---------------------------------------------------------------- negatives
+
+
+def allocate_kinds(n: int, rng: np.random.Generator, shares: Mapping[str, float] = NEGATIVE_SHARES) -> list[str]:
+    """``n`` negative kinds in the given proportions: floor counts, the remainder to the largest fractions
+    (ties in table order), then shuffled."""
+    total = sum(shares.values())
+    exact = {k: n * v / total for k, v in shares.items()}
+    counts = {k: int(math.floor(x)) for k, x in exact.items()}
+    left = n - sum(counts.values())
+    for k in sorted(shares, key=lambda k: -(exact[k] - counts[k]))[:left]:
+        counts[k] += 1
+    kinds = [k for k in shares for _ in range(counts[k])]
+    rng.shuffle(kinds)
+    return kinds
+
+
+def identity_part(profile: str) -> str:
+    """``User identity: A, B, C`` of a profile (the text before the interests when it does not parse)."""
+    parsed = parse_profile(profile)
+    if parsed:
+        return "User identity: " + ", ".join(parsed[0])
+    head = profile.split(";")[0].strip().rstrip(".")
+    return head if head.lower().startswith("user identit") else "User identity: " + head
+
+
+def make_negative(kind: str, own: str, other: str | None) -> str:
+    """The rejected profile of ``kind`` for a user whose good profile is ``own`` (``other``: a neighbour's)."""
+    own = " ".join(own.split())
+    if kind == "neighbour":
+        if other is None:
+            raise ValueError("a 'neighbour' negative needs another user's profile")
+        return " ".join(other.split())
+    if kind == "concat":
+        if other is None:
+            raise ValueError("a 'concat' negative needs another user's profile")
+        return f"{own} {' '.join(other.split())}"
+    if kind == "identity_only":
+        return identity_part(own)
+    if kind == "identity_dup":
+        part = identity_part(own)
+        return f"{part}; {part}"
+    if kind == "identity_empty":
+        return "User identity: "
+    if kind == "dot":
+        return "."
+    raise ValueError(f"negative kind {kind!r}: expected one of {', '.join(NEGATIVE_KINDS)}")
+
+
+@dataclass
+class PreferencePair:
+    user: int
+    prompt: str
+    chosen: str
+    rejected: str
+    negative: str
+    other: int | None = None  # whose profile the neighbour / concat negative used
+    items: list[int] = field(default_factory=list)  # the history items the prompt may show
+
+    def to_record(self, data: RecDataset) -> dict:
+        return {
+            "kind": "user",
+            "id": data.user_ids[self.user],
+            "prompt": self.prompt,
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "negative": self.negative,
+            "other": None if self.other is None else data.user_ids[self.other],
+            "items": {data.user_ids[self.user]: [data.item_ids[i] for i in self.items]},
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, data: RecDataset) -> PreferencePair:
+        users, items = data.user_index(), data.item_index()
+        listed = next(iter(record.get("items", {}).values()), [])
+        other = record.get("other")
+        return cls(
+            users[str(record["id"])],
+            record["prompt"],
+            record["chosen"],
+            record["rejected"],
+            record["negative"],
+            None if other is None else users[str(other)],
+            [items[str(i)] for i in listed],
+        )
+
+
+def build_pairs(
+    data: RecDataset,
+    split: Split,
+    chosen: Mapping[int, str],
+    users: Sequence[int],
+    neighbours: Mapping[int, Sequence[int]],
+    budget: PromptBudget | None = None,
+    seed: int = 0,
+    pool: Mapping[int, str] | None = None,
+) -> list[PreferencePair]:
+    """One pair per user in ``users`` that has a train history and a ``chosen`` profile.
+
+    ``pool``: profiles the neighbour negatives may use (default ``chosen``); a user's first neighbour with a
+    profile in the pool is used, else a random other user of the pool."""
+    budget = budget or PromptBudget()
+    pool = dict(pool if pool is not None else chosen)
+    rng = np.random.default_rng(seed)
+    histories = user_histories(data, split)
+    eligible = [int(u) for u in users if int(u) in chosen and len(histories[int(u)])]
+    kinds = allocate_kinds(len(eligible), rng)
+    pool_users = np.array(sorted(pool), dtype=np.int64)
+    pairs = []
+    for u, kind in zip(eligible, kinds):
+        other = None
+        if kind in ("neighbour", "concat"):
+            near = [int(v) for v in neighbours.get(u, ()) if int(v) != u and int(v) in pool]
+            if near:
+                other = near[0]
+            else:
+                candidates = pool_users[pool_users != u]
+                if not len(candidates):
+                    raise ValueError("neighbour negatives need profiles of at least two users")
+                other = int(rng.choice(candidates))
+        history = [int(i) for i in histories[u]]
+        shown = history[-budget.max_items :] if budget.max_items else history
+        rejected = make_negative(kind, chosen[u], pool.get(other) if other is not None else None)
+        pairs.append(PreferencePair(u, budget.user_prompt(data, history, u), chosen[u], rejected, kind, other, shown))
+    return pairs
+
+
+def kind_counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
+    return {k: sum(p.negative == k for p in pairs) for k in NEGATIVE_KINDS}
+
+
+def split_by_user(pairs: Sequence[PreferencePair], eval_share: float, seed: int) -> tuple[list, list]:
+    """(train, eval) pairs; a user's pairs all go to one side."""
+    users = sorted({p.user for p in pairs})
+    rng = np.random.default_rng(seed)
+    n_eval = int(round(eval_share * len(users)))
+    held = set(rng.choice(users, size=n_eval, replace=False).tolist()) if n_eval else set()
+    return [p for p in pairs if p.user not in held], [p for p in pairs if p.user in held]
+
+
+def write_pairs(path: Path, data: RecDataset, pairs: Sequence[PreferencePair], split_of: Mapping[int, str]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for p in pairs:
+            handle.write(json.dumps({**p.to_record(data), "split": split_of.get(p.user, "train")}) + "\n")
+    tmp.replace(path)
+    return len(pairs)
+
+
+def read_pairs(path: Path, data: RecDataset) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, eval) pairs of a ``pairs.jsonl``."""
+    from reclm.data.tables import read_jsonl
+
+    train, held = [], []
+    for record in read_jsonl(path, ["id", "prompt", "chosen", "rejected", "negative"]):
+        (held if record.get("split") == "eval" else train).append(PreferencePair.from_record(record, data))
+    return train, held
+
+
+# ---------------------------------------------------------------- the reward model
+
+
+@dataclass
+class RewardConfig:
+    steps: int = 40
+    batch_size: int = 8  # pairs per step
+    lr: float = 2e-4
+    head_lr: float | None = None  # default: 10 x lr
+    max_seq_len: int = 512
+    seed: int = 0
+    eval_batch_size: int = 16
+    lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05})
+    device: str | None = None
+
+
+def pad_token_for(tokenizer) -> int:
+    """A padding id that never occurs in rendered chat text: ``<|endoftext|>`` when the tokenizer has it
+    and the template does not use it, else the tokenizer's pad (or eos) token."""
+    candidate = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else None
+    template = getattr(tokenizer, "chat_template", "") or ""
+    if candidate is not None and "<|endoftext|>" not in template:
+        return int(candidate)
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def load_reward_model(base_model: str, adapter: str | Path | None = None, config: RewardConfig | None = None):
+    """(model, tokenizer): the base LM with a one-output score head; a saved reward adapter is loaded when
+    given, else a fresh trainable LoRA is added."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from reclm.llm.model import default_dtype, load_tokenizer, resolve_device, resolve_model_dir
+
+    config = config or RewardConfig()
+    folder = resolve_model_dir(base_model)
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(folder, padding_side="right")
+    pad = pad_token_for(tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=1, dtype=default_dtype(device) if device != "cpu" else torch.float32
+    )
+    model.config.pad_token_id = pad
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    else:
+        lora = config.lora
+        peft_config = LoraConfig(
+            task_type="SEQ_CLS",
+            r=int(lora.get("r", 8)),
+            lora_alpha=int(lora.get("alpha", 16)),
+            lora_dropout=float(lora.get("dropout", 0.05)),
+            target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+        )
+        torch.manual_seed(config.seed)
+        model = get_peft_model(model, peft_config)
+    model.to(device)
+    return model, tokenizer
+
+
+def conversation_text(tokenizer, prompt: str, response: str, system: str | None = SYSTEM_PROMPT) -> str:
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return render(tokenizer, as_conversation(messages, system), add_generation_prompt=False)
+
+
+def encode_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_len: int, device) -> dict:
+    """Right-padded ids of the rendered conversations; over-long ones lose the START of the prompt (the
+    response and the most recent history stay)."""
+    import torch
+
+    pad = pad_token_for(tokenizer)
+    rows = []
+    for prompt, response in zip(prompts, responses):
+        ids = tokenizer(conversation_text(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+        rows.append(ids[-max_len:])
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        input_ids[k, : len(r)] = torch.tensor(r)
+        mask[k, : len(r)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def last_token_scores(model, batch: dict):
+    """The score head at each row's last real token (no reliance on pad-id detection)."""
+    import torch
+
+    out = model(**batch)
+    logits = out.logits.squeeze(-1)
+    if logits.dim() == 1:  # the model already pooled; pooling uses the pad id, which never occurs in text
+        return logits
+    last = batch["attention_mask"].sum(dim=1) - 1
+    return logits[torch.arange(len(last)), last]
+
+
+def score_texts(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], max_len: int = 512, batch=16):
+    """Reward of each (prompt, response) as a float tensor (no gradient)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch):
+            enc = encode_batch(
+                tokenizer, prompts[start : start + batch], responses[start : start + batch], max_len, device
+            )
+            out.append(last_token_scores(model, enc).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pairwise_loss(chosen_scores, rejected_scores):
+    """``-log sigmoid(r_chosen - r_rejected)``, averaged."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def evaluate_pairs(model, tokenizer, pairs: Sequence[PreferencePair], max_len: int, batch: int = 16) -> dict:
+    """Held-out pairwise accuracy per negative kind, its mean over kinds, and overall."""
+    if not pairs:
+        return {"pairs": 0}
+    prompts = [p.prompt for p in pairs]
+    chosen = score_texts(model, tokenizer, prompts, [p.chosen for p in pairs], max_len, batch)
+    rejected = score_texts(model, tokenizer, prompts, [p.rejected for p in pairs], max_len, batch)
+    right = (chosen > rejected).numpy()
+    per_kind = {}
+    for kind in NEGATIVE_KINDS:
+        rows = [k for k, p in enumerate(pairs) if p.negative == kind]
+        if rows:
+            per_kind[kind] = {"accuracy": round(float(right[rows].mean()), 4), "pairs": len(rows)}
+    accs = [v["accuracy"] for v in per_kind.values()]
+    return {
+        "pairs": len(pairs),
+        "accuracy": round(float(right.mean()), 4),
+        "accuracy_mean_over_kinds": round(float(np.mean(accs)), 4),
+        "per_kind": per_kind,
+        "margin_mean": round(float((chosen - rejected).mean()), 4),
+    }
+
+
+def train_reward_model(
+    model,
+    tokenizer,
+    train: Sequence[PreferencePair],
+    config: RewardConfig,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Pairwise-loss training of ``model`` (LoRA + score head) for ``config.steps`` steps; returns losses."""
+    import torch
+
+    if not train:
+        raise ValueError("no preference pairs to train the reward model on")
+    device = next(model.parameters()).device
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "score" in n]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and "score" not in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": body, "lr": config.lr}, {"params": head, "lr": config.head_lr or 10 * config.lr}],
+        weight_decay=0.0,
+    )
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(train))
+    cursor, losses = 0, []
+    model.train()
+    for step in range(config.steps):
+        if cursor + config.batch_size > len(order):
+            order, cursor = rng.permutation(len(train)), 0
+        batch = [train[k] for k in order[cursor : cursor + config.batch_size]]
+        cursor += config.batch_size
+        prompts = [p.prompt for p in batch]
+        enc = encode_batch(
+            tokenizer,
+            prompts + prompts,
+            [p.chosen for p in batch] + [p.rejected for p in batch],
+            config.max_seq_len,
+            device,
+        )
+        scores = last_token_scores(model, enc).float()
+        loss = pairwise_loss(scores[: len(batch)], scores[len(batch) :])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+        if progress:
+            progress(step, float(loss))
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclass
+class RewardResult:
+    pairs: dict
+    before: dict
+    after: dict
+    losses: list[float]
+    seconds: float
+    adapter: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def chosen_profiles(
+    run,
+    data: RecDataset,
+    source: str = "teacher",
+    exclude: set[str] | None = None,
+    shipped: bool = True,
+) -> dict[int, str]:
+    """``{user index: good profile}`` of users not in ``exclude`` (raw ids used for SFT).
+
+    ``teacher``: the run's teacher records, plus (``shipped``) the dataset's shipped teacher profiles of
+    users the run's teacher file lacks; ``distilled``: the run's generated ``profiles/users.jsonl``."""
+    from reclm.data.tables import read_jsonl
+    from reclm.llm.records import read_profiles
+
+    exclude = exclude or set()
+    index = data.user_index()
+    found: dict[str, str] = {}
+    if source == "teacher":
+        path = run.teacher / "users.jsonl"
+        if path.is_file():
+            found.update(read_profiles(path, "user"))
+        resource = data.resources.get("teacher_user_profiles")
+        if shipped and resource is not None:
+            for record in read_jsonl(Path(resource), ["user", "profile"]):
+                found.setdefault(str(record["user"]), str(record["profile"]).strip())
+    elif source == "distilled":
+        path = run.profiles / "users.jsonl"
+        if path.is_file():
+            found.update(read_profiles(path, "user"))
+    else:
+        raise ValueError(f"chosen profile source {source!r}: expected teacher or distilled")
+    return {index[raw]: p for raw, p in found.items() if raw in index and raw not in exclude and parse_profile(p)}
+
+
+def sft_user_ids(run) -> set[str]:
+    """Raw ids of the users whose teacher profiles the SFT stage trained on (``sft/data.json`` /
+    ``metrics.json`` ``train_ids``), else every user of the run's teacher file (the safe assumption)."""
+    from reclm.llm.records import read_profiles
+
+    folder = run.stage("sft")
+    for name in ("data.json", "metrics.json"):
+        path = folder / name
+        if path.is_file():
+            info = json.loads(path.read_text())
+            ids = info.get("train_ids") or info.get("train_user_ids")
+            if isinstance(ids, dict):
+                ids = ids.get("user")
+            if ids:
+                return {str(i) for i in ids}
+    path = run.teacher / "users.jsonl"
+    return set(read_profiles(path, "user")) if path.is_file() else set()
+
+
+def save_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def run_reward(
+    run,
+    data: RecDataset,
+    split: Split,
+    base_model: str,
+    out: Path | None = None,
+    config: RewardConfig | None = None,
+    source: str = "teacher",
+    max_pairs: int | None = None,
+    eval_share: float = 0.2,
+    budget: PromptBudget | None = None,
+    neighbours: Mapping[int, Sequence[int]] | None = None,
+    log: Callable[[str], None] = print,
+) -> RewardResult:
+    """Build the pairs (``out/pairs.jsonl``), train the reward model (``out/adapter``) and report held-out
+    accuracy before and after training (``out/metrics.json``)."""
+    from reclm.llm.neighbours import load_neighbours
+
+    config = config or RewardConfig()
+    out = Path(out or run.stage("reward"))
+    start = time.perf_counter()
+    excluded = sft_user_ids(run)
+    chosen = chosen_profiles(run, data, source, exclude=excluded)
+    if len(chosen) < 2:
+        raise ValueError(
+            f"only {len(chosen)} users have a {source} profile and were not used for SFT: the reward model needs "
+            "more (sample fewer teacher users for SFT, or use --source distilled after `reclm profile`)"
+        )
+    if neighbours is None:
+        try:
+            neighbours = load_neighbours(run, data, "user").as_dict()
+        except Exception:  # noqa: BLE001 - neighbours are optional here: random other users stand in
+            neighbours = {}
+    users = sorted(chosen)
+    if max_pairs is not None and max_pairs < len(users):
+        users = sorted(np.random.default_rng(config.seed).choice(users, size=max_pairs, replace=False).tolist())
+    pairs = build_pairs(data, split, chosen, users, neighbours, budget, seed=config.seed)
+    train, held = split_by_user(pairs, eval_share, config.seed)
+    write_pairs(out / PAIRS_FILE, data, pairs, {p.user: "eval" for p in held})
+    log(f"reward: {len(train)} train / {len(held)} held-out pairs, kinds {kind_counts(pairs)}")
+    model, tokenizer = load_reward_model(base_model, config=config)
+    before = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
+    log(f"reward: held-out accuracy before training {before.get('accuracy_mean_over_kinds')}")
+    losses = train_reward_model(
+        model,
+        tokenizer,
+        train,
+        config,
+        progress=lambda s, loss: log(f"reward step {s + 1}/{config.steps} loss {loss:.4f}"),
+    )
+    after = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
+    model.save_pretrained(out / "adapter")
+    result = RewardResult(
+        pairs={
+            "train": len(train),
+            "eval": len(held),
+            "kinds": kind_counts(pairs),
+            "source": source,
+            "excluded_sft_users": len(excluded),
+        },
+        before=before,
+        after=after,
+        losses=losses,
+        seconds=round(time.perf_counter() - start, 1),
+        adapter=str(out / "adapter"),
+    )
+    save_json(out / "metrics.json", {**result.to_dict(), "config": asdict(config), "base_model": base_model})
+    return result

@@ -1,0 +1,253 @@
+"""The RL stage: ``--rl ppo|dpo|none`` on the profile writer, with reward and KL logged per step.
+
+The policy starts from the last tuned adapter (``collab/adapter`` when collaborative tuning ran, else
+``sft/adapter``) and the reference is that same adapter, frozen (the supervised model RL must stay near).
+PPO maximises the reward model's score (``reward/adapter``) minus ``kl_coef`` x KL; DPO fits the
+preference pairs (``reward/pairs.jsonl``, built here when the reward stage is off). Both are judged the same
+way before and after: the reward model's mean score of greedy profiles for held-out users (when a reward
+model exists) and the share of profiles in the expected format; DPO also reports its implicit-reward
+accuracy on the held-out pairs.
+
+Outputs: ``RUN/rl/adapter``, ``RUN/rl/metrics.json`` (per step: score / reward / KL for PPO; loss, implicit
+rewards and log-ratio for DPO), ``RUN/rl/prompts.jsonl`` (the RL prompts, with their history item ids).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from reclm.data.dataset import RecDataset
+from reclm.data.split import Split
+from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
+from reclm.llm.rl import METHODS
+
+PROMPTS_FILE = "prompts.jsonl"
+
+
+def stage_adapter(run, name: str) -> Path | None:
+    path = run.stage(name) / "adapter"
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def starting_adapter(run) -> Path:
+    """``collab/adapter`` if collaborative tuning ran, else ``sft/adapter``."""
+    for name in ("collab", "sft"):
+        found = stage_adapter(run, name)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{run.root}: no sft/adapter or collab/adapter to start RL from (run `reclm sft` first)")
+
+
+def user_prompt_set(
+    data: RecDataset, split: Split, users: Sequence[int], budget: PromptBudget
+) -> tuple[list[int], list[str], list[list[int]]]:
+    """(users, prompts, history items the prompts may show) for users with a train history."""
+    histories = user_histories(data, split)
+    keep = [int(u) for u in users if len(histories[int(u)])]
+    prompts = [budget.user_prompt(data, histories[u], u) for u in keep]
+    items = [[int(i) for i in (histories[u][-budget.max_items :] if budget.max_items else histories[u])] for u in keep]
+    return keep, prompts, items
+
+
+def write_prompt_records(path: Path, data: RecDataset, users, prompts, items, role: str) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        for u, prompt, shown in zip(users, prompts, items):
+            raw = data.user_ids[u]
+            record = {"kind": "user", "id": raw, "prompt": prompt, "role": role,
+                      "items": {raw: [data.item_ids[i] for i in shown]}}  # fmt: skip
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def sample_users(split: Split, n: int, seed: int, exclude: set[int] = frozenset()) -> list[int]:
+    users = np.array(sorted(set(np.unique(split.train[:, 0]).tolist()) - set(exclude)), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(users, size=min(n, len(users)), replace=False).tolist())
+
+
+def greedy_profiles(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch: int = 8) -> list[str]:
+    """Greedy one-line profiles from the policy being trained (RL evaluation; same stop rule as generation)."""
+    import torch
+
+    from reclm.llm.generation.base import stop_token_ids
+    from reclm.llm.rl.common import encode_prompts
+
+    stops = stop_token_ids(tokenizer, True)
+    out = []
+    for start in range(0, len(prompts), batch):
+        enc = encode_prompts(tokenizer, prompts[start : start + batch], next(model.parameters()).device)
+        with torch.no_grad():
+            ids = model.generate(
+                **enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
+            )  # fmt: skip
+        for row in ids[:, enc["input_ids"].shape[1] :]:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            out.append(text.split("\n", 1)[0].strip())
+    return out
+
+
+def judge(model, tokenizer, prompts, scorer, max_new_tokens: int) -> dict:
+    """Mean reward-model score and format rate of the policy's greedy profiles."""
+    profiles = greedy_profiles(model, tokenizer, prompts, max_new_tokens)
+    result = {"prompts": len(prompts), "parsed": round(float(np.mean([bool(parse_profile(p)) for p in profiles])), 4)}
+    if scorer is not None:
+        result["score"] = round(float(np.mean(scorer(list(prompts), profiles, []))), 5)
+    result["examples"] = profiles[:3]
+    return result
+
+
+class RewardModelScorer:
+    """``reward_fn`` for PPO: the trained reward model's score of (prompt, profile)."""
+
+    def __init__(self, base_model: str, adapter: Path, max_len: int = 512, device=None):
+        from reclm.llm.reward import RewardConfig, load_reward_model
+
+        self.model, self.tokenizer = load_reward_model(base_model, adapter, RewardConfig(device=device))
+        self.model.eval()
+        self.max_len = max_len
+
+    def __call__(self, prompts: list[str], responses: list[str], token_ids=None) -> list[float]:
+        from reclm.llm.reward import score_texts
+
+        return score_texts(self.model, self.tokenizer, prompts, responses, self.max_len).tolist()
+
+
+def run_rl(
+    run,
+    data: RecDataset,
+    split: Split,
+    base_model: str,
+    method: str = "dpo",
+    out: Path | None = None,
+    options: dict | None = None,
+    init_adapter: Path | None = None,
+    budget: PromptBudget | None = None,
+    eval_users: int = 16,
+    max_new_tokens: int = 48,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run PPO or DPO (``method``); ``options``: steps, batch_size, lr, kl_coef, beta, max_seq_len, seed
+    (the pipeline's ``llm.rl``) plus any PPOConfig / DPOConfig field."""
+    from reclm.llm.rl.common import load_policy, load_reference, save_adapter, weight_change, weights_snapshot
+
+    if method not in METHODS:
+        raise ValueError(f"RL method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "none":
+        return {"method": "none"}
+    options = dict(options or {})
+    out = Path(out or run.stage("rl"))
+    out.mkdir(parents=True, exist_ok=True)
+    budget = budget or PromptBudget()
+    init_adapter = Path(init_adapter) if init_adapter else starting_adapter(run)
+    start = time.perf_counter()
+    seed = int(options.get("seed", 0))
+    reward_adapter = stage_adapter(run, "reward")
+    scorer = None
+    if reward_adapter is not None:
+        scorer = RewardModelScorer(base_model, reward_adapter, int(options.get("max_seq_len", 512)))
+    elif method == "ppo":
+        raise FileNotFoundError(f"{run.root}: PPO needs the reward model (reward/adapter): run `reclm reward` first")
+
+    policy, tokenizer = load_policy(base_model, init_adapter)
+    reference = load_reference(base_model, init_adapter)
+    (out / PROMPTS_FILE).unlink(missing_ok=True)
+    held_users = sample_users(split, eval_users, seed + 1)
+    h_users, h_prompts, h_items = user_prompt_set(data, split, held_users, budget)
+    write_prompt_records(out / PROMPTS_FILE, data, h_users, h_prompts, h_items, "eval")
+    log(f"rl ({method}): judging the starting policy on {len(h_prompts)} held-out users")
+    before = judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
+    snapshot = weights_snapshot(policy)
+    extra: dict = {}
+    if method == "ppo":
+        history, extra = train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget,
+                                   set(held_users), out, max_new_tokens, log)  # fmt: skip
+    else:
+        history, extra = train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out, log)
+    after = judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
+    save_adapter(policy, out / "adapter")
+    summary = {
+        "method": method,
+        "base_model": base_model,
+        "init_adapter": str(init_adapter),
+        "reference": f"{init_adapter} (frozen)",
+        "reward_model": str(reward_adapter) if reward_adapter else None,
+        "options": options,
+        "before": before,
+        "after": after,
+        "weight_change": round(weight_change(policy, snapshot), 6),
+        "steps": history,
+        "seconds": round(time.perf_counter() - start, 1),
+        **extra,
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    scores = f"score {before.get('score')} -> {after.get('score')}"
+    log(f"rl ({method}): {scores}, parsed {before['parsed']} -> {after['parsed']}")
+    return summary
+
+
+def pick(options: dict, cls) -> dict:
+    names = set(cls.__dataclass_fields__)
+    return {k: v for k, v in options.items() if k in names}
+
+
+def train_ppo(
+    run, data, split, policy, reference, tokenizer, scorer, options, budget, exclude, out, max_new_tokens, log
+):
+    from reclm.llm.rl.ppo import PPOConfig, PPOTrainer
+
+    config = PPOConfig(**{"max_new_tokens": max_new_tokens, **pick(options, PPOConfig)})
+    users = sample_users(split, config.steps * config.batch_size, config.seed, exclude)
+    users, prompts, items = user_prompt_set(data, split, users, budget)
+    write_prompt_records(out / PROMPTS_FILE, data, users, prompts, items, "train")
+    trainer = PPOTrainer(policy, reference, tokenizer, scorer, config)
+    history = trainer.train(
+        prompts,
+        log=lambda s: log(f"ppo step {s['step']}/{config.steps}: score {s['score']} kl {s['kl']} reward {s['reward']}"),
+    )
+    import torch
+
+    torch.save(trainer.value_head.state_dict(), out / "value_head.pt")
+    return history, {"config": asdict(config), "prompts": len(prompts)}
+
+
+def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out, log):
+    from reclm.llm.reward import PAIRS_FILE, build_pairs, chosen_profiles, read_pairs, sft_user_ids, split_by_user
+    from reclm.llm.rl.dpo import DPOConfig, DPOTrainer
+
+    config = DPOConfig(**pick(options, DPOConfig))
+    path = run.stage("reward") / PAIRS_FILE
+    if path.is_file():
+        train, held = read_pairs(path, data)
+        source = str(path)
+    else:
+        from reclm.llm.neighbours import load_neighbours
+
+        chosen = chosen_profiles(run, data, "teacher", exclude=sft_user_ids(run))
+        try:
+            near = load_neighbours(run, data, "user").as_dict()
+        except Exception:  # noqa: BLE001 - neighbour negatives fall back to random other users
+            near = {}
+        pairs = build_pairs(data, split, chosen, sorted(chosen), near, budget, seed=config.seed)
+        train, held = split_by_user(pairs, 0.2, config.seed)
+        source = "built (no reward stage)"
+        from reclm.llm.reward import write_pairs
+
+        write_pairs(out / PAIRS_FILE, data, pairs, {p.user: "eval" for p in held})
+    triples = [(p.prompt, p.chosen, p.rejected) for p in train]
+    held_triples = [(p.prompt, p.chosen, p.rejected) for p in held][:64]
+    trainer = DPOTrainer(policy, reference, tokenizer, config)
+    history = trainer.train(
+        triples, log=lambda s: log(f"dpo step {s['step']}/{config.steps}: loss {s['loss']} margin {s['reward_margin']}")
+    )
+    evaluation = trainer.evaluate(held_triples) if held_triples else {}
+    return history, {
+        "config": asdict(config),
+        "pairs": {"train": len(triples), "source": source},
+        "dpo_eval": evaluation,
+    }
