@@ -1,0 +1,61 @@
+"""Profile generation: one interface over three backends, and a cached, deduplicated, resumable runner.
+
+- :class:`~reclm.llm.generation.hf.TransformersGenerator`: the reference (transformers ``generate``).
+- :class:`~reclm.llm.generation.ct2.CT2Generator`: the fast CPU backend (CTranslate2 int8, adapter merged).
+- :class:`~reclm.llm.generation.openai.OpenAIGenerator`: any OpenAI-compatible endpoint (vLLM, Ollama...).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from reclm.llm.generation.base import DecodeParams, Generator, prompt_key
+from reclm.llm.generation.runner import GenerationCache, GenerationStats, Job, generate_records, generate_texts
+
+BACKENDS = ("ct2", "transformers", "openai")
+
+
+def make_generator(
+    backend: str,
+    model: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    **options: Any,
+) -> Generator:
+    """A generator by backend name (``ct2`` | ``transformers`` | ``openai``; ``ctranslate2`` is accepted too).
+    ``openai`` takes endpoint options (``base_url``, ``model`` = the served model name, ``concurrency``...)."""
+    from reclm.llm.model import DEFAULT_MODEL
+
+    backend = {"ctranslate2": "ct2", "hf": "transformers"}.get(backend, backend)
+    if backend == "ct2":
+        from reclm.llm.generation.ct2 import CT2Generator
+
+        return CT2Generator(model or DEFAULT_MODEL, adapter, batch_size=batch_size, **options)
+    if backend == "transformers":
+        from reclm.llm.generation.hf import TransformersGenerator
+
+        return TransformersGenerator(model or DEFAULT_MODEL, adapter, batch_size=batch_size, **options)
+    if backend == "openai":
+        from reclm.llm.generation.openai import OpenAIGenerator
+
+        if adapter is not None:
+            raise ValueError("the openai backend serves its own model: load the adapter into the server instead")
+        if model is not None:
+            options["model"] = str(model)
+        return OpenAIGenerator(**options)
+    raise ValueError(f"unknown generation backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+
+
+__all__ = [
+    "BACKENDS",
+    "DecodeParams",
+    "GenerationCache",
+    "GenerationStats",
+    "Generator",
+    "Job",
+    "generate_records",
+    "generate_texts",
+    "make_generator",
+    "prompt_key",
+]

@@ -1,0 +1,169 @@
+"""Fast backend: CTranslate2 (int8 on CPU) from the base model with the LoRA adapter merged in.
+
+The converted model is cached under ``cache_root()/ct2/<base>-<adapter>-<quantization>`` (about 15 s to build
+for SmolLM2). Prompts are sorted by length and batched, because CTranslate2 prefills a batch only up to its
+shortest prompt and feeds the rest token by token. The token prefix shared by every prompt (chat template,
+system prompt, the instruction's opening) is passed as ``static_prompt``: its state is computed once and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from reclm.llm.chat import SYSTEM_PROMPT, Prompt, prompt_ids
+from reclm.llm.generation.base import DecodeParams, Generator, finish, sorted_batches, stop_token_ids
+from reclm.llm.model import (
+    DEFAULT_MODEL,
+    adapter_identity,
+    load_base,
+    load_tokenizer,
+    model_identity,
+    resolve_model_dir,
+)
+from reclm.utils import available_cores, cache_root
+
+MIN_STATIC_PREFIX = 8  # shorter shared prefixes are not worth a cached state
+
+
+def ct2_device(device: str | None) -> str:
+    import ctranslate2
+
+    if device in (None, "auto"):
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    return device
+
+
+def convert_to_ct2(
+    model: str | os.PathLike = DEFAULT_MODEL, adapter: str | os.PathLike | None = None, quantization: str = "int8"
+) -> Path:
+    """The CTranslate2 folder of ``model`` + merged ``adapter`` at ``quantization``, converted once and cached."""
+    import ctranslate2
+
+    key = f"{model_identity(model)}-{adapter_identity(adapter)}-{quantization}".replace("@", "-").replace("/", "_")
+    target = cache_root() / "ct2" / key
+    if (target / "model.bin").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        source = resolve_model_dir(model)
+        if adapter is not None:
+            import torch
+
+            merged, tokenizer = load_base(model, device="cpu", dtype=torch.float32, adapter=adapter, merge=True)
+            source = work / "merged"
+            merged.save_pretrained(source)
+            tokenizer.save_pretrained(source)
+            del merged
+        converter = ctranslate2.converters.TransformersConverter(str(source), low_cpu_mem_usage=True)
+        converter.convert(str(work / "ct2"), quantization=quantization, force=True)
+        (work / "ct2").chmod(0o755)
+        try:
+            (work / "ct2").rename(target)
+        except OSError:  # converted concurrently by another process: keep theirs
+            if not (target / "model.bin").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    if not sequences:
+        return 0
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    for k in range(shortest):
+        token = first[k]
+        if any(s[k] != token for s in sequences):
+            return k
+    return shortest
+
+
+class CT2Generator(Generator):
+    backend = "ct2"
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        adapter: str | os.PathLike | None = None,
+        quantization: str | None = None,
+        batch_size: int = 16,
+        device: str | None = None,
+        compute_type: str = "default",
+        threads: int | None = None,
+        static_prefix: bool = True,
+        system: str | None = SYSTEM_PROMPT,
+    ):
+        import ctranslate2
+
+        super().__init__()
+        self.device = ct2_device(device)
+        self.quantization = quantization or ("int8" if self.device == "cpu" else "int8_bfloat16")
+        self.path = convert_to_ct2(model, adapter, self.quantization)
+        self.threads = threads or int(os.environ.get("RECLM_THREADS", 0)) or available_cores()
+        self.generator = ctranslate2.Generator(
+            str(self.path), device=self.device, compute_type=compute_type, intra_threads=self.threads
+        )
+        self.tokenizer = load_tokenizer(model)
+        self.batch_size = batch_size
+        self.static_prefix = static_prefix
+        self.system = system
+        self._static: list[int] | None = None
+        self._identity = f"ct2-{self.quantization}|{model_identity(model)}|adapter={adapter_identity(adapter)}"
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def shared_prefix(self, ids: Sequence[Sequence[int]]) -> list[int]:
+        """The static prompt for these prompts: their common token prefix (at least one token left to each).
+        Kept stable across calls while it still applies, so CTranslate2's cached state is reused."""
+        if not self.static_prefix or len(ids) < 2:
+            return []
+        if self._static and all(len(x) > len(self._static) and x[: len(self._static)] == self._static for x in ids):
+            return self._static
+        n = min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
+        self._static = list(ids[0][:n]) if n >= MIN_STATIC_PREFIX else None
+        return self._static or []
+
+    def generate(self, prompts: Sequence[Prompt], params: DecodeParams) -> list[str]:
+        import ctranslate2
+
+        ids = prompt_ids(self.tokenizer, prompts, self.system)
+        static = self.shared_prefix(ids)
+        stops = stop_token_ids(self.tokenizer, params.single_line)
+        options: dict[str, Any] = {
+            "max_length": params.max_new_tokens,
+            "include_prompt_in_result": False,
+            "end_token": stops,
+            "return_end_token": True,
+        }
+        if static:
+            options["static_prompt"] = self.tokenizer.convert_ids_to_tokens(static)
+        if params.greedy:
+            options["sampling_topk"] = 1
+        else:
+            options.update(
+                sampling_topk=params.top_k, sampling_topp=params.top_p, sampling_temperature=params.temperature
+            )
+        outputs: list[str] = [""] * len(prompts)
+        for batch in sorted_batches([len(x) for x in ids], self.batch_size):
+            if not params.greedy:
+                ctranslate2.set_random_seed(params.seed)
+            tokens = [self.tokenizer.convert_ids_to_tokens(ids[i][len(static) :]) for i in batch]
+            results = self.generator.generate_batch(tokens, **options)
+            for i, result in zip(batch, results):
+                new = result.sequences_ids[0]
+                self.prompt_tokens += len(ids[i])
+                self.new_tokens += len(new)
+                outputs[i] = finish(self.tokenizer.decode(new, skip_special_tokens=True), params)
+        return outputs
+
+    def close(self) -> None:
+        self.generator = None

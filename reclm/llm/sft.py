@@ -1,0 +1,490 @@
+"""LoRA supervised fine-tuning of the profile writer on conversations, loss on assistant responses only.
+
+One training function, :func:`train_lora`, serves every stage that tunes the generator: the distillation
+SFT on teacher pairs (:func:`train_sft`), the collaborative two-turn dialogues and the item side. It is a
+small loop on torch + peft rather than trl's ``SFTTrainer``: it computes the vocabulary projection only at
+response positions (most of a profile prompt is not a response, and the 49k-word projection is the costliest
+part of a small model's step), groups batches by length, and checkpoints the optimizer and RNG state so that
+a crashed run resumes at its last saved step with the same result as an uninterrupted one.
+
+Outputs in ``out_dir``: ``adapter/`` (PEFT LoRA), ``metrics.json`` (train-loss curve, held-out loss before,
+during and after, steps, seconds, tokens), ``split.json`` (held-out example indices) and ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reclm.llm.chat import IGNORE_INDEX, Conversation, TrainingExample, pair_conversation, training_example
+from reclm.llm.model import (
+    DEFAULT_MODEL,
+    default_dtype,
+    load_tokenizer,
+    model_identity,
+    resolve_device,
+    resolve_model_dir,
+)
+from reclm.utils import torch_threads
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1 or not self.target_modules:
+            raise ValueError(f"bad LoRA settings {self}: need r >= 1, alpha >= 1, 0 <= dropout < 1, target modules")
+
+
+@dataclass
+class TrainSettings:
+    """``steps``: optimizer steps (0/None: ``epochs`` passes over the training examples)."""
+
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: float = 0.05  # share of the steps with a linear warm-up
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 512  # longer examples are skipped (and counted), never cut mid-response
+    holdout: float = 0.1
+    seed: int = 0
+    eval_every: int = 50  # held-out loss every N steps (0: only before and after)
+    save_every: int = 25  # checkpoint every N steps (0: only at the end)
+    eval_batch_size: int = 16
+    max_eval_examples: int | None = 256  # held-out examples used for the loss (a fixed seeded subset)
+    gradient_checkpointing: bool = False
+    threads: int | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule {self.schedule!r}: expected cosine, linear or constant")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.lr <= 0 or not 0 <= self.holdout < 1:
+            raise ValueError("need batch_size >= 1, grad_accum >= 1, lr > 0 and 0 <= holdout < 1")
+        if not self.steps and self.epochs <= 0:
+            raise ValueError("give steps > 0 or epochs > 0")
+
+    # Settings that do not change what a step computes: a resumed run may change them.
+    RESUMABLE = ("steps", "epochs", "eval_every", "save_every", "threads", "device", "eval_batch_size")
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    adapter: str
+    steps: int
+    total_steps: int
+    seconds: float
+    train_tokens: int
+    label_tokens: int
+    n_train: int
+    n_heldout: int
+    skipped_too_long: int
+    heldout_loss_before: float | None
+    heldout_loss_after: float | None
+    final_train_loss: float | None
+    resumed_from: int | None
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- data
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded ``(train, heldout)`` positions: ``round(fraction * n)`` held out (at least one when asked and n > 1)."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = round(fraction * n)
+    if fraction > 0 and n > 1:
+        k = min(max(k, 1), n - 1)
+    return sorted(order[k:].tolist()), sorted(order[:k].tolist())
+
+
+def length_grouped_batches(indices: Sequence[int], lengths: Sequence[int], batch_size: int, seed: int) -> list[list]:
+    """Shuffled batches of similar lengths (little padding): shuffle, sort within windows of 32 batches,
+    cut into batches, shuffle the batches. Deterministic for a seed, so a resumed epoch sees the same batches."""
+    rng = np.random.default_rng(seed)
+    shuffled = [indices[i] for i in rng.permutation(len(indices))]
+    window = batch_size * 32
+    batches = []
+    for start in range(0, len(shuffled), window):
+        part = sorted(shuffled[start : start + window], key=lambda i: lengths[i])
+        batches += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(examples: Sequence[TrainingExample], pad_id: int, device: str) -> dict[str, Any]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` tensors (labels -100 on padding)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+# ---------------------------------------------------------------- model pieces
+
+
+def response_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Summed next-token cross-entropy over labelled positions; the LM head runs on those positions only."""
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    states = hidden.last_hidden_state[:, :-1][keep]
+    return F.cross_entropy(head(states).float(), targets[keep], reduction="sum")
+
+
+def heldout_loss(model: Any, examples: Sequence[TrainingExample], pad_id: int, device: str, batch_size: int) -> float:
+    """Mean response-token loss over ``examples`` (token-weighted), in eval mode."""
+    import torch
+
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[start : start + batch_size]]
+            total += response_loss(model, collate(chunk, pad_id, device)).item()
+            count += sum(e.n_label_tokens for e in chunk)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def build_peft_model(folder: Path, device: str, lora: LoraSettings, train: TrainSettings, init_adapter: Any) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=default_dtype(device))
+    base.config.use_cache = False
+    if train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
+    else:
+        config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+        )
+        model = get_peft_model(base, config)
+    return model.to(device)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
+    """Adapter + optimizer + scheduler + RNG + loop state, written aside then swapped in (crash-safe)."""
+    import torch
+
+    final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state, "rng": rng},
+        tmp / "trainer_state.pt",
+    )
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out_dir: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash in the middle of a swap
+        path = out_dir / name
+        if (path / "trainer_state.pt").is_file():
+            return path
+    return None
+
+
+def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    import torch
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_peft_weights(str(path)))
+    saved = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    np.random.set_state(saved["rng"]["numpy"])
+    random.setstate(saved["rng"]["python"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return saved["state"]
+
+
+def run_fingerprint(conversations: Sequence[Conversation], model_id: str, lora: LoraSettings, train: TrainSettings,
+                    init_adapter: Any) -> str:  # fmt: skip
+    """What a checkpoint must match to be resumed: data, base model, LoRA and step-defining settings."""
+    settings = {k: v for k, v in asdict(train).items() if k not in TrainSettings.RESUMABLE}
+    h = hashlib.sha256()
+    h.update(json.dumps([model_id, asdict(lora), settings, str(init_adapter)], sort_keys=True).encode())
+    h.update(json.dumps(list(conversations), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_lora(
+    conversations: Sequence[Conversation],
+    out_dir: str | Path,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    lora: LoraSettings | None = None,
+    train: TrainSettings | None = None,
+    init_adapter: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """LoRA-tune ``model`` on ``conversations`` (loss on every assistant turn); resumes from ``out_dir/checkpoint``.
+
+    ``init_adapter`` starts from an existing adapter (e.g. the SFT one for collaborative tuning).
+    ``on_step(step, loss)`` is called after each optimizer step.
+    """
+    import torch
+    from transformers import get_scheduler
+
+    lora, train = lora or LoraSettings(), train or TrainSettings()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(train.device)
+    threads = torch_threads(train.threads)
+    folder = resolve_model_dir(model)
+    tokenizer = load_tokenizer(folder, padding_side="right")
+    pad_id = tokenizer.pad_token_id
+
+    examples = [training_example(tokenizer, c) for c in conversations]
+    usable = [i for i, e in enumerate(examples) if len(e.input_ids) <= train.max_seq_len and e.n_label_tokens]
+    if not usable:
+        raise ValueError(f"no training example fits in max_seq_len={train.max_seq_len} tokens")
+    train_pos, held_pos = holdout_split(len(usable), train.holdout, train.seed)
+    train_idx, held_idx = [usable[p] for p in train_pos], [usable[p] for p in held_pos]
+    eval_idx = held_idx
+    if train.max_eval_examples is not None and len(held_idx) > train.max_eval_examples:
+        pick = np.random.default_rng(train.seed + 1).choice(len(held_idx), train.max_eval_examples, replace=False)
+        eval_idx = sorted(held_idx[int(p)] for p in pick)
+    eval_examples = [examples[i] for i in eval_idx]
+    (out_dir / "split.json").write_text(json.dumps({"train": train_idx, "heldout": held_idx, "eval": eval_idx}))
+    lengths = [len(e.input_ids) for e in examples]
+
+    torch.manual_seed(train.seed)
+    peft_model = build_peft_model(folder, device, lora, train, init_adapter)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    batches_per_epoch = math.ceil(len(train_idx) / train.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
+    total = int(train.steps) if train.steps else max(1, math.ceil(train.epochs * steps_per_epoch))
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.schedule]
+    scheduler = get_scheduler(schedule, optimizer, int(train.warmup * total), total)
+
+    fingerprint = run_fingerprint(conversations, model_identity(folder), lora, train, init_adapter)
+    state: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "step": 0,
+        "epoch": 0,
+        "batch_pos": 0,
+        "seconds": 0.0,
+        "train_tokens": 0,
+        "label_tokens": 0,
+        "train_curve": [],
+        "eval_curve": [],
+        "heldout_loss_before": None,
+    }
+    resumed_from = None
+    checkpoint = find_checkpoint(out_dir)
+    if checkpoint is not None:
+        saved = restore_checkpoint(checkpoint, peft_model, optimizer, scheduler)
+        if saved.get("fingerprint") != fingerprint:
+            raise ValueError(f"{checkpoint} was saved by a run with other data or settings; delete it to start afresh")
+        state, resumed_from = saved, saved["step"]
+    else:
+        state["heldout_loss_before"] = heldout_loss(peft_model, eval_examples, pad_id, device, train.eval_batch_size)
+        state["eval_curve"].append((0, state["heldout_loss_before"]))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(), disable=not progress,
+    )  # fmt: skip
+    started = time.perf_counter()
+    with bar:
+        task = bar.add_task("sft", total=total, completed=state["step"], info="")
+        while state["step"] < total:
+            batches = length_grouped_batches(train_idx, lengths, train.batch_size, train.seed + state["epoch"])
+            while state["batch_pos"] < len(batches) and state["step"] < total:
+                group = batches[state["batch_pos"] : state["batch_pos"] + train.grad_accum]
+                chunks = [[examples[i] for i in b] for b in group]
+                n_labels = sum(e.n_label_tokens for chunk in chunks for e in chunk)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for chunk in chunks:
+                    loss = response_loss(peft_model, collate(chunk, pad_id, device))
+                    (loss / n_labels).backward()
+                    loss_sum += loss.detach().item()
+                if train.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                state["step"] += 1
+                state["batch_pos"] += len(group)
+                state["train_tokens"] += sum(len(e.input_ids) for chunk in chunks for e in chunk)
+                state["label_tokens"] += n_labels
+                step_loss = loss_sum / n_labels
+                state["train_curve"].append((state["step"], step_loss))
+                bar.update(task, completed=state["step"], info=f"loss {step_loss:.3f}")
+                if on_step is not None:
+                    on_step(state["step"], step_loss)
+                last = state["step"] >= total
+                if train.eval_every and state["step"] % train.eval_every == 0 and not last:
+                    loss_eval = heldout_loss(peft_model, eval_examples, pad_id, device, train.eval_batch_size)
+                    state["eval_curve"].append((state["step"], loss_eval))
+                if train.save_every and state["step"] % train.save_every == 0 and not last:
+                    state["seconds"] += time.perf_counter() - started
+                    started = time.perf_counter()
+                    save_checkpoint(out_dir, peft_model, optimizer, scheduler, state)
+            if state["batch_pos"] >= len(batches):
+                state["epoch"] += 1
+                state["batch_pos"] = 0
+
+    if not state["eval_curve"] or state["eval_curve"][-1][0] != state["step"]:
+        state["eval_curve"].append(
+            (state["step"], heldout_loss(peft_model, eval_examples, pad_id, device, train.eval_batch_size))
+        )
+    state["seconds"] += time.perf_counter() - started
+    save_checkpoint(out_dir, peft_model, optimizer, scheduler, state)
+    adapter_dir = out_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    peft_model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+
+    result = TrainResult(
+        out_dir=str(out_dir),
+        adapter=str(adapter_dir),
+        steps=state["step"],
+        total_steps=total,
+        seconds=round(state["seconds"], 2),
+        train_tokens=state["train_tokens"],
+        label_tokens=state["label_tokens"],
+        n_train=len(train_idx),
+        n_heldout=len(held_idx),
+        skipped_too_long=len(examples) - len(usable),
+        heldout_loss_before=state["heldout_loss_before"],
+        heldout_loss_after=state["eval_curve"][-1][1],
+        final_train_loss=state["train_curve"][-1][1] if state["train_curve"] else None,
+        resumed_from=resumed_from,
+        train_curve=[tuple(x) for x in state["train_curve"]],
+        eval_curve=[tuple(x) for x in state["eval_curve"]],
+        extra={
+            "model": str(model),
+            "model_identity": model_identity(folder),
+            "init_adapter": str(init_adapter) if init_adapter else None,
+            "lora": asdict(lora),
+            "train": asdict(train),
+            "device": device,
+            "threads": threads,
+            "n_eval": len(eval_idx),
+            "tokens_per_s": round(state["train_tokens"] / max(state["seconds"], 1e-9), 1),
+        },
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+# ---------------------------------------------------------------- distillation SFT on teacher records
+
+
+def settings_from(cls: type, options: dict[str, Any]) -> Any:
+    """Build a settings dataclass from a dict, rejecting unknown keys with a one-line error."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}")
+    return cls(**options)
+
+
+def teacher_conversations(path: str | Path) -> tuple[list[Conversation], list[tuple[str, str]]]:
+    """One-turn conversations (prompt -> profile) from a teacher records file, and their ``(kind, id)``."""
+    from reclm.llm.records import read_records
+
+    records = [r for r in read_records(path) if r.profile.strip()]
+    if not records:
+        raise ValueError(f"{path}: no teacher records with a profile to train on")
+    return [pair_conversation(r.prompt, r.profile) for r in records], [(r.kind, r.id) for r in records]
+
+
+def train_sft(
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    base_model: str | os.PathLike = DEFAULT_MODEL,
+    lora: dict | LoraSettings | None = None,
+    kind: str = "user",
+    progress: bool = True,
+    **options: Any,
+) -> TrainResult:
+    """Distillation SFT on ``teacher_dir/{users,items}.jsonl`` (``kind``): writes the adapter, metrics and
+    ``heldout.json`` (``{"user": [raw ids], "item": [...]}``, what the quality report compares against)."""
+    if kind not in ("user", "item"):
+        raise ValueError(f"kind {kind!r}: expected user or item")
+    path = Path(teacher_dir) / f"{kind}s.jsonl"
+    conversations, keys = teacher_conversations(path)
+    lora_settings = lora if isinstance(lora, LoraSettings) else settings_from(LoraSettings, dict(lora or {}))
+    train = settings_from(TrainSettings, options)
+    result = train_lora(conversations, out_dir, base_model, lora_settings, train, progress=progress)
+    held = json.loads((Path(out_dir) / "split.json").read_text())["heldout"]
+    heldout = {"user": [], "item": []}
+    for i in held:
+        heldout[keys[i][0]].append(keys[i][1])
+    (Path(out_dir) / "heldout.json").write_text(json.dumps(heldout))
+    result.extra["teacher_file"] = str(path)
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
