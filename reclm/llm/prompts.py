@@ -123,6 +123,8 @@ def render_profile(profile: str) -> str:
 
 DEFAULT_MAX_ITEMS = 10
 DEFAULT_MAX_WORDS = 30
+DEFAULT_NEIGHBOUR_WORDS = 10
+DEFAULT_MAX_NEIGHBOURS = 3
 
 
 def user_prompt(
@@ -158,10 +160,12 @@ def item_prompt(
     neighbour_profiles: Sequence[str | None] = (),
     user_profiles: Sequence[str] = (),
     max_words: int | None = DEFAULT_MAX_WORDS,
+    neighbour_words: int | None = DEFAULT_NEIGHBOUR_WORDS,
 ) -> str:
     """The item-profile instruction: the item's text, profiles of users who interacted with it in
     train (``user_profiles``), and related items with their profiles (``neighbour_profiles`` aligned
-    with ``neighbour_items``; a missing profile shows the item alone)."""
+    with ``neighbour_items``; a missing profile shows the item alone). Neighbours' fields are cut
+    shorter (``neighbour_words``): their profiles carry the signal, and item prompts grow fast."""
     if neighbour_profiles and len(neighbour_profiles) != len(neighbour_items):
         raise ValueError(
             f"{len(neighbour_profiles)} neighbour profiles for {len(neighbour_items)} neighbour items: expected aligned"
@@ -179,7 +183,7 @@ def item_prompt(
         profiles = list(neighbour_profiles) or [None] * len(neighbour_items)
         shown = []
         for other, profile in zip(neighbour_items, profiles):
-            text = render_item(data, int(other), max_words, domain)
+            text = render_item(data, int(other), neighbour_words, domain)
             shown.append(f"{text} targets {render_profile(profile)}" if profile else text)
         parts.append(f"Related {domain.items}: " + "; ".join(shown) + ".")
     parts.append(
@@ -206,13 +210,16 @@ def count_tokens(tokenizer: object, text: str) -> int:
 @dataclass
 class PromptBudget:
     """Length limits for prompts: the most recent ``max_items`` history items, fields cut to
-    ``max_words`` words, at most ``max_profiles`` user profiles / neighbours per item prompt, and
-    optionally ``max_tokens`` (the raw prompt, before the chat template) given a tokenizer."""
+    ``max_words`` words; per item prompt at most ``max_profiles`` user profiles and ``max_neighbours``
+    related items (fields cut to ``neighbour_words``); optionally ``max_tokens`` for user prompts
+    (the raw prompt, before the chat template) given a tokenizer."""
 
     max_items: int | None = DEFAULT_MAX_ITEMS
     max_words: int | None = DEFAULT_MAX_WORDS
     max_profiles: int = ITEM_SLOTS
     max_tokens: int | None = None
+    max_neighbours: int = DEFAULT_MAX_NEIGHBOURS
+    neighbour_words: int | None = DEFAULT_NEIGHBOUR_WORDS
 
     def user_prompt(
         self, data: RecDataset, history: Sequence[int] | np.ndarray, user: int | None = None, tokenizer=None
@@ -252,14 +259,15 @@ class PromptBudget:
         neighbour_profiles: Sequence[str | None] = (),
         user_profiles: Sequence[str] = (),
     ) -> str:
-        k = self.max_profiles
+        k, n = self.max_profiles, self.max_neighbours
         return item_prompt(
             data,
             item,
-            list(neighbour_items)[:k],
-            list(neighbour_profiles)[:k],
-            list(user_profiles)[-k:],
+            list(neighbour_items)[:n],
+            list(neighbour_profiles)[:n],
+            list(user_profiles)[-k:] if k > 0 else [],
             self.max_words,
+            self.neighbour_words,
         )
 
 

@@ -124,6 +124,12 @@ def test_item_prompt_shows_user_and_neighbour_profiles(tiny):
     assert prompt.count(" targets [") == 1  # Film 8 has no profile: shown alone
     with pytest.raises(ValueError, match="aligned"):
         item_prompt(data, 0, [4, 8], [b])
+    # the item keeps max_words of each field, neighbours fewer; the budget caps how many neighbours show
+    cut = " ".join(f"word{k}" for k in range(10)) + " ...'"
+    assert prompt.count(cut) == 2 and " word29 ..." in prompt
+    budget = PromptBudget(max_neighbours=1, max_profiles=0)
+    short = budget.item_prompt(data, 0, [4, 8], [b, None], [a])
+    assert "'Film 4'" in short and "'Film 8'" not in short and "Profiles of users" not in short
 
 
 def test_item_prompts_use_train_users_only_and_budget(tiny):
