@@ -378,13 +378,46 @@ class Pipeline:
             "files": {str(p): path_hash(Path(p)) for p in stage.files(self.config)},
         }
 
-    def cached_output(self, stage: Stage, input_hash: str) -> dict[str, Any] | None:
+    def cached_output(self, stage: Stage, input_hash: str, restore: bool = False) -> dict[str, Any] | None:
+        """The manifest of a complete output for ``input_hash``: in place, or parked while the stage
+        was switched off (moved back when ``restore``)."""
         record = self.manifest(stage.name)
+        if self.usable(record, input_hash, self.root / stage.folder):
+            return record
+        parked_record = read_json_file(self.parked / f"{stage.name}.json")
+        if not self.usable(parked_record, input_hash, self.parked / stage.folder):
+            return None
+        if restore:
+            shutil.rmtree(self.root / stage.folder, ignore_errors=True)
+            (self.parked / stage.folder).rename(self.root / stage.folder)
+            self.write_manifest(stage.name, parked_record)  # type: ignore[arg-type]
+            (self.parked / f"{stage.name}.json").unlink()
+        return parked_record
+
+    @staticmethod
+    def usable(record: dict[str, Any] | None, input_hash: str, folder: Path) -> bool:
         if not record or record.get("status") != "complete" or record.get("input_hash") != input_hash:
-            return None
-        if not outputs_intact(self.root / stage.folder, record.get("outputs", {})):
-            return None
-        return record
+            return False
+        return outputs_intact(folder, record.get("outputs", {}))
+
+    @property
+    def parked(self) -> Path:
+        return self.root / ".off"
+
+    def park(self, stage: Stage) -> None:
+        """A stage switched off: its output leaves the run directory (so that no later stage reads a
+        stale folder) and waits in ``.off/`` to be restored if the stage is switched on unchanged."""
+        folder = self.root / stage.folder
+        record = self.manifest(stage.name)
+        if folder.exists():
+            self.parked.mkdir(exist_ok=True)
+            shutil.rmtree(self.parked / stage.folder, ignore_errors=True)
+            if record and record.get("status") == "complete":
+                folder.rename(self.parked / stage.folder)
+                (self.parked / f"{stage.name}.json").write_text(json.dumps(record, indent=2, default=str))
+            else:
+                shutil.rmtree(folder)
+        self.write_manifest(stage.name, {"stage": stage.name, "status": "off"})
 
     def plan(self, force: set[str] | None = None, only: str | None = None) -> list[StagePlan]:
         """What ``run`` would do now: a stage runs when forced, when its inputs changed, or when an
@@ -455,13 +488,13 @@ class Pipeline:
                 label = f"[{index:>2}/{len(self.stages)}] {stage.name:<12}"
                 if not stage.enabled(self.config):
                     known[stage.name] = "off"
-                    self.write_manifest(stage.name, {"stage": stage.name, "status": "off"})
+                    self.park(stage)
                     outcomes.append(StageOutcome(stage.name, "off"))
                     self.console.print(f"{label} off", highlight=False)
                     continue
                 inputs = self.stage_inputs(stage, known)
                 input_hash = stable_hash(inputs)
-                record = self.cached_output(stage, input_hash)
+                record = self.cached_output(stage, input_hash, restore=stage.name not in force)
                 if only and stage.name != only:
                     if stage.name in {n for s in self.stages if s.name == only for n in s.needs} and not record:
                         raise StageError(
@@ -577,6 +610,13 @@ class Pipeline:
             final.rename(trash)
         work.rename(final)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def now() -> str:

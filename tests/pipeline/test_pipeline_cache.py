@@ -184,15 +184,28 @@ def test_modified_or_missing_output_is_rebuilt(setup):
     assert run()["neighbours"] == "ran"
 
 
-def test_switched_off_stage_and_switching_it_back_on(setup):
+def test_switched_off_stage_is_parked_and_restored_when_switched_back_on(setup):
     run, calls, root, _ = setup
+    run()
     config = PipelineConfig.model_validate({"stages": {"sft": False, "collab": False, "reward": False, "rl": "none"}})
     actions = run(config)
-    assert actions["sft"] == "off"
-    assert json.loads((root / "manifests" / "sft.json").read_text())["status"] == "off"
+    assert actions["sft"] == "off" and actions["report"] == "ran"
+    assert json.loads((root / "manifests" / "sft.json").read_text()) == {"stage": "sft", "status": "off"}
+    assert not (root / "sft").exists(), "no later stage may read the output of a stage that is off"
+    assert (root / ".off" / "sft" / "value.txt").is_file()
     assert read(root, "report") == "report(nb(data(v1,2020),5))"
     actions = run()
-    assert actions == {"prepare": "cached", "teacher": "cached", "sft": "ran", "neighbours": "cached", "report": "ran"}
+    assert actions == {
+        "prepare": "cached",
+        "teacher": "cached",
+        "sft": "cached",
+        "neighbours": "cached",
+        "report": "ran",
+    }
+    assert calls.count["sft"] == 1, "the parked output came back instead of a rerun"
+    assert read(root, "report") == "report(sft(teacher(data(v1,2020),0),60),nb(data(v1,2020),5))"
+    assert json.loads((root / "manifests" / "sft.json").read_text())["status"] == "complete"
+    assert not (root / ".off" / "sft").exists()
 
 
 def test_from_and_only(setup):
