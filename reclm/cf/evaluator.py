@@ -32,9 +32,21 @@ class EvalTask:
     mask: sp.csr_matrix  # (n_users, n_items) items excluded from the ranking
     candidates: np.ndarray  # bool (n_items,): items that may be ranked
 
+    def __post_init__(self) -> None:
+        self.candidate_ids = np.flatnonzero(self.candidates)
+        self.column_of = np.full(len(self.candidates), -1, dtype=np.int64)
+        self.column_of[self.candidate_ids] = np.arange(len(self.candidate_ids))
+
     @property
     def n_candidates(self) -> int:
-        return int(self.candidates.sum())
+        return len(self.candidate_ids)
+
+    def candidate_entries(self, matrix: sp.csr_matrix, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(batch row, candidate column) of ``matrix``'s entries in rows ``users`` that are candidates."""
+        rows, items = csr_rows(matrix, users)
+        cols = self.column_of[items]
+        keep = cols >= 0
+        return rows[keep], cols[keep]
 
 
 @dataclass
@@ -100,16 +112,22 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            return self._top(model.scorer(), task, np.asarray(users), k)[0].cpu().numpy()
+            top, _ = self._top(model.scorer(), task, np.asarray(users), k)
         finally:
             model.train(was_training)
+        return task.candidate_ids[top.cpu().numpy()]
 
     def _top(self, scorer, task: EvalTask, users: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k item indices after masking, and the score matrix they came from."""
+        """Top-k positions among the task's candidates (after masking) and the candidate score matrix.
+
+        Only candidate items are scored (the zero-shot task scores 1,441 of MIND's 3,827 items)."""
         device = self.device
-        scores = scorer(torch.as_tensor(users, device=device)).float()
-        scores[:, torch.as_tensor(~task.candidates, device=device)] = -torch.inf
-        rows, cols = csr_rows(task.mask, users)
+        users_t = torch.as_tensor(users, device=device)
+        if task.n_candidates == self.n_items:
+            scores = scorer(users_t).float()
+        else:
+            scores = scorer(users_t, torch.as_tensor(task.candidate_ids, device=device)).float()
+        rows, cols = task.candidate_entries(task.mask, users)
         if len(rows):
             scores[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)] = -torch.inf
         k = min(k, task.n_candidates)
@@ -119,7 +137,7 @@ class Evaluator:
         device = self.device
         top, scores = self._top(scorer, task, users, max(self.topks))
         truth = torch.zeros_like(scores, dtype=torch.bool)
-        t_rows, t_cols = csr_rows(task.truth, users)
+        t_rows, t_cols = task.candidate_entries(task.truth, users)
         truth[torch.as_tensor(t_rows, device=device), torch.as_tensor(t_cols, device=device)] = True
         hits = truth.gather(1, top)
         n_truth = truth.sum(1)

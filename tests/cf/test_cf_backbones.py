@@ -99,3 +99,15 @@ def test_new_items_encoded_from_text_alone(tiny_split, tiny_features):
         assert torch.allclose(model.fusion.encode_new_items(text, profile), model.fusion.items(torch.arange(3)))
         users = model.fusion.encode_new_users(profile=torch.as_tensor(tiny_features.user_profiles[:2]))
     assert users.shape == (2, 8)
+
+
+@pytest.mark.parametrize("backbone", ["ncf", "lightgcn"])
+def test_scoring_a_subset_of_items_matches_full_scores(backbone, tiny_split, tiny_features):
+    model = make(backbone, "text", tiny_split, tiny_features)
+    model.eval()
+    items = torch.tensor([3, 0, 17])
+    with torch.no_grad():
+        scorer = model.scorer()
+        full = scorer(torch.tensor([1, 4]))
+        subset = scorer(torch.tensor([1, 4]), items)
+    assert torch.allclose(full[:, items], subset, atol=1e-5)

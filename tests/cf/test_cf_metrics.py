@@ -40,7 +40,7 @@ class FixedScores(CFModel):
         self.scores = torch.nn.Parameter(torch.as_tensor(scores, dtype=torch.float32), requires_grad=False)
 
     def scorer(self):
-        return lambda users: self.scores[users]
+        return lambda users, items=None: self.scores[users] if items is None else self.scores[users][:, items]
 
 
 def small_split() -> Split:

@@ -37,7 +37,8 @@ def info_nce(view1: torch.Tensor, view2: torch.Tensor, index: torch.Tensor, tau:
     return F.cross_entropy(logits, torch.arange(len(index), device=index.device))
 
 
-Scorer = Callable[[torch.Tensor], torch.Tensor]
+# scorer(users, items=None) -> (len(users), len(items) or n_items) scores
+Scorer = Callable[..., torch.Tensor]
 
 
 class CFModel(nn.Module):
@@ -64,8 +65,8 @@ class CFModel(nn.Module):
         raise NotImplementedError
 
     def scorer(self) -> Scorer:
-        """A function ``users -> (len(users), n_items)`` scores, with whatever can be cached computed
-        once (call under ``torch.no_grad()`` in eval mode)."""
+        """A function ``(users, items=None) -> (len(users), len(items) or n_items)`` scores, with
+        whatever can be cached computed once (call under ``torch.no_grad()`` in eval mode)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -112,4 +113,8 @@ class DotProductModel(CFModel):
     def scorer(self) -> Scorer:
         users_all, items_all = self.final_embeddings()
         items_t = items_all.T.contiguous()
-        return lambda users: users_all[users] @ items_t
+
+        def score(users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+            return users_all[users] @ (items_t if items is None else items_all[items].T)
+
+        return score

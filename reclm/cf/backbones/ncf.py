@@ -63,11 +63,13 @@ class NeuMF(CFModel):
         item_gmf_t = (self.split(items_all)[0] * w_gmf).T.contiguous()  # (dim, I)
         chunk = max(1, PAIR_BUDGET // max(1, self.n_items * first.out_features))
 
-        def score(users: torch.Tensor) -> torch.Tensor:
-            out = self.split(users_all[users])[0] @ item_gmf_t + self.predict.bias
+        def score(users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+            gmf_t = item_gmf_t if items is None else item_gmf_t[:, items]
+            part = item_part if items is None else item_part[items]
+            out = self.split(users_all[users])[0] @ gmf_t + self.predict.bias
             for start in range(0, len(users), chunk):
                 rows = users[start : start + chunk]
-                h = torch.relu(user_part[rows].unsqueeze(1) + item_part.unsqueeze(0))  # (b, I, h1)
+                h = torch.relu(user_part[rows].unsqueeze(1) + part.unsqueeze(0))  # (b, I, h1)
                 for layer in self.mlp_layers[1:]:
                     h = torch.relu(layer(h))
                 out[start : start + chunk] += h @ w_mlp
