@@ -14,6 +14,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+# torch warns once per process that CSR support is "beta"; the ops used here (CSR @ dense) are stable
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
 
 def normalized_adjacency(
     train: np.ndarray, n_users: int, n_items: int, keep: np.ndarray | None = None
@@ -36,16 +39,14 @@ def normalized_adjacency(
 
 def to_torch_csr(matrix: sp.csr_matrix, device: torch.device | str = "cpu") -> torch.Tensor:
     matrix = matrix.tocsr()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(matrix.indptr.astype(np.int64)),
-            torch.from_numpy(matrix.indices.astype(np.int64)),
-            torch.from_numpy(matrix.data.astype(np.float32)),
-            size=matrix.shape,
-            device=device,
-            check_invariants=False,  # built by scipy: valid by construction
-        )
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(matrix.indptr.astype(np.int64)),
+        torch.from_numpy(matrix.indices.astype(np.int64)),
+        torch.from_numpy(matrix.data.astype(np.float32)),
+        size=matrix.shape,
+        device=device,
+        check_invariants=False,  # built by scipy: valid by construction
+    )
 
 
 class _SymmetricSpMM(torch.autograd.Function):
