@@ -110,20 +110,29 @@ class HeldOut:
 
 def item_signatures(data: RecDataset) -> list[tuple[str, ...]]:
     """Per item, the strings that show it in a prompt: ``'title': '<first words>`` in each quoting that
-    :func:`reclm.llm.prompts.render_value` may use (empty when the item has no text)."""
+    :func:`reclm.llm.prompts.render_value` may use, ended by the closing quote when the title is that short,
+    else by the space before the next word (so "Heat" never matches "Heathers"); empty without text."""
     fields = domain_for(data).item_fields(data)
     if not fields:
         return [()] * data.n_items
-    name = next(((f, k) for f, k in fields if f.lower() in ("title", "name")), fields[0])
-    field_name, key = name
+    field_name, key = next(((f, k) for f, k in fields if f.lower() in ("title", "name")), fields[0])
     out = []
     for value in data.item_fields[field_name]:
-        words = " ".join(str(value).split()[:SIGNATURE_WORDS])
+        words = str(value).split()
         if not words:
             out.append(())
             continue
-        escaped = words.replace("\\", "\\\\").replace("'", "\\'")
-        out.append(tuple(dict.fromkeys((f"'{key}': '{words}", f"'{key}': \"{words}", f"'{key}': '{escaped}"))))
+        head = " ".join(words[:SIGNATURE_WORDS])
+        whole = len(words) <= SIGNATURE_WORDS
+        variants = []
+        for quote, text in (("'", head), ('"', head), ("'", head.replace("\\", "\\\\").replace("'", "\\'"))):
+            variants.append(f"'{key}': {quote}{text}" + (quote if whole else " "))
+        for cut in range(1, min(SIGNATURE_WORDS, len(words))):  # a title cut to fewer words (small max_words)
+            short = " ".join(words[:cut]) + " ..."
+            variants += [f"'{key}': '{short}'", f"'{key}': \"{short}\""]
+        if whole and re.fullmatch(r"-?\d+", head):  # numbers are rendered bare
+            variants.append(f"'{key}': {head},")
+        out.append(tuple(dict.fromkeys(variants)))
     return out
 
 

@@ -173,15 +173,16 @@ def draw_negative(
     neighbour_items: Sequence[int],
     forbidden: set[int],
     seen_items: np.ndarray,
+    looks_forbidden: Callable[[int], bool] = lambda item: False,
 ) -> tuple[int, str]:
     """A negative for the target: one of the neighbours' train items the target never interacted with; when
-    there is none, any train-seen item the target never interacted with."""
+    there is none, any train-seen item the target never interacted with (nor one with the same text)."""
     pool = sorted({int(i) for i in neighbour_items} - forbidden)
     if pool:
         return int(rng.choice(pool)), "neighbours"
     for _ in range(1000):
         item = int(rng.choice(seen_items))
-        if item not in forbidden:
+        if item not in forbidden and not looks_forbidden(item):
             return item, "random"
     raise ValueError("no negative item available: every train item is one of the target's")
 
@@ -241,18 +242,32 @@ def build_dialogues(
             eligible.append(u)
     answers = balanced_answers(len(eligible), rng)
     dialogues = []
+    texts: dict[int, str] = {}
+
+    def text_of(item: int) -> str:
+        if item not in texts:
+            texts[item] = render_item(data, item, budget.max_words)
+        return texts[item]
+
     for u, answer in zip(eligible, answers):
         history = [int(i) for i in histories[u]]
         masked = history[int(rng.integers(len(history)))]
-        rest = [i for i in history if i != masked]
+        # an item with the same text as the masked one (ml-100k has duplicate titles) is masked too
+        rest = [i for i in history if text_of(i) != text_of(masked)]
+        if not rest:
+            skipped["fewer than two train items"] += 1
+            continue
         near = [int(v) for v in neighbours.get(u, ()) if int(v) != u and int(v) in profiles and len(histories[v])]
         near = near[: budget.neighbours]
         forbidden = train_sets[u] | held_out[u]
+        forbidden_text = {text_of(i) for i in forbidden}
         if answer == YES:
             question, source = masked, "masked"
         else:
-            pool = [i for v in near for i in histories[v].tolist()]
-            question, source = draw_negative(rng, pool, forbidden, seen_items)
+            pool = [i for v in near for i in histories[v].tolist() if text_of(i) not in forbidden_text]
+            question, source = draw_negative(
+                rng, pool, forbidden, seen_items, lambda i, f=forbidden_text: text_of(i) in f
+            )
         uid = data.user_ids[u]
 
         def build(t: int, k: int, m: int, u=u, uid=uid, rest=rest, near=near, question=question, answer=answer):

@@ -395,7 +395,7 @@ def train_reward_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress:
             progress(step, float(loss))
     model.eval()
@@ -453,22 +453,18 @@ def chosen_profiles(
 
 
 def sft_user_ids(run) -> set[str]:
-    """Raw ids of the users whose teacher profiles the SFT stage trained on (``sft/data.json`` /
-    ``metrics.json`` ``train_ids``), else every user of the run's teacher file (the safe assumption)."""
+    """Raw ids of the users whose teacher profiles the SFT stage may have trained on: the run's teacher
+    users minus those SFT held out (``sft/heldout.json``, written by :func:`reclm.llm.sft.train_sft`); every
+    teacher user when SFT has not run (the safe assumption)."""
     from reclm.llm.records import read_profiles
 
-    folder = run.stage("sft")
-    for name in ("data.json", "metrics.json"):
-        path = folder / name
-        if path.is_file():
-            info = json.loads(path.read_text())
-            ids = info.get("train_ids") or info.get("train_user_ids")
-            if isinstance(ids, dict):
-                ids = ids.get("user")
-            if ids:
-                return {str(i) for i in ids}
     path = run.teacher / "users.jsonl"
-    return set(read_profiles(path, "user")) if path.is_file() else set()
+    teacher = set(read_profiles(path, "user")) if path.is_file() else set()
+    heldout = run.stage("sft") / "heldout.json"
+    if heldout.is_file():
+        held = json.loads(heldout.read_text()).get("user", [])
+        return teacher - {str(i) for i in held}
+    return teacher
 
 
 def save_json(path: Path, payload: Any) -> None:

@@ -1,0 +1,100 @@
+"""PPO and DPO on a toy case: one step changes the policy's weights, a few steps move it where the reward
+(or the preference) points: the tiny model's probability of answering "Yes" rises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reclm.llm.rl.common import encode_prompts, forward, load_policy, load_reference, weight_change, weights_snapshot
+from reclm.llm.rl.dpo import DPOConfig, DPOTrainer, dpo_loss
+from reclm.llm.rl.ppo import PPOConfig, PPOTrainer, gae
+
+YES_NO_PROMPTS = ["Will the user like it?", "Is this a match?"]  # the prompts yes_no_model was tuned on
+
+
+def answer_probability(policy, tok, word: str) -> float:
+    """Mean next-token probability of ``word`` right after the assistant header, over the toy prompts."""
+    enc = encode_prompts(tok, YES_NO_PROMPTS, "cpu")
+    token = tok(word, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        logits = forward(policy, enc["input_ids"], enc["attention_mask"]).logits[:, -1]
+    return float(torch.softmax(logits.float(), -1)[:, token].mean())
+
+
+def test_gae_matches_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is after the end of the response
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # lam = gamma = 1: advantage = (sum of future rewards) - V
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.8, 0.9, 0.0]]))
+    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    adv, _ = gae(rewards, values, mask, gamma=1.0, lam=0.0)  # one-step TD errors
+    assert torch.allclose(adv, torch.tensor([[-0.3, -0.1, 0.9, 0.0]]))
+
+
+def test_ppo_step_changes_weights_and_raises_the_rewarded_answer(yes_no_model):
+    torch.manual_seed(0)
+    policy, tok = load_policy(yes_no_model, lora={"r": 8, "alpha": 16})
+    reference = load_reference(yes_no_model)
+    yes = tok("Yes", add_special_tokens=False)["input_ids"][0]
+
+    def reward(prompts, responses, token_ids):  # a reward that prefers one token: answering "Yes"
+        return [1.0 if ids and ids[0] == yes else 0.0 for ids in token_ids]
+
+    before = answer_probability(policy, tok, "Yes")
+    assert 0.2 < before < 0.8  # a real choice to make
+    trainer = PPOTrainer(policy, reference, tok, reward, PPOConfig(batch_size=8, lr=1e-3, max_new_tokens=2, seed=0))
+    snapshot = weights_snapshot(policy)
+    first = trainer.step(YES_NO_PROMPTS * 4)
+    assert weight_change(policy, snapshot) > 0
+    assert {"score", "kl", "reward", "pg_loss", "vf_loss"} <= set(first)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    history = [first] + [trainer.step(YES_NO_PROMPTS * 4) for _ in range(3)]
+    after = answer_probability(policy, tok, "Yes")
+    assert after > before + 0.1
+    assert history[-1]["kl"] > 0  # the policy moved away from the reference, and the KL says so
+    # the reference never moves
+    assert answer_probability(reference, tok, "Yes") == pytest.approx(before, abs=1e-5)
+
+
+def test_ppo_kl_penalty_holds_the_policy_back(yes_no_model):
+    """Same toy run with a huge KL coefficient: the reward is drowned, "Yes" barely moves."""
+    torch.manual_seed(0)
+    policy, tok = load_policy(yes_no_model, lora={"r": 8, "alpha": 16})
+    reference = load_reference(yes_no_model)
+    yes = tok("Yes", add_special_tokens=False)["input_ids"][0]
+    before = answer_probability(policy, tok, "Yes")
+    config = PPOConfig(batch_size=8, lr=1e-3, max_new_tokens=2, seed=0, kl_coef=50.0)
+    trainer = PPOTrainer(policy, reference, tok, lambda p, r, ids: [float(x[:1] == [yes]) for x in ids], config)
+    for _ in range(4):
+        trainer.step(YES_NO_PROMPTS * 4)
+    assert answer_probability(policy, tok, "Yes") < before + 0.1
+
+
+def test_dpo_loss_values():
+    loss, chosen, rejected = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
+    )
+    # margin = 0.5 * ((-1 + 2) - (-3 + 2)) = 1
+    assert float(loss) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(-1.0))))
+    assert float(chosen) == pytest.approx(0.5) and float(rejected) == pytest.approx(-0.5)
+
+
+def test_dpo_step_changes_weights_and_raises_the_chosen_answer(yes_no_model):
+    torch.manual_seed(0)
+    policy, tok = load_policy(yes_no_model, lora={"r": 8, "alpha": 16})
+    reference = load_reference(yes_no_model)
+    before = answer_probability(policy, tok, "Yes")
+    trainer = DPOTrainer(policy, reference, tok, DPOConfig(batch_size=2, lr=1e-3, beta=0.1))
+    triples = [(p, "Yes", "No") for p in YES_NO_PROMPTS]
+    snapshot = weights_snapshot(policy)
+    first = trainer.step(*zip(*triples))
+    assert weight_change(policy, snapshot) > 0
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
+    history = trainer.train(triples, steps=3)
+    assert history[-1]["reward_margin"] > 0 and history[-1]["loss"] < first["loss"]
+    assert answer_probability(policy, tok, "Yes") > before + 0.05
+    assert answer_probability(policy, tok, "No") < answer_probability(reference, tok, "No")
+    assert trainer.evaluate(triples)["accuracy"] == 1.0
