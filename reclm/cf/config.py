@@ -105,7 +105,9 @@ class CFConfig(BaseModel):
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ValueError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or 'parse error'})") from exc
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of CF settings")
         raw = raw.get("cf", raw)
