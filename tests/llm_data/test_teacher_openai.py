@@ -155,7 +155,7 @@ def test_retries_ledger_concurrency_and_resume(tiny, tmp_path, monkeypatch):
             if u != 5:
                 record = users[data.user_ids[u]]
                 assert record.prompt == prompt and record.profile == answer_for(prompt)
-                assert record.extra["model"] == "teacher-test"
+                assert record.extra["model"] == "teacher-test" and record.extra["format_ok"] is True
         with_train = [i for i, us in enumerate(item_train_users(split)) if len(us)]
         assert set(items) == {data.item_ids[i] for i in with_train}
         some_item = items[data.item_ids[with_train[0]]]

@@ -7,6 +7,8 @@ llama.cpp server...), spoken with ``httpx`` (no SDK).
 - 401 / 403 / 404 stop the run at once (wrong key, model or URL); another 4xx fails that id only.
 - A ledger, ``teacher/ledger.json``, adds up over runs: HTTP requests, retries, errors by kind,
   prompt / completion tokens (from ``usage``), cost from per-1k-token prices, ids that failed.
+- Answers are written as they come; ``format_ok`` says whether one parses as a profile (SFT can
+  filter on it), and unparsable answers are counted in the ledger's errors.
 - Resumable: every answer is appended to ``users.jsonl`` / ``items.jsonl`` as it arrives; ids already
   there are never asked again. Item prompts use the user profiles this teacher wrote.
 """
@@ -28,7 +30,7 @@ import httpx
 
 from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
-from reclm.llm.prompts import item_prompts, item_train_users, user_histories, user_prompts
+from reclm.llm.prompts import item_prompts, item_train_users, parse_profile, user_histories, user_prompts
 from reclm.llm.records import ProfileRecord, RecordWriter, done_ids, read_profiles
 from reclm.llm.teachers.base import (
     OUTPUT_FILES,
@@ -350,6 +352,9 @@ class OpenAITeacher(Teacher):
                         ledger.usage(answer.usage)
                         ledger.failed.pop(f"{kind}:{ids[key]}", None)
                         extra = {"teacher": self.kind, "model": self.endpoint.model}
+                        extra["format_ok"] = parse_profile(answer.text) is not None  # SFT may filter on it
+                        if not extra["format_ok"]:
+                            ledger.error("unparsable profile")
                         if answer.finish_reason:
                             extra["finish_reason"] = answer.finish_reason
                         out.write(ProfileRecord(kind, ids[key], prompt, answer.text, extra))  # type: ignore[arg-type]
