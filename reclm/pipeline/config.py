@@ -116,8 +116,12 @@ class TeacherOptions(Section):
 
 
 class PromptOptions(Section):
-    max_items: int = Field(20, ge=1)  # keep the most recent N history items
+    """The prompt budget shared by the teacher, SFT, generation and the tuning stages (so every model
+    sees prompts built the same way)."""
+
+    max_items: int = Field(10, ge=1)  # keep the most recent N history items
     max_words: int = Field(30, ge=1)  # cut long item text (abstracts) to M words
+    max_profiles: int = Field(5, ge=0)  # user profiles / neighbour items shown in an item prompt
 
 
 class LoraOptions(Section):
@@ -128,7 +132,9 @@ class LoraOptions(Section):
 
 
 class TrainOptions(Section):
-    steps: int = Field(60, ge=0)
+    """reclm.llm.sft.TrainSettings fields the pipeline sets."""
+
+    steps: int = Field(60, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0)
     max_seq_len: int = Field(512, ge=32)
@@ -140,23 +146,48 @@ class SFTOptions(TrainOptions):
 
 
 class CollabOptions(TrainOptions):
-    steps: int = Field(30, ge=0)
+    """Collaborative instruction tuning (reclm.llm.collab.run_collab)."""
+
+    steps: int = Field(30, ge=1)
     batch_size: int = Field(4, ge=1)
-    max_seq_len: int = Field(1024, ge=32)
+    max_seq_len: int = Field(1536, ge=32)  # longer dialogues are skipped
+    dialogues: int | None = Field(None, ge=1)  # target users (null: steps x batch size)
     neighbours: int = Field(3, ge=0)  # similar users shown in turn 1
+    target_items: int = Field(10, ge=1)
+    neighbour_items: int = Field(5, ge=1)
+    max_words: int = Field(20, ge=1)
+    max_tokens: int = Field(1024, ge=64)  # token budget of a whole dialogue
+    profiles: Literal["distilled", "teacher"] = "distilled"  # turn-1 responses
+    evaluate: bool = True  # held-out Yes/No accuracy before and after
 
 
 class RewardOptions(TrainOptions):
-    steps: int = Field(40, ge=0)
-    pairs: int | None = Field(None, ge=1)  # preference pairs to build (null = one per eligible user)
+    """Preference pairs and the reward model (reclm.llm.reward.run_reward)."""
+
+    steps: int = Field(40, ge=1)
+    pairs: int | None = Field(None, ge=1)  # users to build pairs for (null: every eligible one)
+    eval_share: float = Field(0.2, gt=0, lt=1)  # users held out for the accuracy report
+    source: Literal["teacher", "distilled"] = "teacher"  # where the chosen profiles come from
 
 
 class RLOptions(TrainOptions):
-    steps: int = Field(10, ge=0)
+    """PPO or DPO on the profile writer (reclm.llm.rl.stage.run_rl)."""
+
+    steps: int = Field(10, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-5, gt=0)
     kl_coef: float = Field(0.05, ge=0)  # PPO KL penalty against the SFT reference
     beta: float = Field(0.1, gt=0)  # DPO temperature
+    eval_users: int = Field(16, ge=1)  # held-out users whose greedy profiles judge the policy
+
+
+class ItemSideOptions(TrainOptions):
+    """The item-profile writer (reclm.llm.item_side.train_item_writer)."""
+
+    steps: int = Field(40, ge=1)
+    max_seq_len: int = Field(1024, ge=32)
+    init: Literal["sft", "fresh"] = "sft"  # start from the user writer's adapter, or a fresh LoRA
+    keep_teacher: bool = False  # items with a teacher profile keep it
 
 
 class LLMOptions(Section):
@@ -166,7 +197,7 @@ class LLMOptions(Section):
     collab: CollabOptions = CollabOptions()
     reward: RewardOptions = RewardOptions()
     rl: RLOptions = RLOptions()
-    item_side: TrainOptions = TrainOptions(steps=40)
+    item_side: ItemSideOptions = ItemSideOptions()
 
 
 class NeighbourOptions(Section):
@@ -179,13 +210,22 @@ class NeighbourOptions(Section):
 
 
 class GenerationOptions(Section):
+    """Profile generation (reclm.llm.generation): cached by (model, adapter, prompt, decoding), so a
+    crashed or repeated stage only generates what is missing."""
+
     backend: Literal["transformers", "ctranslate2", "openai"] = "ctranslate2"
     batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(64, ge=4)
+    max_new_tokens: int = Field(48, ge=4)
     temperature: float = Field(0.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
     users: int | None = Field(None, ge=1)  # profile only the first N users (null = all)
     items: int | None = Field(None, ge=1)
+    quantization: str | None = None  # ctranslate2: int8 (CPU default), int8_float32, bfloat16...
+    base_url: str = "http://127.0.0.1:8000/v1"  # openai: a server with the tuned model loaded
+    served_model: str | None = None  # openai: the served model's name
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(8, ge=1)
 
 
 class EncoderOptions(Section):

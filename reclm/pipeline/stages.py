@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,28 @@ def teacher_files(cfg: PipelineConfig) -> list[Path]:
 
 
 def prompt_budget(cfg: PipelineConfig):
+    """The one prompt budget of a run: teacher, SFT, generation and the tuning stages share it."""
     prompts = need("teacher", "reclm.llm.prompts", "PromptBudget")
-    return prompts.PromptBudget(max_items=cfg.prompt.max_items, max_words=cfg.prompt.max_words)
+    p = cfg.prompt
+    return prompts.PromptBudget(max_items=p.max_items, max_words=p.max_words, max_profiles=p.max_profiles)
+
+
+def logger(ctx: StageContext):
+    """The tuning stages' ``log`` callback: indented lines under the stage."""
+    return lambda text: ctx.console.print(f"    {text}", highlight=False, soft_wrap=True)
+
+
+def adapter_of(run: RunDir, stage: str) -> Path | None:
+    path = run.stage(stage) / "adapter"
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def lora_of(cfg: PipelineConfig) -> dict:
+    return cfg.llm.lora.model_dump()
+
+
+def train_of(opts: Any) -> dict:
+    return {k: getattr(opts, k) for k in ("steps", "batch_size", "lr", "max_seq_len", "seed")}
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -168,21 +189,69 @@ def run_sft(ctx: StageContext) -> dict:
 
 
 def run_collab(ctx: StageContext) -> dict:
-    raise StageUnavailable("stage 'collab' is not available yet: collaborative tuning (issue 4) is not implemented")
+    """Collaborative instruction tuning: two-turn dialogues continuing the SFT adapter."""
+    collab = need("collab", "reclm.llm.collab", "run_collab", "CollabBudget")
+    cfg, opts = ctx.config, ctx.config.llm.collab
+    data, split = ctx.data()
+    budget = collab.CollabBudget(
+        opts.target_items, opts.neighbour_items, opts.max_words, opts.neighbours, opts.max_tokens
+    )
+    summary = collab.run_collab(
+        RunDir(ctx.root, redirect={"collab": ctx.out}), data, split, cfg.llm.base_model, out=ctx.out,
+        dialogues=opts.dialogues, budget=budget, prompt_budget=prompt_budget(cfg), lora=lora_of(cfg),
+        train=train_of(opts), profile_source=opts.profiles, seed=opts.seed, evaluate=opts.evaluate,
+        log=logger(ctx),
+    )  # fmt: skip
+    train = summary.get("train", {})
+    return {**summary, "tokens": {"train": train.get("train_tokens", 0)}, "units": opts.steps, "unit": "step"}
 
 
 def run_reward(ctx: StageContext) -> dict:
-    raise StageUnavailable("stage 'reward' is not available yet: the reward model (issue 4) is not implemented")
+    """Preference pairs (good profile vs the paper's negative kinds) and the reward model."""
+    reward = need("reward", "reclm.llm.reward", "run_reward", "RewardConfig")
+    cfg, opts = ctx.config, ctx.config.llm.reward
+    data, split = ctx.data()
+    config = reward.RewardConfig(**train_of(opts), lora=lora_of(cfg))
+    result = reward.run_reward(
+        RunDir(ctx.root, redirect={"reward": ctx.out}), data, split, cfg.llm.base_model, out=ctx.out,
+        config=config, source=opts.source, max_pairs=opts.pairs, eval_share=opts.eval_share,
+        budget=prompt_budget(cfg), log=logger(ctx),
+    )  # fmt: skip
+    return {**summary_of(result, unit="step", units=opts.steps), "tokens": 0}
 
 
 def run_rl(ctx: StageContext) -> dict:
-    raise StageUnavailable(f"stage 'rl' ({ctx.config.stages.rl}) is not available yet: RL (issue 4) is not implemented")
+    """PPO against the reward model (KL-penalised) or DPO on the preference pairs."""
+    rl = need("rl", "reclm.llm.rl.stage", "run_rl")
+    cfg, opts = ctx.config, ctx.config.llm.rl
+    data, split = ctx.data()
+    options = {**train_of(opts), "kl_coef": opts.kl_coef, "beta": opts.beta}
+    summary = rl.run_rl(
+        RunDir(ctx.root, redirect={"rl": ctx.out}), data, split, cfg.llm.base_model, cfg.stages.rl, out=ctx.out,
+        options=options, budget=prompt_budget(cfg), eval_users=opts.eval_users,
+        max_new_tokens=cfg.generation.max_new_tokens, log=logger(ctx),
+    )  # fmt: skip
+    summary.pop("steps", None)
+    return {**summary, "units": opts.steps, "unit": "step"}
 
 
 def run_item_side(ctx: StageContext) -> dict:
-    raise StageUnavailable(
-        "stage 'item_side' is not available yet: the item-side generator (issue 4) is not implemented"
-    )
+    """The item-profile writer: SFT on item text + neighbour items with their profiles (the profiles
+    stage then writes every item's profile with it)."""
+    item_side = need("item_side", "reclm.llm.item_side", "train_item_writer")
+    cfg, opts = ctx.config, ctx.config.llm.item_side
+    data, split = ctx.data()
+    init = None
+    if opts.init == "sft":
+        init = adapter_of(ctx.run, "sft")
+        if init is None:
+            raise StageUnavailable("stage 'item_side': llm.item_side.init is 'sft' but the run has no sft/adapter")
+    summary = item_side.train_item_writer(
+        RunDir(ctx.root, redirect={"item_sft": ctx.out}), data, split, cfg.llm.base_model, out=ctx.out,
+        budget=prompt_budget(cfg), lora=lora_of(cfg), train=train_of(opts), init_adapter=init,
+    )  # fmt: skip
+    summary.pop("train_curve", None)
+    return {**summary, "tokens": {"train": summary.get("train_tokens", 0)}, "units": opts.steps, "unit": "step"}
 
 
 def summary_of(result: Any, unit: str, units: float) -> dict:
@@ -238,8 +307,6 @@ def run_profiles(ctx: StageContext) -> dict:
 
 def copy_teacher_profiles(ctx: StageContext) -> dict:
     """The teacher-only variant: its profiles are the profiles (ids without one get a zero vector)."""
-    import shutil
-
     copied = {}
     for name in ("users.jsonl", "items.jsonl"):
         source = ctx.run.teacher / name
@@ -253,7 +320,116 @@ def copy_teacher_profiles(ctx: StageContext) -> dict:
 
 
 def generate_profiles(ctx: StageContext) -> dict:
-    raise StageUnavailable("stage 'profiles' is not available yet: reclm.llm profile generation is not implemented")
+    """Users with the last generator's adapter; items with the item writer (item_side) or else that
+    same adapter; with ``stages.ablation`` the users again with each earlier adapter."""
+    generation = need("profiles", "reclm.llm.generation", "make_generator", "DecodeParams", "GenerationCache", "Job")
+    prompts_mod = need("profiles", "reclm.llm.prompts", "user_prompts")
+    item_side = need("profiles", "reclm.llm.item_side", "generate_item_profiles")
+    cfg, gen = ctx.config, ctx.config.generation
+    data, split = ctx.data()
+    run = RunDir(ctx.root, redirect={"profiles": ctx.out})
+    chain = cfg.stages.generators()
+    adapters = {stage: adapter_of(ctx.run, stage) for stage in chain}
+    missing = [stage for stage, path in adapters.items() if path is None]
+    if missing:
+        raise StageUnavailable(f"stage 'profiles': no adapter from {', '.join(missing)} (expected <stage>/adapter)")
+    params = generation.DecodeParams(gen.max_new_tokens, gen.temperature, gen.top_p, 0, gen.seed)
+    budget = prompt_budget(cfg)
+    cache = generation.GenerationCache()
+    generators: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+
+    def generator_for(adapter: Path | None):
+        key = str(adapter)
+        if key not in generators:
+            generators.clear()  # one model in memory at a time
+            generators[key] = make_generator(generation, cfg, adapter)
+        return generators[key]
+
+    users = range(min(gen.users, data.n_users)) if gen.users else None
+    user_prompts = prompts_mod.user_prompts(data, split, users, budget)
+    jobs = [generation.Job("user", data.user_ids[u], p) for u, p in user_prompts.items()]
+    final = chain[-1]
+    variants = [(final, ctx.out)]
+    if cfg.stages.ablation:
+        variants += [(stage, ctx.out / "ablation" / stage) for stage in chain[:-1]]
+    for stage, folder in variants:
+        folder.mkdir(parents=True, exist_ok=True)
+        generator = generator_for(adapters[stage])
+        label = "users" if folder == ctx.out else f"users ({stage})"
+        result = generation.generate_records(generator, jobs, params, folder / "users.jsonl", cache, desc=label)
+        stats[label] = result.to_dict()
+        ctx.console.print(f"    {label}: {format_generation(result.to_dict())}", highlight=False)
+
+    item_adapter = adapter_of(ctx.run, "item_sft") or adapters[final]
+    item_generator = generator_for(item_adapter)
+    item_stats: list[dict] = []
+
+    def write(prompts: list[str]) -> list[str]:
+        texts, result = generation.generate_texts(item_generator, prompts, params, cache, desc="items")
+        item_stats.append(result.to_dict())
+        return [t or "" for t in texts]
+
+    items = list(range(min(gen.items, data.n_items))) if gen.items else None
+    written = item_side.generate_item_profiles(
+        run, data, split, write, out=ctx.out, budget=budget, items=items,
+        keep_teacher=cfg.llm.item_side.keep_teacher if cfg.stages.item_side else False,
+    )  # fmt: skip
+    stats["items"] = {**written, **merge_generation(item_stats)}
+    ctx.console.print(f"    items: {format_generation(stats['items'])}", highlight=False)
+    for _, folder in variants[1:]:  # ablation variants share the final item profiles
+        shutil.copyfile(ctx.out / "items.jsonl", folder / "items.jsonl")
+        write_quality(ctx, folder)
+    cache.close()
+    tokens = {
+        "prompt": sum(int(v.get("prompt_tokens", 0)) for v in stats.values()),
+        "completion": sum(int(v.get("new_tokens", 0)) for v in stats.values()),
+    }
+    generated = sum(int(v.get("generated", 0)) for v in stats.values())
+    write_json(
+        ctx.out / "generation.json",
+        {"params": params.key(), "adapters": adapters_json(adapters, item_adapter), **stats},
+    )
+    return {"tokens": tokens, "units": generated, "unit": "profile", "generation": stats}
+
+
+def make_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None) -> Any:
+    gen = cfg.generation
+    if gen.backend == "openai":
+        options: dict[str, Any] = {
+            "base_url": gen.base_url,
+            "api_key_env": gen.api_key_env,
+            "concurrency": gen.concurrency,
+        }
+        return generation.make_generator("openai", gen.served_model, None, gen.batch_size, **options)
+    options = {"threads": cfg.threads}
+    if gen.backend == "ctranslate2" and gen.quantization:
+        options["quantization"] = gen.quantization
+    return generation.make_generator(gen.backend, cfg.llm.base_model, adapter, gen.batch_size, **options)
+
+
+def adapters_json(adapters: dict[str, Path | None], item_adapter: Path | None) -> dict[str, str | None]:
+    return {
+        **{k: str(v) if v else None for k, v in adapters.items()},
+        "items": str(item_adapter) if item_adapter else None,
+    }
+
+
+def merge_generation(parts: list[dict]) -> dict:
+    keys = ("jobs", "distinct", "cached", "generated", "failed", "prompt_tokens", "new_tokens")
+    total: dict[str, Any] = {k: sum(int(p.get(k, 0)) for p in parts) for k in keys}
+    total["seconds"] = round(sum(float(p.get("seconds", 0)) for p in parts), 2)
+    total["profiles_per_s"] = round(total["generated"] / total["seconds"], 3) if total["seconds"] else 0.0
+    total["new_tokens_per_s"] = round(total["new_tokens"] / total["seconds"], 1) if total["seconds"] else 0.0
+    return total
+
+
+def format_generation(info: dict) -> str:
+    return (
+        f"{info.get('jobs', 0)} prompts, {info.get('distinct', 0)} distinct, {info.get('cached', 0)} cached, "
+        f"{info.get('generated', 0)} generated in {float(info.get('seconds', 0)):.1f} s "
+        f"({float(info.get('profiles_per_s', 0)):.2f} profiles/s)"
+    )
 
 
 def write_quality(ctx: StageContext, folder: Path) -> dict | None:
@@ -440,7 +616,11 @@ def build_stages() -> list[Stage]:
             "sft",
             run_sft,
             needs=("prepare", "teacher"),
-            config=lambda c: {"base": c.llm.base_model, "lora": c.llm.lora.model_dump(), "sft": c.llm.sft.model_dump()},
+            config=lambda c: {
+                "base": c.llm.base_model,
+                "lora": c.llm.lora.model_dump(),
+                "sft": c.llm.sft.model_dump(),
+            },
             enabled=lambda c: c.stages.sft,
             estimate=est.sft,
             description="distillation: LoRA SFT of the small LM on the teacher pairs",
@@ -515,12 +695,14 @@ def build_stages() -> list[Stage]:
             "profiles",
             "profiles",
             run_profiles,
-            needs=("prepare", "teacher", "sft", "collab", "rl", "item_side"),
+            needs=("prepare", "teacher", "sft", "neighbours", "collab", "rl", "item_side"),
             config=lambda c: {
                 **c.section("generation", "prompt"),
                 "base": c.llm.base_model,
                 "chain": c.stages.generators(),
                 "ablation": c.stages.ablation,
+                "keep_teacher": c.llm.item_side.keep_teacher if c.stages.item_side else False,
+                "encoder": c.encoder.model,  # of the quality report
             },
             estimate=est.profiles,
             description="generate user and item profiles (final generator, and earlier ones for the ablation)",

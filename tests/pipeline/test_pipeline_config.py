@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ),
         ("colour: red\n", "x.yaml: colour: unknown key (expected one of: dataset, item_text, out"),
         ("llm:\n  sft:\n    stepz: 3\n", "x.yaml: llm.sft.stepz: unknown key (expected one of: steps, batch_size"),
-        ("llm:\n  sft:\n    steps: -1\n", "x.yaml: llm.sft.steps: Input should be greater than or equal to 0 (got -1)"),
+        ("llm:\n  sft:\n    steps: -1\n", "x.yaml: llm.sft.steps: Input should be greater than or equal to 1 (got -1)"),
         ("split:\n  ratios: [0.5, 0.1, 0.1]\n", "x.yaml: split.ratios: [0.5, 0.1, 0.1] must be three non-negative"),
         ("stages:\n  rl: ppo2\n", "x.yaml: stages.rl: 'ppo2' is not one of 'ppo', 'dpo' or 'none'"),
         ("stages:\n  sft: false\n", "x.yaml: stages: collab: true needs sft: true"),
