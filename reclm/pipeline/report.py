@@ -628,7 +628,7 @@ def build_sections(root: Path) -> tuple[str, list[Section]]:
     manifests = {p.stem: m for p in sorted((root / "manifests").glob("*.json")) if (m := read_json(p))}
     runs = load_runs(root)
     counts = train_counts(root)
-    dataset = (read_json(root / "data" / "dataset.json") or {}).get("dataset", "?")
+    dataset = (read_json(root / "data" / "split.json") or {}).get("meta", {}).get("dataset", "?")
     title = f"RecLM report: {dataset} ({root.name})"
 
     sections = [Section("Setup", [Text(setup_text(root, config, runs))])]

@@ -442,6 +442,8 @@ def write_quality(ctx: StageContext, folder: Path) -> dict | None:
     reference = ctx.run.teacher if ctx.run.teacher.is_dir() else None
     encoder = TextEncoder(ctx.config.encoder.model, batch_size=ctx.config.encoder.batch_size) if reference else None
     report = quality.quality_report(folder, reference, heldout, encoder)
+    # name the final places, not the work folder the stage writes into
+    report["source"] = str(ctx.root / "profiles" / folder.relative_to(ctx.out))
     report["heldout_file"] = str(heldout_file) if heldout is not None else None
     write_json(folder / "quality.json", report)
     return {k: v for k, v in report.items() if k in ("users", "items")}
