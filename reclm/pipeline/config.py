@@ -60,9 +60,9 @@ class StageSwitches(Section):
     teacher: Literal["file", "openai", "offline"] = "offline"
     sft: bool = True
     collab: bool = True
-    reward: bool = True
+    reward: bool = False  # DPO builds its own preference pairs; PPO needs the reward model
     rl: Literal["ppo", "dpo", "none"] = "dpo"
-    item_side: bool = False
+    item_side: bool = True
     ablation: bool = False  # also profile with every earlier generator and train the ablation backbones on them
 
     @model_validator(mode="after")
@@ -106,8 +106,8 @@ class OpenAITeacher(Section):
 class TeacherOptions(Section):
     """Which users and items get teacher profiles (``null`` = all), and where they come from."""
 
-    users: int | None = Field(300, ge=1)
-    items: int | None = Field(300, ge=1)
+    users: int | None = Field(None, ge=1)
+    items: int | None = Field(None, ge=1)
     seed: int = 0
     user_file: str | None = None  # file teacher: defaults to the dataset's teacher_user_profiles.jsonl
     item_file: str | None = None
@@ -132,10 +132,10 @@ class LoraOptions(Section):
 
 
 class TrainOptions(Section):
-    """reclm.llm.sft.TrainSettings fields the pipeline sets."""
+    """reclm.llm.sft.TrainSettings fields the pipeline sets (defaults: the ml-100k CPU budget)."""
 
-    steps: int = Field(60, ge=1)
-    batch_size: int = Field(8, ge=1)
+    steps: int = Field(30, ge=1)
+    batch_size: int = Field(4, ge=1)
     lr: float = Field(2e-4, gt=0)
     max_seq_len: int = Field(512, ge=32)
     seed: int = 0
@@ -148,8 +148,8 @@ class SFTOptions(TrainOptions):
 class CollabOptions(TrainOptions):
     """Collaborative instruction tuning (reclm.llm.collab.run_collab)."""
 
-    steps: int = Field(30, ge=1)
-    batch_size: int = Field(4, ge=1)
+    steps: int = Field(8, ge=1)
+    batch_size: int = Field(2, ge=1)
     max_seq_len: int = Field(1536, ge=32)  # longer dialogues are skipped
     dialogues: int | None = Field(None, ge=1)  # target users (null: steps x batch size)
     neighbours: int = Field(3, ge=0)  # similar users shown in turn 1
@@ -164,7 +164,7 @@ class CollabOptions(TrainOptions):
 class RewardOptions(TrainOptions):
     """Preference pairs and the reward model (reclm.llm.reward.run_reward)."""
 
-    steps: int = Field(40, ge=1)
+    steps: int = Field(10, ge=1)
     pairs: int | None = Field(None, ge=1)  # users to build pairs for (null: every eligible one)
     eval_share: float = Field(0.2, gt=0, lt=1)  # users held out for the accuracy report
     source: Literal["teacher", "distilled"] = "teacher"  # where the chosen profiles come from
@@ -173,8 +173,8 @@ class RewardOptions(TrainOptions):
 class RLOptions(TrainOptions):
     """PPO or DPO on the profile writer (reclm.llm.rl.stage.run_rl)."""
 
-    steps: int = Field(10, ge=1)
-    batch_size: int = Field(4, ge=1)
+    steps: int = Field(8, ge=1)
+    batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-5, gt=0)
     kl_coef: float = Field(0.05, ge=0)  # PPO KL penalty against the SFT reference
     beta: float = Field(0.1, gt=0)  # DPO temperature
@@ -184,7 +184,7 @@ class RLOptions(TrainOptions):
 class ItemSideOptions(TrainOptions):
     """The item-profile writer (reclm.llm.item_side.train_item_writer)."""
 
-    steps: int = Field(40, ge=1)
+    steps: int = Field(15, ge=1)
     max_seq_len: int = Field(1024, ge=32)
     init: Literal["sft", "fresh"] = "sft"  # start from the user writer's adapter, or a fresh LoRA
     keep_teacher: bool = False  # items with a teacher profile keep it
@@ -206,7 +206,7 @@ class NeighbourOptions(Section):
     source: Literal["cf", "shipped"] = "cf"  # shipped: the dataset's neighbour lists (Netflix, MIND items)
     backbone: Backbone = "lightgcn"
     k: int = Field(5, ge=1)
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(20, ge=1)
 
 
 class GenerationOptions(Section):
@@ -241,7 +241,7 @@ class CFOptions(Section):
     features: list[FeatureMode] = ["text", "text+profiles"]
     seeds: list[int] = [2020]
     ablation_backbones: list[Backbone] = ["lightgcn"]
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = {"epochs": 40, "patience": 5}  # bounded for the CPU default
     per_backbone: dict[Backbone, dict[str, Any]] = {}
 
     @field_validator("backbones", "features", "seeds")
