@@ -284,6 +284,12 @@ class PipelineConfig(Section):
     cf: CFOptions = CFOptions()
     report: ReportOptions = ReportOptions()
 
+    @model_validator(mode="after")
+    def item_side_start(self) -> PipelineConfig:
+        if self.stages.item_side and not self.stages.sft and self.llm.item_side.init == "sft":
+            raise ValueError("stages.item_side: true with sft: false needs llm.item_side.init: fresh")
+        return self
+
     def section(self, *keys: str) -> dict[str, Any]:
         """The named top-level sections as plain data (what a stage's cache key is built from)."""
         dumped = self.model_dump(mode="json")
@@ -338,7 +344,7 @@ def describe_error(error: dict) -> str:
         return f"{key_path(loc)}: {value!r} is not one of {expected}"
     message = error["msg"].removeprefix("Value error, ")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"{key_path(loc)}: {message}{shown}"
+    return f"{key_path(loc)}: {message}{shown}" if loc else message
 
 
 def validate_config(raw: Any, source: str = "config") -> PipelineConfig:

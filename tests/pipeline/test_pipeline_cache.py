@@ -94,7 +94,7 @@ def test_first_run_runs_everything_and_rerun_skips_everything(setup):
     run, calls, root, _ = setup
     assert set(run().values()) == {"ran"}
     assert calls.count == {"prepare": 1, "teacher": 1, "sft": 1, "neighbours": 1, "report": 1}
-    assert read(root, "report") == "report(sft(teacher(data(v1,2020),0),60),nb(data(v1,2020),5))"
+    assert read(root, "report") == "report(sft(teacher(data(v1,2020),0),30),nb(data(v1,2020),5))"
     assert set(run().values()) == {"cached"}
     assert calls.count == {"prepare": 1, "teacher": 1, "sft": 1, "neighbours": 1, "report": 1}
     manifest = json.loads((root / "manifests" / "teacher.json").read_text())
@@ -156,7 +156,7 @@ def test_interrupted_stage_resumes_and_loses_nothing(setup):
     actions = run()
     assert actions == {"prepare": "cached", "teacher": "cached", "sft": "ran", "neighbours": "ran", "report": "ran"}
     assert calls.resumed["sft"] == [False, True]
-    assert read(root, "sft") == "sft(teacher(data(v1,2020),0),60)"
+    assert read(root, "sft") == "sft(teacher(data(v1,2020),0),30)"
     assert not (root / ".work" / "sft").exists()
 
 
@@ -187,7 +187,9 @@ def test_modified_or_missing_output_is_rebuilt(setup):
 def test_switched_off_stage_is_parked_and_restored_when_switched_back_on(setup):
     run, calls, root, _ = setup
     run()
-    config = PipelineConfig.model_validate({"stages": {"sft": False, "collab": False, "reward": False, "rl": "none"}})
+    config = PipelineConfig.model_validate(
+        {"stages": {"sft": False, "collab": False, "reward": False, "rl": "none", "item_side": False}}
+    )
     actions = run(config)
     assert actions["sft"] == "off" and actions["report"] == "ran"
     assert json.loads((root / "manifests" / "sft.json").read_text()) == {"stage": "sft", "status": "off"}
@@ -203,7 +205,7 @@ def test_switched_off_stage_is_parked_and_restored_when_switched_back_on(setup):
         "report": "ran",
     }
     assert calls.count["sft"] == 1, "the parked output came back instead of a rerun"
-    assert read(root, "report") == "report(sft(teacher(data(v1,2020),0),60),nb(data(v1,2020),5))"
+    assert read(root, "report") == "report(sft(teacher(data(v1,2020),0),30),nb(data(v1,2020),5))"
     assert json.loads((root / "manifests" / "sft.json").read_text())["status"] == "complete"
     assert not (root / ".off" / "sft").exists()
 

@@ -35,6 +35,10 @@ def write(tmp_path: Path, text: str) -> Path:
         ("stages:\n  rl: ppo2\n", "x.yaml: stages.rl: 'ppo2' is not one of 'ppo', 'dpo' or 'none'"),
         ("stages:\n  sft: false\n", "x.yaml: stages: collab: true needs sft: true"),
         ("stages:\n  rl: ppo\n  reward: false\n", "x.yaml: stages: rl: ppo needs reward: true"),
+        (
+            "stages: {sft: false, collab: false, rl: none}\n",
+            "x.yaml: stages.item_side: true with sft: false needs llm.item_side.init: fresh",
+        ),
         ("generation:\n  batch_size: many\n", "x.yaml: generation.batch_size: Input should be a valid integer"),
         ("cf:\n  seeds: []\n", "x.yaml: cf.seeds: must list at least one value"),
         ("- just\n- a list\n", "x.yaml: expected a mapping of keys at the top level, got list"),
