@@ -71,10 +71,22 @@ def dataset_files(cfg: PipelineConfig) -> list[Path]:
     return files
 
 
-def teacher_files(cfg: PipelineConfig) -> list[Path]:
-    if cfg.stages.teacher != "file":
+def resource_files(cfg: PipelineConfig) -> list[Path]:
+    """The dataset's side files (shipped teacher profiles, neighbour lists) that stages may read:
+    not part of the dataset's fingerprint, so the stages that read them hash them themselves."""
+    from reclm.data.loaders import PAPER_RESOURCES
+
+    folder = Path(str(cfg.dataset)).expanduser()
+    if not folder.is_dir():
         return []
-    return [Path(p).expanduser() for p in (cfg.teacher.user_file, cfg.teacher.item_file) if p]
+    return [folder / name for name in PAPER_RESOURCES if (folder / name).is_file()]
+
+
+def teacher_files(cfg: PipelineConfig) -> list[Path]:
+    files = resource_files(cfg)
+    if cfg.stages.teacher == "file":
+        files += [Path(p).expanduser() for p in (cfg.teacher.user_file, cfg.teacher.item_file) if p]
+    return files
 
 
 def prompt_budget(cfg: PipelineConfig):
@@ -633,6 +645,7 @@ def build_stages() -> list[Stage]:
             run_neighbours,
             needs=("prepare",),
             config=lambda c: c.section("neighbours"),
+            files=resource_files,
             enabled=generators_on,
             estimate=est.neighbours,
             description="similar users/items from a CF model trained on train pairs",
@@ -661,6 +674,7 @@ def build_stages() -> list[Stage]:
                 "lora": c.llm.lora.model_dump(),
                 "reward": c.llm.reward.model_dump(),
             },
+            files=resource_files,
             enabled=lambda c: c.stages.reward,
             estimate=est.reward,
             description="preference pairs and the reward model",
@@ -675,6 +689,7 @@ def build_stages() -> list[Stage]:
                 "rl": c.llm.rl.model_dump(),
                 "generation": c.generation.model_dump(),
             },
+            files=resource_files,
             enabled=lambda c: c.stages.rl != "none",
             estimate=est.rl,
             description="PPO (KL-penalised) or DPO on the profile writer",

@@ -302,3 +302,22 @@ def test_dry_run_estimates_use_speeds_measured_on_this_machine(tmp_path):
     assert measured.basis == "measured" and measured.seconds == pytest.approx(400.0)
     sft = estimate.sft(config, size, book)
     assert sft.units == config.llm.sft.steps and sft.tokens > 0
+
+
+def test_stages_that_read_a_datasets_side_files_hash_them(tmp_path):
+    """Shipped teacher profiles and neighbour lists are not in the dataset fingerprint: the stages
+    that read them have them among their input files, so editing one reruns those stages."""
+    from reclm.pipeline.stages import STAGES
+
+    (tmp_path / "interactions.csv").write_text("user,item\n1,1\n")
+    (tmp_path / "teacher_user_profiles.jsonl").write_text("{}\n")
+    (tmp_path / "item_neighbours.jsonl").write_text("{}\n")
+    config = PipelineConfig.model_validate({"dataset": str(tmp_path), "stages": {"teacher": "file", "reward": True}})
+    by_name = {s.name: s for s in STAGES}
+    shipped = {tmp_path / "teacher_user_profiles.jsonl", tmp_path / "item_neighbours.jsonl"}
+    for name in ("teacher", "neighbours", "reward", "rl"):
+        assert shipped <= set(by_name[name].files(config)), name
+    pipeline = Pipeline(config, tmp_path / "run", STAGES, Console(quiet=True))
+    before = pipeline.stage_inputs(by_name["teacher"], {"prepare": "x"})
+    (tmp_path / "teacher_user_profiles.jsonl").write_text('{"user": 1}\n')
+    assert pipeline.stage_inputs(by_name["teacher"], {"prepare": "x"}) != before
