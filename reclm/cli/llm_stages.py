@@ -161,7 +161,8 @@ def item_side_command(
     limit: int = typer.Option(None, help="Generate for the first N items only (a documented subset)."),
     keep_teacher: bool = typer.Option(False, help="Items with a teacher profile keep it."),
     max_words: int = typer.Option(20, help="Words kept of each item field."),
-    max_profiles: int = typer.Option(5, help="User profiles and neighbour items shown per item."),
+    max_profiles: int = typer.Option(5, help="User profiles shown per item prompt."),
+    max_neighbours: int = typer.Option(3, help="Neighbour items shown per item prompt."),
 ) -> None:
     """Item-profile writer: SFT on item text + neighbour items with their profiles, then every item's profile."""
     from reclm.llm.collab import profile_writer
@@ -169,7 +170,7 @@ def item_side_command(
     from reclm.llm.prompts import PromptBudget
 
     rundir, data, split = load_run(run)
-    budget = PromptBudget(max_words=max_words, max_profiles=max_profiles)
+    budget = PromptBudget(max_words=max_words, max_profiles=max_profiles, max_neighbours=max_neighbours)
     folder = rundir.stage("item_sft")
     if steps > 0:
         init_adapter = None

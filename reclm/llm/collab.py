@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from reclm.llm.chat import SYSTEM_PROMPT, Conversation, as_conversation
 from reclm.llm.prompts import PROFILE_FORMAT, count_tokens, domain_for, render_item, user_histories
 
 YES, NO = "Yes", "No"
+TEMPLATE_TOKENS = 64  # what the chat template adds to a dialogue's message text (SmolLM2: about 35)
 DIALOGUES_FILE = "dialogues.jsonl"
 
 # Segment headers of a turn-1 prompt; the audit parses them back to tell whose history a listing is.
@@ -444,7 +445,13 @@ def run_collab(
     out.mkdir(parents=True, exist_ok=True)
     budget = budget or CollabBudget()
     prompt_budget = prompt_budget or PromptBudget()
-    train_settings = settings_from(TrainSettings, {"seed": seed, **dict(train or {})})
+    train = {"seed": seed, **dict(train or {})}
+    # the dialogue budget counts message text; the chat template adds about TEMPLATE_TOKENS more
+    if "max_seq_len" in train and budget.max_tokens is not None:
+        budget = replace(budget, max_tokens=min(budget.max_tokens, int(train["max_seq_len"]) - TEMPLATE_TOKENS))
+    elif budget.max_tokens is not None:
+        train["max_seq_len"] = budget.max_tokens + TEMPLATE_TOKENS
+    train_settings = settings_from(TrainSettings, train)
     if init_adapter is None:
         candidate = run.stage("sft") / "adapter"
         if not (candidate / "adapter_config.json").is_file():

@@ -40,7 +40,7 @@ def shown_users(split: Split, items: Sequence[int], user_profiles: Mapping[int, 
     out = {}
     for i in items:
         with_profile = [int(u) for u in train_users[int(i)] if int(u) in user_profiles]
-        out[int(i)] = with_profile[-k:] if k else []
+        out[int(i)] = with_profile[-k:] if k > 0 else []
     return out
 
 
@@ -61,7 +61,7 @@ def item_records(
     users = shown_users(split, items, user_profiles, budget.max_profiles)
     records = []
     for i in items:
-        near = [int(j) for j in neighbours.get(i, ()) if int(j) != i][: budget.max_profiles]
+        near = [int(j) for j in neighbours.get(i, ()) if int(j) != i][: budget.max_neighbours]
         extra = {
             "users": [data.user_ids[u] for u in users[i]],
             "neighbours": [data.item_ids[j] for j in near],
@@ -120,11 +120,12 @@ def train_item_writer(
     budget = budget or PromptBudget()
     index = data.item_index()
     teacher = load_profiles_by_index(run.teacher / "items.jsonl", index, "item")
+    # zero-shot items are never training targets: a teacher may have seen their (test) interactions
     zero_shot = set(split.zero_shot_items.tolist())
     targets = {i: p for i, p in teacher.items() if i not in zero_shot and parse_profile(p)}
     if not targets:
         raise ValueError(f"{run.teacher / 'items.jsonl'}: no teacher item profiles to train the item writer on")
-    neighbours = neighbours if neighbours is not None else item_neighbour_lists(run, data, split, budget.max_profiles)
+    neighbours = neighbours if neighbours is not None else item_neighbour_lists(run, data, split, budget.max_neighbours)
     user_profiles = load_profiles_by_index(run.teacher / "users.jsonl", data.user_index(), "user")
     records = []
     for i in sorted(targets):
@@ -164,7 +165,7 @@ def generate_item_profiles(
     out = Path(out or run.stage("item_sft"))
     budget = budget or PromptBudget()
     wanted = list(range(data.n_items)) if items is None else [int(i) for i in items]
-    neighbours = neighbours if neighbours is not None else item_neighbour_lists(run, data, split, budget.max_profiles)
+    neighbours = neighbours if neighbours is not None else item_neighbour_lists(run, data, split, budget.max_neighbours)
     user_profiles = user_profiles_for_items(run, data)
     teacher = load_profiles_by_index(run.teacher / "items.jsonl", data.item_index(), "item")
     zero_shot = set(split.zero_shot_items.tolist())

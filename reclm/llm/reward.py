@@ -397,7 +397,7 @@ def train_reward_model(
         optimizer.step()
         losses.append(float(loss.detach()))
         if progress:
-            progress(step, float(loss))
+            progress(step, losses[-1])
     model.eval()
     return losses
 
