@@ -92,7 +92,18 @@ def prepare(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None
 def teacher_counts(cfg: PipelineConfig, size: DataSize) -> int:
     users = min(cfg.teacher.users or size.users, size.users)
     items = min(cfg.teacher.items or size.items, size.items)
+    if cfg.stages.teacher == "file":  # at most what the files hold
+        users = min(users, count_lines(cfg.teacher.user_file, cfg.dataset, "teacher_user_profiles.jsonl"))
+        items = min(items, count_lines(cfg.teacher.item_file, cfg.dataset, "teacher_item_profiles.jsonl"))
     return users + items
+
+
+def count_lines(path: str | None, dataset: str, shipped: str) -> int:
+    file = Path(path).expanduser() if path else Path(str(dataset)).expanduser() / shipped
+    if not file.is_file():
+        return 0
+    with file.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def teacher(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
