@@ -66,7 +66,14 @@ def synchronize(device: torch.device) -> None:
 
 
 class Trainer:
-    def __init__(self, split: Split, config: CFConfig, features: SideFeatures, show_progress: bool = True):
+    def __init__(
+        self,
+        split: Split,
+        config: CFConfig,
+        features: SideFeatures,
+        show_progress: bool = True,
+        history_path: Path | None = None,
+    ):
         if len(split.train) == 0:
             raise ValueError("the split has no train pairs")
         if len(split.valid) == 0:
@@ -83,6 +90,7 @@ class Trainer:
         self.sampler = BPRSampler(split.train, split.n_items, candidates)
         self.evaluator = Evaluator(split, config.topks, config.eval_batch_size, self.device)
         self.history: list[dict] = []
+        self.history_path = history_path  # rewritten after every epoch, so a long run can be followed
 
     # ------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict[str, float]:
@@ -149,6 +157,8 @@ class Trainer:
                     else:
                         since_best += 1
                 self.history.append(record)
+                if self.history_path is not None:
+                    self.history_path.write_text(json.dumps(self.history, indent=1))
                 status = f"loss {losses['loss']:.4f}"
                 if best_epoch:
                     status += f"  best {metric} {best_score:.4f} @ {best_epoch}"
@@ -173,7 +183,11 @@ def train_cf(
     best validation epoch, and (when ``out_dir`` is given) write metrics.json, history.json,
     per_user.csv, config.yaml, model.pt and, for dot-product models, embeddings.npz."""
     features = features or SideFeatures()
-    trainer = Trainer(split, config, features, show_progress=show_progress)
+    history_path = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        history_path = Path(out_dir) / "history.json"
+    trainer = Trainer(split, config, features, show_progress=show_progress, history_path=history_path)
     best_epoch, _ = trainer.fit()
     results = {task: trainer.evaluate(task, per_user=True) for task in ("valid", "test", "zero_shot")}
     history = trainer.history
