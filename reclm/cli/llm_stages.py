@@ -74,6 +74,7 @@ def collab_command(
     lora_r: int = typer.Option(8, help="LoRA rank (used when no adapter is continued)."),
     seed: int = typer.Option(0, help="Seed of targets, masks, negatives and training."),
     evaluate: bool = typer.Option(True, help="Held-out Yes/No accuracy before and after."),
+    backend: str = typer.Option("ct2", help="Generation backend of the distilled profiles: ct2 | transformers."),
 ) -> None:
     """Collaborative instruction tuning: two-turn dialogues, continuing the SFT adapter (RUN/collab/adapter)."""
     from reclm.llm.collab import CollabBudget, run_collab
@@ -84,7 +85,7 @@ def collab_command(
         rundir, data, split, base_model, dialogues=dialogues, budget=budget,
         lora=lora_options(lora_r, 2 * lora_r),
         train={"steps": steps, "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "seed": seed},
-        profile_source=profiles, seed=seed, evaluate=evaluate, log=say,
+        profile_source=profiles, seed=seed, evaluate=evaluate, backend=backend, log=say,
     )  # fmt: skip
     show({k: v for k, v in summary.items() if k != "train"})
 
@@ -163,6 +164,7 @@ def item_side_command(
     max_words: int = typer.Option(20, help="Words kept of each item field."),
     max_profiles: int = typer.Option(5, help="User profiles shown per item prompt."),
     max_neighbours: int = typer.Option(3, help="Neighbour items shown per item prompt."),
+    backend: str = typer.Option("ct2", help="Generation backend: ct2 | transformers."),
 ) -> None:
     """Item-profile writer: SFT on item text + neighbour items with their profiles, then every item's profile."""
     from reclm.llm.collab import profile_writer
@@ -189,7 +191,7 @@ def item_side_command(
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter}: no item writer yet (run with --steps > 0)")
         items = list(range(min(limit, data.n_items))) if limit else None
-        show(generate_item_profiles(rundir, data, split, profile_writer(base_model, adapter), budget=budget,
+        show(generate_item_profiles(rundir, data, split, profile_writer(base_model, adapter, backend), budget=budget,
                                     items=items, keep_teacher=keep_teacher))  # fmt: skip
 
 

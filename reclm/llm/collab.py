@@ -320,15 +320,30 @@ def budget_dict(budget: CollabBudget) -> dict:
 
 
 def profile_writer(
-    base_model: str, adapter: str | Path | None, batch_size: int = 16, max_new_tokens: int = 64
+    base_model: str,
+    adapter: str | Path | None,
+    backend: str = "transformers",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    cache_path: str | Path | None = None,
+    progress: bool = True,
 ) -> Callable[[list[str]], list[str]]:
-    """``prompts -> profiles`` with the project's generation backend (greedy, one line)."""
-    from reclm.llm.generation.base import DecodeParams
-    from reclm.llm.generation.hf import TransformersGenerator
+    """``prompts -> profiles`` through the project's generation runner (greedy, one line, cached on disk per
+    (model, adapter, prompt, decoding); ``backend``: transformers | ct2 | openai). A failed prompt gives ""."""
+    from reclm.llm.generation import DecodeParams, GenerationCache, generate_texts, make_generator
 
-    generator = TransformersGenerator(base_model, adapter, batch_size=batch_size)
+    generator = make_generator(backend, base_model, adapter, batch_size)
     params = DecodeParams(max_new_tokens=max_new_tokens)
-    return lambda prompts: generator.generate(list(prompts), params)
+
+    def write(prompts: list[str]) -> list[str]:
+        cache = GenerationCache(cache_path)
+        try:
+            texts, _ = generate_texts(generator, list(prompts), params, cache, progress=progress, desc="profiles")
+        finally:
+            cache.close()
+        return [t or "" for t in texts]
+
+    return write
 
 
 def yes_no_accuracy(model, tokenizer, records: Sequence[dict]) -> dict:
@@ -430,6 +445,7 @@ def run_collab(
     seed: int = 0,
     evaluate: bool = True,
     progress: bool = True,
+    backend: str = "transformers",
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build the dialogues (``out/dialogues.jsonl``) and continue the SFT adapter on them (``out/adapter``).
@@ -470,7 +486,7 @@ def run_collab(
     needed = sorted({*targets, *(v for u in targets for v in near.get(u, ())[: budget.neighbours])})
     if profile_source == "distilled" and generate is None:
         log(f"collab: writing distilled profiles of {len(needed)} users with {init_adapter}")
-        generate = profile_writer(base_model, init_adapter)
+        generate = profile_writer(base_model, init_adapter, backend, progress=progress)
     profiles, counts = collect_profiles(run, data, split, needed, profile_source, generate, prompt_budget, out)
     tokenizer = load_tokenizer(base_model)
     built = build_dialogues(data, split, near, profiles, targets, budget, tokenizer, seed)

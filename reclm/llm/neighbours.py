@@ -374,3 +374,27 @@ def load_neighbours(run: RunDir, data: RecDataset, side: str = "user") -> Neighb
         index, n = (data.user_index(), data.n_users) if side == "user" else (data.item_index(), data.n_items)
         return read_neighbour_lists(folder / f"{name}.jsonl", side, index, n)
     raise DataError(f"no {side} neighbours in this run (run `reclm neighbours RUN` first)", folder)
+
+
+def user_vectors(run: RunDir, split: Split) -> np.ndarray | None:
+    """The user embeddings the run's neighbours came from (a train-only CF model), if they are on disk."""
+    folder = run.stage("neighbours")
+    candidates = []
+    if (folder / "users.npz").is_file():
+        path = NeighbourTable.load(folder / "users.npz").meta.get("cf_embeddings")
+        if path:
+            candidates.append(Path(path))
+    candidates += sorted(folder.glob("cf-*/embeddings.npz")) + sorted(folder.glob("model/embeddings.npz"))
+    for path in candidates:
+        if path.is_file():
+            users, _ = read_cf_embeddings(path, split)
+            return users
+    return None
+
+
+def nearest_among(vectors: np.ndarray, queries: list[int], pool: list[int], k: int) -> dict[int, list[int]]:
+    """For each query user, its ``k`` nearest users (cosine) among ``pool``: "a neighbour that has a profile"."""
+    mask = np.zeros(len(vectors), dtype=bool)
+    mask[pool] = True
+    idx, _ = cosine_top_k(vectors, k, candidates=mask, queries=np.asarray(queries, dtype=np.int64))
+    return {q: [int(j) for j in row if j >= 0] for q, row in zip(queries, idx)}

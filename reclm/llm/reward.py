@@ -467,6 +467,20 @@ def sft_user_ids(run) -> set[str]:
     return teacher
 
 
+def pool_neighbours(run, data: RecDataset, split: Split, users: list[int], pool: list[int]):
+    """Neighbours for the neighbour / concat negatives: the nearest users (by the run's CF user embeddings)
+    among those with a profile; else the run's neighbour lists; else none (a random other user is used)."""
+    from reclm.llm.neighbours import load_neighbours, nearest_among, user_vectors
+
+    vectors = user_vectors(run, split)
+    if vectors is not None:
+        return nearest_among(vectors, users, pool, 3), "nearest CF users with a profile"
+    try:
+        return load_neighbours(run, data, "user").as_dict(), "the run's neighbour lists"
+    except Exception:  # noqa: BLE001 - no neighbour stage: random other users stand in
+        return {}, "random other users (no neighbours in this run)"
+
+
 def save_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -490,8 +504,6 @@ def run_reward(
 ) -> RewardResult:
     """Build the pairs (``out/pairs.jsonl``), train the reward model (``out/adapter``) and report held-out
     accuracy before and after training (``out/metrics.json``)."""
-    from reclm.llm.neighbours import load_neighbours
-
     config = config or RewardConfig()
     out = Path(out or run.stage("reward"))
     start = time.perf_counter()
@@ -502,18 +514,18 @@ def run_reward(
             f"only {len(chosen)} users have a {source} profile and were not used for SFT: the reward model needs "
             "more (sample fewer teacher users for SFT, or use --source distilled after `reclm profile`)"
         )
-    if neighbours is None:
-        try:
-            neighbours = load_neighbours(run, data, "user").as_dict()
-        except Exception:  # noqa: BLE001 - neighbours are optional here: random other users stand in
-            neighbours = {}
+    pool = chosen_profiles(run, data, source)  # any user's profile may serve as a neighbour negative
     users = sorted(chosen)
     if max_pairs is not None and max_pairs < len(users):
         users = sorted(np.random.default_rng(config.seed).choice(users, size=max_pairs, replace=False).tolist())
-    pairs = build_pairs(data, split, chosen, users, neighbours, budget, seed=config.seed)
+    neighbour_source = "given"
+    if neighbours is None:
+        neighbours, neighbour_source = pool_neighbours(run, data, split, users, sorted(pool))
+    pairs = build_pairs(data, split, chosen, users, neighbours, budget, seed=config.seed, pool=pool)
     train, held = split_by_user(pairs, eval_share, config.seed)
     write_pairs(out / PAIRS_FILE, data, pairs, {p.user: "eval" for p in held})
     log(f"reward: {len(train)} train / {len(held)} held-out pairs, kinds {kind_counts(pairs)}")
+    log(f"reward: neighbour negatives from {neighbour_source}")
     model, tokenizer = load_reward_model(base_model, config=config)
     before = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
     log(f"reward: held-out accuracy before training {before.get('accuracy_mean_over_kinds')}")

@@ -50,7 +50,8 @@ def tuned_run(tiny_run, tiny_model):
     return run, data, split, budget
 
 
-def test_stages_chain_and_audit(tuned_run, tiny_model):
+def test_stages_chain_and_audit(tuned_run, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECLM_CACHE", str(tmp_path / "cache"))  # generations are cached here, not in ~/.cache
     run, data, split, budget = tuned_run
     base = str(tiny_model)
     collab = run_collab(
