@@ -564,7 +564,7 @@ class Pipeline:
             stage=stage.name,
             inputs=inputs,
         )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         try:
             with PeakMemory() as memory:
                 summary = stage.run(ctx) or {}
@@ -584,6 +584,7 @@ class Pipeline:
             status="complete",
             finished=now(),
             seconds=round(seconds, 3),
+            cpu_seconds=round(cpu_seconds() - cpu_start, 3),
             tokens=tokens if isinstance(tokens, dict) else {"total": int(tokens)},
             tokens_total=sum(tokens.values()) if isinstance(tokens, dict) else int(tokens),
             peak_memory_mb=round(memory.rss_mb, 1),
@@ -610,6 +611,15 @@ class Pipeline:
             final.rename(trash)
         work.rename(final)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system): on a shared machine it
+    tells how much work a stage was, whatever else was running."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def read_json_file(path: Path) -> dict[str, Any] | None:

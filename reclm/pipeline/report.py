@@ -373,7 +373,7 @@ def cost_table(manifests: dict[str, dict]) -> list[Any]:
         record = manifests[name]
         status = record.get("status", "?")
         if status == "off":
-            rows.append([name, "off", "-", "-", "-", "-"])
+            rows.append([name, "off", "-", "-", "-", "-", "-"])
             continue
         seconds = float(record.get("seconds") or 0.0)
         total += seconds
@@ -392,7 +392,8 @@ def cost_table(manifests: dict[str, dict]) -> list[Any]:
     if not rows:
         return [Text("No manifests in this run directory.")]
     caption = f"total {format_seconds(total)} of stage work (each stage's last completed run)"
-    return [Table(["stage", "status", "time", "tokens", "peak RAM", "peak GPU"], rows, caption)]
+    headers = ["stage", "status", "time", "CPU time", "tokens", "peak RAM", "peak GPU"]
+    return [Table(headers, rows, caption)]
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
