@@ -50,6 +50,9 @@ def run_command(
     from reclm.pipeline.run import dry_run as plan
     from reclm.pipeline.run import make_pipeline, run
 
+    for flag, name in (("--from", from_stage), ("--only", only)):
+        if name is not None and name not in STAGE_NAMES:
+            raise ValueError(f"{flag} {name!r}: expected one of {', '.join(STAGE_NAMES)}")
     overrides: dict[str, Any] = {}
     if dataset:
         overrides["dataset"] = dataset

@@ -113,3 +113,9 @@ def test_cli_prints_the_config_error_on_one_line_and_exits_2(tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "cf.backbones[0]: 'lightgnc' is not one of" in lines[0]
+
+
+def test_cli_rejects_an_unknown_stage_name():
+    result = CliRunner().invoke(app, ["run", "--dry-run", "--only", "sftt"])
+    assert result.exit_code == 2
+    assert "--only 'sftt': expected one of prepare, teacher, sft" in result.output
