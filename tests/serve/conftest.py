@@ -216,3 +216,46 @@ def start_server(cache_dir, tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+LIGHTGCN = "cf/lightgcn-text+profiles-s2020"
+
+
+@pytest.fixture(scope="module")
+def lightgcn_server(served_run, cache_dir, tmp_path_factory):
+    """One server for a module's tests: LightGCN text+profiles, the tiny tuned writer (transformers backend),
+    a 300 ms batching window so that concurrent profile requests share batches."""
+    root, _ = served_run
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    args = ("--model", LIGHTGCN, "--profile-backend", "transformers", "--batch-wait-ms", "300", "--threads", "1")
+    server = Server(root, cache_dir, *args, log=log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def offline_ranking(run_root: Path, model_name: str, data, split, raw_user: str) -> tuple[list[str], np.ndarray]:
+    """The user's ranking of the dataset's items it did not see in train, straight from the saved model."""
+    model = load_cf_model(run_root / model_name / "model.pt")
+    user = data.user_ids.index(raw_user)
+    scores = model.user_item_scores([user])[0].numpy().astype(np.float64)
+    seen = split.train[split.train[:, 0] == user, 1]
+    scores[seen] = -np.inf
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    order = order[np.isfinite(scores[order])]
+    return [data.item_ids[i] for i in order], scores[order]
+
+
+def load_cf_model(path: Path):
+    from reclm.cf.trainer import load_model
+
+    return load_model(path)
+
+
+@pytest.fixture(scope="session")
+def ranking(served_run):
+    """``ranking(model_name, raw_user) -> (item ids, scores)``: see :func:`offline_ranking`."""
+    root, info = served_run
+    return lambda name, user: offline_ranking(root, name, info["data"], info["split"], user)
