@@ -57,7 +57,9 @@ def export_atomic(split: Split, user_ids: list[str], item_ids: list[str], folder
     return target
 
 
-def run_recbole(python: str, data_dir: Path, name: str, model: str, threads: int, epochs: int, out: Path) -> dict:
+def run_recbole(
+    python: str, data_dir: Path, name: str, model: str, threads: int, epochs: int, out: Path, seed: int
+) -> dict:
     settings = {
         "embedding_size": PROTOCOL["dim"],
         "learning_rate": PROTOCOL["lr"],
@@ -67,13 +69,13 @@ def run_recbole(python: str, data_dir: Path, name: str, model: str, threads: int
         "stopping_step": PROTOCOL["patience"],
         "topk": [10, 20, 40],
         "epochs": epochs,
-        "seed": 2020,
+        "seed": seed,
         "eval_batch_size": 4096 * 64,
         "checkpoint_dir": str(out / "recbole_saved"),
     }
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     command = [python, str(RUNNER), str(data_dir), name, model, str(threads), json.dumps(settings)]
-    log = out / f"recbole_{model}.log"
+    log = out / f"recbole_{model}_s{seed}.log"
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
@@ -85,10 +87,10 @@ def run_recbole(python: str, data_dir: Path, name: str, model: str, threads: int
     return result
 
 
-def run_ours(split: Split, backbone: str, threads: int, epochs: int, out: Path) -> dict:
-    config = CFConfig(backbone=backbone, features="none", epochs=epochs, seed=2020, threads=threads, **PROTOCOL)
+def run_ours(split: Split, backbone: str, threads: int, epochs: int, out: Path, seed: int) -> dict:
+    config = CFConfig(backbone=backbone, features="none", epochs=epochs, seed=seed, threads=threads, **PROTOCOL)
     start = time.perf_counter()
-    result = train_cf(split, config, out_dir=out / f"reclm_{backbone}", show_progress=False)
+    result = train_cf(split, config, out_dir=out / f"reclm_{backbone}_s{seed}", show_progress=False)
     return {
         "model": backbone,
         "valid": result.valid,
@@ -101,12 +103,22 @@ def run_ours(split: Split, backbone: str, threads: int, epochs: int, out: Path) 
     }
 
 
+def mean_result(results: list[dict]) -> dict:
+    """Means over seeds of the test metrics, epochs and per-epoch seconds."""
+    mean = {"test": {k: float(np.mean([r["test"][k] for r in results])) for k in results[0]["test"]}}
+    for key in ("best_epoch", "epochs_run", "epoch_seconds"):
+        mean[key] = float(np.mean([r[key] for r in results]))
+    mean["epoch_seconds_all"] = [x for r in results for x in r["epoch_seconds_all"]]
+    return mean
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recbole-python", default=str(ROOT / ".venv-recbole" / "bin" / "python"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both (1: robust on a shared box)")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--models", default="LightGCN,BPR", help="RecBole models (paired with ours)")
+    parser.add_argument("--seeds", default="2020", help="model seeds (the split stays seed 2020); >1 adds means")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_recbole_ml100k")
     args = parser.parse_args()
     if not Path(args.recbole_python).is_file():
@@ -119,16 +131,21 @@ def main() -> None:
     split.save(out / "split")
     name = "ml100k-reclm"
     export_atomic(split, data.user_ids, data.item_ids, out / "atomic", name)
-    console = Console()
+    console = Console(width=160)  # the results table is wide; logs are not terminals
     console.print(f"split {split.stats()} exported to {out / 'atomic' / name}")
 
     rows = []
+    seeds = [int(s) for s in args.seeds.split(",")]
     for model in args.models.split(","):
-        console.print(f"RecBole {model} ...")
-        theirs = run_recbole(args.recbole_python, out / "atomic", name, model, args.threads, args.epochs, out)
-        console.print(f"reclm {PAIRS[model]} ...")
-        ours = run_ours(split, PAIRS[model], args.threads, args.epochs, out)
-        rows.append((model, theirs, ours))
+        for seed in seeds:
+            console.print(f"RecBole {model} seed {seed} ...")
+            theirs = run_recbole(args.recbole_python, out / "atomic", name, model, args.threads, args.epochs, out, seed)
+            console.print(f"  test recall@20 {theirs['test']['recall@20']:.4f}; reclm {PAIRS[model]} seed {seed} ...")
+            ours = run_ours(split, PAIRS[model], args.threads, args.epochs, out, seed)
+            console.print(f"  test recall@20 {ours['test']['recall@20']:.4f}")
+            rows.append((f"{model} s{seed}", theirs, ours))
+        if len(seeds) > 1:
+            rows.append((f"{model} mean", *(mean_result([r[i] for r in rows[-len(seeds) :]]) for i in (1, 2))))
 
     table = Table(title=f"ml-100k, identical split, {args.threads} thread(s): test at the best validation epoch")
     columns = ("model", "impl", "Recall@20", "NDCG@20", "Recall@40", "best ep", "epochs", "s/epoch", "median", "ratio")
@@ -144,13 +161,13 @@ def main() -> None:
         cells = f"{ratio:.3f} (median {median_ratio:.3f})"
         for impl, r, cell in (("RecBole 1.2.1", theirs, ""), ("reclm", ours, cells)):
             table.add_row(
-                model if impl.startswith("RecBole") else PAIRS[model],
+                model if impl.startswith("RecBole") else PAIRS[model.split()[0]],
                 impl,
                 f"{r['test']['recall@20']:.4f}",
                 f"{r['test']['ndcg@20']:.4f}",
                 f"{r['test']['recall@40']:.4f}",
-                str(r["best_epoch"]),
-                str(r["epochs_run"]),
+                f"{r['best_epoch']:g}",
+                f"{r['epochs_run']:g}",
                 f"{r['epoch_seconds']:.3f}",
                 f"{r['epoch_seconds_median']:.3f}",
                 cell,

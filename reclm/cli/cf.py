@@ -55,7 +55,7 @@ def train_cf_command(
     lr: float = typer.Option(None, help="Adam learning rate (default: 1e-3)."),
     batch_size: int = typer.Option(None, help="BPR batch size (default: 2048)."),
     layers: int = typer.Option(None, help="Graph layers (default: 2)."),
-    reg_weight: float = typer.Option(None, help="L2 weight on layer-0 representations (default: 1e-5)."),
+    reg_weight: float = typer.Option(None, help="L2 weight on layer-0 representations (default: 1e-4)."),
     patience: int = typer.Option(None, help="Validations without improvement before stopping (default: 10)."),
     eval_every: int = typer.Option(None, help="Validate every N epochs (default: 1)."),
     valid_metric: str = typer.Option(None, help="Selection metric (default: ndcg@20)."),
