@@ -370,7 +370,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--faiss-min-items", type=int, default=None, help="Passed to reclm serve (1: force FAISS).")
     parser.add_argument("--index", action="store_true", help="NumPy vs FAISS top-k by catalog size.")
-    parser.add_argument("--sizes", default="1000,3000,10000,30000,100000,300000")
+    parser.add_argument("--sizes", default="1000,3000,10000,30000,100000,300000,1000000")
     parser.add_argument("--cold", action="store_true", help="Cold-start quality of folded-in users.")
     parser.add_argument("--new-users", type=int, default=0, help="POST this many new users (profile writing).")
     parser.add_argument("--backend", default="ct2", help="Profile backend for --new-users.")

@@ -15,14 +15,16 @@ import threading
 
 import numpy as np
 
-# Catalog size from which FAISS IndexFlatIP answers a top-20 query (with a user's seen items excluded) faster
-# than NumPy, both on one thread. `python benchmarks/serve_load.py --index` on the 2-core dev machine (loaded by
-# other jobs; median of 7 runs of 200-2000 queries, d=65, 50 seen items), microseconds per query:
-#   items      1k    3k    10k   30k   100k   300k
-#   numpy      23    50    160   480   1750   5900
-#   faiss      40    65    140   370   1350   4700
-# FAISS wins from about 10k items on; below that NumPy's single pass is as fast or faster.
-FAISS_MIN_ITEMS = 10_000
+# Catalog size from which top-k goes through FAISS IndexFlatIP. Measured with `python benchmarks/serve_load.py
+# --index` on the 2-core dev machine while other jobs kept its load average at 10-12
+# (top-20, d=64, 50 seen items excluded, one thread each, median of 7 runs), microseconds per query:
+#   items         1k    3k    10k    30k    100k    300k      1M
+#   numpy        118   206    882   3204   17673   44831  151092
+#   faiss        261   390    958   3077   17079   48222  149975
+#   numpy/faiss 0.45  0.53   0.92   1.04    1.03    0.93    1.01   (an earlier run: 0.49 0.53 1.01 0.86 0.88 0.97)
+# Below 10k NumPy is about twice as fast (FAISS's per-call overhead); from 30k on both stream the matrix and are
+# within noise of each other. FAISS takes over from 100k, well inside the range where it costs nothing.
+FAISS_MIN_ITEMS = 100_000
 MAX_TAIL = 1024  # rows added after the FAISS index was built, scored by NumPy, before a rebuild
 
 
@@ -116,17 +118,18 @@ class ItemIndex:
             return top_from_scores(rows @ query, k, exclude)
         index, covered = current
         covered = min(covered, len(rows))
-        excluded_inside = int(np.count_nonzero(exclude < covered))
-        want = min(covered, k + excluded_inside)
+        blocked = np.zeros(len(rows), bool)
+        blocked[exclude] = True
+        want = min(covered, k + int(np.count_nonzero(blocked[:covered])))
         scores, ids = index.search(query.reshape(1, -1), want)
         ids, scores = ids[0], scores[0]
-        keep = (ids >= 0) & ~np.isin(ids, exclude)
+        keep = ids >= 0
+        ids, scores = ids[keep], scores[keep]
+        keep = ~blocked[ids]
         ids, scores = ids[keep].astype(np.int64), scores[keep].astype(np.float32)
         if len(rows) > covered:  # rows added after the index was built
-            tail = rows[covered:] @ query
-            ids = np.concatenate([ids, np.arange(covered, len(rows))])
-            scores = np.concatenate([scores, tail])
-            keep = ~np.isin(ids, exclude)
-            ids, scores = ids[keep], scores[keep]
+            tail = np.flatnonzero(~blocked[covered:]) + covered
+            ids = np.concatenate([ids, tail])
+            scores = np.concatenate([scores, rows[tail] @ query])
         order = np.lexsort((ids, -scores))[:k]
         return ids[order], scores[order]
