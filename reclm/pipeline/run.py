@@ -112,6 +112,9 @@ def run(
     console = console or Console()
     pipeline = make_pipeline(config, out, console)
     save_config(config, Path(out))
+    console.print(
+        f"reclm run: {config.dataset} -> {out} (effective config in {Path(out) / 'config.yaml'})", highlight=False
+    )
     with thread_count(config.threads):
         outcomes = pipeline.run(from_stage=from_stage, only=only)
     ran = sum(o.seconds for o in outcomes if o.action == "ran")
