@@ -265,7 +265,7 @@ class CFOptions(Section):
 
 class ReportOptions(Section):
     examples: int = Field(3, ge=0)  # example profiles shown beside the user's history
-    metric: str = "ndcg@20"  # the per-user metric of the significance test
+    metric: str = Field("ndcg@20", pattern=r"^(recall|ndcg)@\d+$")  # per-user metric of the significance test
 
 
 class PipelineConfig(Section):
