@@ -100,22 +100,26 @@ class CT2Generator(Generator):
         static_prefix: bool = True,
         system: str | None = SYSTEM_PROMPT,
     ):
-        import ctranslate2
-
         super().__init__()
         self.device = ct2_device(device)
         self.quantization = quantization or ("int8" if self.device == "cpu" else "int8_bfloat16")
         self.path = convert_to_ct2(model, adapter, self.quantization)
         self.threads = threads or int(os.environ.get("RECLM_THREADS", 0)) or available_cores()
-        self.generator = ctranslate2.Generator(
-            str(self.path), device=self.device, compute_type=compute_type, intra_threads=self.threads
-        )
+        self.compute_type = compute_type
+        self.generator = self.load()
         self.tokenizer = load_tokenizer(model)
         self.batch_size = batch_size
         self.static_prefix = static_prefix
         self.system = system
         self._static: list[int] | None = None
         self._identity = f"ct2-{self.quantization}|{model_identity(model)}|adapter={adapter_identity(adapter)}"
+
+    def load(self) -> Any:
+        import ctranslate2
+
+        return ctranslate2.Generator(
+            str(self.path), device=self.device, compute_type=self.compute_type, intra_threads=self.threads
+        )
 
     @property
     def identity(self) -> str:
@@ -152,10 +156,13 @@ class CT2Generator(Generator):
             options.update(
                 sampling_topk=params.top_k, sampling_topp=params.top_p, sampling_temperature=params.temperature
             )
+        if not params.greedy:
+            # CTranslate2 seeds each worker thread's generator once, when the thread starts: reload so that
+            # sampling restarts from the seed (same prompts and batch size -> same texts)
+            ctranslate2.set_random_seed(params.seed)
+            self.generator = self.load()
         outputs: list[str] = [""] * len(prompts)
         for batch in sorted_batches([len(x) for x in ids], self.batch_size):
-            if not params.greedy:
-                ctranslate2.set_random_seed(params.seed)
             tokens = [self.tokenizer.convert_ids_to_tokens(ids[i][len(static) :]) for i in batch]
             results = self.generator.generate_batch(tokens, **options)
             for i, result in zip(batch, results):

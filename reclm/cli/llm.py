@@ -1,0 +1,222 @@
+"""``reclm sft`` (LoRA distillation on teacher profiles) and ``reclm profile`` (profiles for users and items)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import typer
+
+from reclm.cli.common import app, console, err_console, friendly_errors
+from reclm.pipeline.rundir import RunDir
+
+
+def teacher_file(run: RunDir, source: str, kind: str) -> Path:
+    """``RUN/<source>/{users,items}.jsonl``, or ``source`` itself when it is a records file."""
+    given = Path(source)
+    if given.suffix == ".jsonl":
+        return given
+    return run.stage(source) / f"{kind}s.jsonl"
+
+
+@app.command("sft")
+@friendly_errors
+def sft_command(
+    run: Path = typer.Argument(..., help="Run directory holding teacher profiles."),
+    model: str = typer.Option("smollm2-135m", help="Base model: smollm2-135m (packaged) or a Hugging Face folder."),
+    source: str = typer.Option("teacher", help="Stage folder with {users,items}.jsonl, or a records .jsonl file."),
+    kind: str = typer.Option("user", help="user (-> RUN/sft/) or item (-> RUN/item_sft/)."),
+    epochs: float = typer.Option(1.0, help="Passes over the training pairs (when --max-steps is 0)."),
+    max_steps: int = typer.Option(0, help="Optimizer steps (0: use --epochs)."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (warm-up, then cosine decay)."),
+    batch_size: int = typer.Option(8, help="Examples per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    max_seq_len: int = typer.Option(512, help="Longer pairs are skipped (and counted)."),
+    lora_r: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
+    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    target_modules: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="Comma-separated modules (+up/down)."),
+    holdout: float = typer.Option(0.1, help="Share of pairs held out for validation loss (seeded)."),
+    seed: int = typer.Option(0, help="Seed of the held-out split, batch order and LoRA init."),
+    eval_every: int = typer.Option(50, help="Held-out loss every N steps (and before and after)."),
+    save_every: int = typer.Option(25, help="Checkpoint every N steps (a crashed run resumes there)."),
+    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory (long sequences, big models)."),
+    threads: int = typer.Option(None, help="Torch threads [available cores]."),
+    fresh: bool = typer.Option(False, help="Discard an earlier checkpoint instead of resuming from it."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """LoRA SFT of the profile writer on teacher pairs (loss on responses only): adapter + metrics.json."""
+    from reclm.llm.sft import LoraSettings, TrainSettings, teacher_conversations, train_lora
+
+    if kind not in ("user", "item"):
+        raise ValueError(f"--kind {kind!r}: expected user or item")
+    rundir = RunDir(run)
+    path = teacher_file(rundir, source, kind)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {kind} teacher profiles (run `reclm teacher {run}` first)")
+    out = rundir.stage("sft" if kind == "user" else "item_sft")
+    if fresh:
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    conversations, keys = teacher_conversations(path)
+    lora = LoraSettings(lora_r, lora_alpha, lora_dropout, tuple(m.strip() for m in target_modules.split(",") if m))
+    train = TrainSettings(
+        steps=max_steps or None,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        max_seq_len=max_seq_len,
+        holdout=holdout,
+        seed=seed,
+        eval_every=eval_every,
+        save_every=save_every,
+        gradient_checkpointing=gradient_checkpointing,
+        threads=threads,
+    )
+    console.print(f"sft: {len(conversations)} {kind} pairs from {path}, base {model}")
+    result = train_lora(conversations, out, model, lora, train, progress=not quiet)
+    held = json.loads((out / "split.json").read_text())["heldout"]
+    heldout: dict[str, list[str]] = {"user": [], "item": []}
+    for i in held:
+        heldout[keys[i][0]].append(keys[i][1])
+    (out / "heldout.json").write_text(json.dumps(heldout))
+    if result.resumed_from is not None:
+        console.print(f"  resumed from checkpoint step {result.resumed_from}")
+    console.print(
+        f"  {result.steps} steps in {result.seconds:.0f} s ({result.extra['tokens_per_s']:.0f} tok/s); "
+        f"train {result.n_train}, held out {result.n_heldout}, skipped (too long) {result.skipped_too_long}"
+    )
+    before, after = result.heldout_loss_before, result.heldout_loss_after
+    console.print(f"  held-out loss {before:.4f} -> {after:.4f}" if before is not None else f"  held-out {after}")
+    console.print(f"  adapter: {result.adapter}")
+
+
+def existing_adapter(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a LoRA adapter folder (no adapter_config.json)")
+    return path
+
+
+@app.command("profile")
+@friendly_errors
+def profile_command(
+    run: Path = typer.Argument(..., help="Prepared run directory (ideally with sft/adapter)."),
+    users: bool = typer.Option(True, "--users/--no-users", help="Write RUN/profiles/users.jsonl."),
+    items: bool = typer.Option(True, "--items/--no-items", help="Write RUN/profiles/items.jsonl."),
+    backend: str = typer.Option("ct2", help="ct2 (fast CPU, int8) | transformers (reference) | openai."),
+    model: str = typer.Option("smollm2-135m", help="Base model (packaged name or HF folder); openai: served name."),
+    adapter: Path = typer.Option(None, help="LoRA adapter [RUN/sft/adapter if present]."),
+    item_adapter: Path = typer.Option(None, help="Adapter for item profiles [RUN/item_sft/adapter, else --adapter]."),
+    no_adapter: bool = typer.Option(False, help="Generate with the base model alone."),
+    max_new_tokens: int = typer.Option(48, help="Token limit per profile (decoding also stops at end of line)."),
+    temperature: float = typer.Option(0.0, help="0: greedy; else sampling with --seed."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling (temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    limit: int = typer.Option(None, help="Only the first N users and the first N items (a documented subset)."),
+    batch_size: int = typer.Option(16, help="Prompts per batch (ct2 / transformers)."),
+    max_history: int = typer.Option(10, help="Most recent train items in a user prompt (as the teacher)."),
+    max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
+    quantization: str = typer.Option(None, help="ct2: int8 (CPU default) | int8_float32 | float32 | bfloat16..."),
+    threads: int = typer.Option(None, help="CPU threads [available cores]."),
+    base_url: str = typer.Option("http://127.0.0.1:8000/v1", help="openai: endpoint base URL."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: environment variable with the key."),
+    concurrency: int = typer.Option(8, help="openai: requests in flight."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Generate user and item profiles (train history only) into RUN/profiles/, cached and resumable."""
+    from reclm.llm.generation import DecodeParams, GenerationCache, Job, generate_records, generate_texts
+    from reclm.llm.prompts import PromptBudget, user_prompts
+
+    rundir = RunDir(run)
+    data, split = rundir.load()
+    params = DecodeParams(max_new_tokens, temperature, top_p, 0, seed)
+    budget = PromptBudget(max_items=max_history, max_words=max_words)
+    user_adapter = None if no_adapter else existing_adapter(adapter) or default_adapter(rundir, "sft")
+    if user_adapter is None and not no_adapter and backend != "openai":
+        err_console.print(f"note: no adapter given and none in {rundir.stage('sft')}: the base model writes profiles")
+    options = generator_options(backend, threads, quantization, base_url, api_key_env, concurrency)
+    cache = GenerationCache()
+    summary: dict[str, dict] = {}
+    out = rundir.profiles
+    out.mkdir(parents=True, exist_ok=True)
+    generators: dict[str, object] = {}
+
+    def generator_for(adapter_path: Path | None):
+        from reclm.llm.generation import make_generator
+
+        key = str(adapter_path)
+        if key not in generators:
+            generators[key] = make_generator(backend, model_arg(backend, model), adapter_path, batch_size, **options)
+        return generators[key]
+
+    if users:
+        wanted = range(min(limit, data.n_users)) if limit else None
+        prompts = user_prompts(data, split, wanted, budget)
+        jobs = [Job("user", data.user_ids[u], p) for u, p in prompts.items()]
+        stats = generate_records(
+            generator_for(user_adapter), jobs, params, out / "users.jsonl", cache, progress=not quiet, desc="users"
+        )
+        summary["users"] = stats.to_dict()
+        report("users", stats)
+    if items:
+        from reclm.llm.item_side import generate_item_profiles
+
+        chosen = None if no_adapter else existing_adapter(item_adapter) or default_adapter(rundir, "item_sft")
+        generator = generator_for(chosen or user_adapter)
+        item_stats = []
+
+        def write(prompts: list[str]) -> list[str]:
+            texts, stats = generate_texts(generator, prompts, params, cache, progress=not quiet, desc="items")
+            item_stats.append(stats)
+            return [t or "" for t in texts]
+
+        wanted_items = list(range(min(limit, data.n_items))) if limit else None
+        written = generate_item_profiles(rundir, data, split, write, out=out, budget=budget, items=wanted_items)
+        merged = merge_stats(item_stats)
+        summary["items"] = {**written, **merged}
+        report("items", merged)
+    (out / "generation.json").write_text(json.dumps({"params": params.key(), **summary}, indent=2))
+    cache.close()
+
+
+def default_adapter(run: RunDir, stage: str) -> Path | None:
+    path = run.stage(stage) / "adapter"
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def model_arg(backend: str, model: str) -> str | None:
+    return model if backend != "openai" or model != "smollm2-135m" else None
+
+
+def generator_options(backend: str, threads, quantization, base_url, api_key_env, concurrency) -> dict:
+    if backend == "openai":
+        return {"base_url": base_url, "api_key_env": api_key_env, "concurrency": concurrency}
+    options: dict = {"threads": threads}
+    if backend in ("ct2", "ctranslate2") and quantization:
+        options["quantization"] = quantization
+    return options
+
+
+def merge_stats(parts: list) -> dict:
+    keys = ("jobs", "distinct", "cached", "generated", "failed", "prompt_tokens", "new_tokens")
+    total = {k: sum(getattr(p, k) for p in parts) for k in keys}
+    seconds = sum(p.seconds for p in parts)
+    total["seconds"] = round(seconds, 2)
+    total["profiles_per_s"] = round(total["generated"] / seconds, 3) if seconds else 0.0
+    total["new_tokens_per_s"] = round(total["new_tokens"] / seconds, 1) if seconds else 0.0
+    total["generator"] = parts[0].generator if parts else ""
+    return total
+
+
+def report(side: str, stats) -> None:
+    info = stats if isinstance(stats, dict) else stats.to_dict()
+    console.print(
+        f"{side}: {info['jobs']} prompts, {info['distinct']} distinct, {info['cached']} cached, "
+        f"{info['generated']} generated in {info['seconds']:.1f} s "
+        f"({info['profiles_per_s']:.2f} profiles/s, {info['new_tokens_per_s']:.0f} new tokens/s)"
+        + (f", {info['failed']} failed" if info.get("failed") else "")
+    )

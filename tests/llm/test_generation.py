@@ -1,0 +1,80 @@
+"""Generation backends on a tiny real Llama: CTranslate2 gives the same greedy text as transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+from reclm.llm.generation import DecodeParams, make_generator
+from reclm.llm.generation.base import finish, stop_token_ids
+from reclm.llm.generation.ct2 import CT2Generator, common_prefix_length
+from reclm.llm.generation.hf import TransformersGenerator
+from reclm.llm.model import load_tokenizer
+
+GREEDY = DecodeParams(max_new_tokens=12, single_line=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return TransformersGenerator(tiny_model, batch_size=2, device="cpu")
+
+
+def test_ct2_float32_matches_transformers_greedy(tiny_model, reference, prompts):
+    expected = reference.generate(prompts, GREEDY)
+    assert len(set(expected)) == len(prompts) and all(expected)  # distinct, non-empty: a real comparison
+    fast = CT2Generator(tiny_model, quantization="float32", batch_size=3, device="cpu")
+    assert fast.generate(prompts, GREEDY) == expected
+    fast.static_prefix = False  # the cached shared prefix changes nothing
+    assert fast.generate(prompts, GREEDY) == expected
+    assert fast.new_tokens > 0 and fast.prompt_tokens > 0
+    assert fast.identity != reference.identity and "adapter=none" in fast.identity
+
+
+def test_ct2_matches_transformers_with_a_merged_adapter(tiny_model, tiny_adapter, reference, prompts):
+    tuned = TransformersGenerator(tiny_model, tiny_adapter, batch_size=4, device="cpu")
+    expected = tuned.generate(prompts, GREEDY)
+    assert expected != reference.generate(prompts, GREEDY)  # the adapter matters
+    assert expected[0].startswith("User identity:")  # it learned the toy format
+    fast = CT2Generator(tiny_model, tiny_adapter, quantization="float32", batch_size=2, device="cpu")
+    assert fast.generate(prompts, GREEDY) == expected
+    assert tuned.identity.split("adapter=")[1] == fast.identity.split("adapter=")[1] != "none"
+
+
+def test_int8_stays_close_to_float32_and_outputs_one_line(tiny_model, prompts):
+    exact = CT2Generator(tiny_model, quantization="float32", device="cpu").generate(prompts, GREEDY)
+    fast = make_generator("ct2", tiny_model, batch_size=8)  # CPU default: int8
+    assert fast.quantization == "int8" and fast.identity.startswith("ct2-int8|")
+    approx = fast.generate(prompts, GREEDY)
+    tokenizer = load_tokenizer(tiny_model)
+    first = [tokenizer(t, add_special_tokens=False)["input_ids"][:1] for t in (*exact, *approx)]
+    assert first[: len(prompts)] == first[len(prompts) :]  # quantisation keeps at least the first token
+    assert all("\n" not in t for t in fast.generate(prompts, DecodeParams(max_new_tokens=12)))
+
+
+def test_seeded_sampling_is_reproducible(tiny_model, reference, prompts):
+    params = DecodeParams(max_new_tokens=10, temperature=1.0, seed=7, single_line=False)
+    first = reference.generate(prompts, params)
+    assert reference.generate(prompts, params) == first
+    other = reference.generate(prompts, DecodeParams(max_new_tokens=10, temperature=1.0, seed=8, single_line=False))
+    assert other != first
+    fast = CT2Generator(tiny_model, quantization="float32", device="cpu")
+    assert fast.generate(prompts, params) == fast.generate(prompts, params)
+
+
+def test_decode_params_and_helpers():
+    assert DecodeParams(temperature=0, seed=1).key() == DecodeParams(temperature=0, seed=2).key()  # greedy
+    assert DecodeParams(temperature=1, seed=1).key() != DecodeParams(temperature=1, seed=2).key()
+    with pytest.raises(ValueError):
+        DecodeParams(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        DecodeParams(top_p=0)
+    assert finish(" User identity: A; User interests: B.\nMore chatter", DecodeParams()) == (
+        "User identity: A; User interests: B."
+    )
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    tokenizer = load_tokenizer()
+    stops = stop_token_ids(tokenizer, single_line=True)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+    assert tokenizer("\n", add_special_tokens=False)["input_ids"][0] in stops
+    assert tokenizer("User", add_special_tokens=False)["input_ids"][0] not in stops
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        make_generator("llamacpp")
