@@ -104,6 +104,7 @@ def reward_command(
     max_seq_len: int = typer.Option(512, help="Tokens per (prompt, profile); the prompt's start is cut."),
     max_history: int = typer.Option(10, help="Most recent train items in the prompt."),
     max_words: int = typer.Option(20, help="Words kept of each item field."),
+    lora_layers: int = typer.Option(None, help="LoRA only in the top N layers (cheaper steps) [all]."),
     seed: int = typer.Option(0, help="Seed of pairs, split and training."),
 ) -> None:
     """Preference pairs (RUN/reward/pairs.jsonl) and the reward model (RUN/reward/adapter), with held-out
@@ -111,7 +112,9 @@ def reward_command(
     from reclm.llm.reward import RewardConfig, run_reward
 
     rundir, data, split = load_run(run)
-    config = RewardConfig(steps=steps, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, seed=seed)
+    config = RewardConfig(
+        steps=steps, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, seed=seed, lora_layers=lora_layers
+    )
     result = run_reward(
         rundir, data, split, base_model, config=config, source=source, max_pairs=pairs, eval_share=eval_share,
         budget=prompt_budget(max_history, max_words), log=say,

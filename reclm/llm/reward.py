@@ -221,6 +221,8 @@ class RewardConfig:
     seed: int = 0
     eval_batch_size: int = 16
     lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05})
+    # LoRA only in the top N decoder layers (None: all): backward stops there, about 2x cheaper steps on a CPU
+    lora_layers: int | None = None
     device: str | None = None
 
 
@@ -256,12 +258,17 @@ def load_reward_model(base_model: str, adapter: str | Path | None = None, config
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     else:
         lora = config.lora
+        layers = None
+        if config.lora_layers:
+            total = int(model.config.num_hidden_layers)
+            layers = list(range(max(0, total - config.lora_layers), total))
         peft_config = LoraConfig(
             task_type="SEQ_CLS",
             r=int(lora.get("r", 8)),
             lora_alpha=int(lora.get("alpha", 16)),
             lora_dropout=float(lora.get("dropout", 0.05)),
             target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+            layers_to_transform=layers,
         )
         torch.manual_seed(config.seed)
         model = get_peft_model(model, peft_config)
