@@ -144,6 +144,8 @@ def main() -> None:
             ours = run_ours(split, PAIRS[model], args.threads, args.epochs, out, seed)
             console.print(f"  test recall@20 {ours['test']['recall@20']:.4f}")
             rows.append((f"{model} s{seed}", theirs, ours))
+            partial = [{"run": n, "recbole": t, "reclm": o} for n, t, o in rows]
+            (out / "results.json").write_text(json.dumps(partial, indent=2))  # kept if a later run is cut short
         if len(seeds) > 1:
             rows.append((f"{model} mean", *(mean_result([r[i] for r in rows[-len(seeds) :]]) for i in (1, 2))))
 
