@@ -261,6 +261,7 @@ def run_cold(run: Path, profile_source: str = "run") -> dict:
         for row, u in enumerate(users):
             scores = scorer(user_vectors[row])
             scores[list(seen[u])] = -np.inf
+            scores[split.zero_shot_items] = -np.inf  # full-shot candidates, as the evaluator's
             top = np.argsort(-scores)[:20]
             hits.append(np.isin(top, truth[u]))
             n_rel.append(len(truth[u]))
@@ -268,7 +269,11 @@ def run_cold(run: Path, profile_source: str = "run") -> dict:
         return {name: float(value.mean()) for name, value in metrics.items()}
 
     results = {}
-    print(f"model {choice.name}: {len(users)} test users, full-shot test, train+valid masked")
+    reference = json.loads((choice.folder / "metrics.json").read_text())["test"]
+    print(
+        f"model {choice.name}: {len(users)} test users, full-shot test, train+valid masked "
+        f"(metrics.json test: recall@20 {reference['recall@20']:.4f}, ndcg@20 {reference['ndcg@20']:.4f})"
+    )
     for strategy in ID_STRATEGIES:
         serve = ServingModel(model, split.train, split.n_users, split.n_items, id_strategy=strategy)
         score = scorer_of(serve)
@@ -323,7 +328,9 @@ async def post_new_users(url: str, histories: list[list[str]], clients: int) -> 
     }
 
 
-def run_new_users(run: Path, n: int, clients: int, backend: str, batch_sizes: list[int], threads: int | None) -> dict:
+def run_new_users(
+    run: Path, n: int, clients: int, backend: str, batch_sizes: list[int], threads: int | None, extra: list[str]
+) -> dict:
     """``n`` new users (random 10-item histories, distinct per setting so the cache never answers) sent by
     ``clients`` concurrent clients, with the writer's batch size 1 (no batching) and larger."""
     from reclm.pipeline.rundir import RunDir
@@ -333,7 +340,7 @@ def run_new_users(run: Path, n: int, clients: int, backend: str, batch_sizes: li
     results = {}
     for batch in batch_sizes:
         histories = [[data.item_ids[i] for i in rng.choice(data.n_items, 10, replace=False)] for _ in range(n)]
-        args = ["--profile-backend", backend, "--batch-size", str(batch), "--batch-wait-ms", "20"]
+        args = ["--profile-backend", backend, "--batch-size", str(batch), "--batch-wait-ms", "20", *extra]
         if threads:
             args += ["--threads", str(threads)]
         server = Server(run, *args, log=run / f"serve-bench-new-users-{batch}.log")
@@ -376,6 +383,7 @@ def main() -> None:
     parser.add_argument("--backend", default="ct2", help="Profile backend for --new-users.")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--serve-args", default="", help="More `reclm serve` options for --new-users.")
     parser.add_argument("--json", type=Path, help="Write the results here.")
     args = parser.parse_args()
 
@@ -396,7 +404,10 @@ def main() -> None:
         out["cold"] = run_cold(args.run)
     if args.new_users:
         sizes = [int(s) for s in args.batch_sizes.split(",")]
-        out["new_users"] = run_new_users(args.run, args.new_users, args.clients, args.backend, sizes, args.threads)
+        extra = args.serve_args.split() if args.serve_args else []
+        out["new_users"] = run_new_users(
+            args.run, args.new_users, args.clients, args.backend, sizes, args.threads, extra
+        )
     out["machine"]["load_average_after"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))

@@ -35,6 +35,7 @@ def serve_command(
     base_model: str = typer.Option(None, help="Base LM of the profile writer (default: the run's llm.base_model)."),
     adapter: Path = typer.Option(None, help="User-profile adapter (default: RUN/rl, collab or sft adapter)."),
     item_adapter: Path = typer.Option(None, help="Item-profile adapter (default: RUN/item_sft/adapter or --adapter)."),
+    no_adapter: bool = typer.Option(False, help="The base model writes profiles (no adapter)."),
     encoder: str = typer.Option(None, help="Text encoder (default: the run's embedding encoder)."),
     faiss_min_items: int = typer.Option(
         None, min=1, help=f"Catalog size from which FAISS does top-k (default: {FAISS_MIN_ITEMS})."
@@ -63,6 +64,7 @@ def serve_command(
         base_model=base_model,
         adapter=adapter,
         item_adapter=item_adapter,
+        no_adapter=no_adapter,
         encoder=encoder,
         faiss_min_items=faiss_min_items or FAISS_MIN_ITEMS,
         batch_size=batch_size,

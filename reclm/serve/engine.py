@@ -75,6 +75,7 @@ class ServeOptions:
     base_model: str | None = None  # default: the run's llm.base_model
     adapter: str | Path | None = None  # default: rl, collab or sft adapter of the run
     item_adapter: str | Path | None = None  # default: item_sft adapter, else the user adapter
+    no_adapter: bool = False  # the base model writes profiles (for comparisons)
     encoder: str | None = None  # default: the encoder the run's embeddings were made with
     faiss_min_items: int = FAISS_MIN_ITEMS
     batch_size: int = 16
@@ -204,9 +205,12 @@ class Recommender:
         options = self.options
         if options.profile_backend == "none" or not self.model.uses_profiles or self.encoder is None:
             return None, {}
-        user = existing_adapter(options.adapter) or find_adapter(self.run, "user")
-        item = existing_adapter(options.item_adapter) or find_adapter(self.run, "item") or user
-        if user is None:
+        if options.no_adapter:
+            user = item = None
+        else:
+            user = existing_adapter(options.adapter) or find_adapter(self.run, "user")
+            item = existing_adapter(options.item_adapter) or find_adapter(self.run, "item") or user
+        if user is None and not options.no_adapter:
             log.warning("no tuned adapter in %s (rl/collab/sft): the base model writes profiles", self.run.root)
         adapters = {"user": user, "item": item}
         writer = ProfileWriter(

@@ -208,3 +208,18 @@ def test_choose_model_by_validation_among_text_profiles_runs(served_run):
     settings = run_settings(run)
     assert settings.params.max_new_tokens == 12 and settings.budget.max_words == 20
     assert settings.encoder == "all-MiniLM-L6-v2" and settings.base_model.endswith("model")
+
+
+def test_serve_command_reports_bad_input_in_one_line(tmp_path, served_run):
+    from typer.testing import CliRunner
+
+    from reclm.cli.main import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["serve", str(tmp_path / "no-run")])
+    assert missing.exit_code == 2 and "not a prepared run directory" in missing.output
+    root, _ = served_run
+    backend = runner.invoke(app, ["serve", str(root), "--profile-backend", "gpt"])
+    assert backend.exit_code == 2 and "--profile-backend 'gpt'" in backend.output
+    model = runner.invoke(app, ["serve", str(root), "--model", "cf/missing"])
+    assert model.exit_code == 2 and "available: cf/" in model.output
