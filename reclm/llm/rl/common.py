@@ -66,6 +66,21 @@ def forward(model, input_ids, attention_mask, hidden: bool = False):
     )
 
 
+def last_hidden(model, input_ids, attention_mask):
+    """The decoder's final hidden states (B, T, H), without the vocabulary projection: callers project only
+    the positions they need (most of a profile prompt is not response, and the 49k-word head is costly)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def output_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
 def gather_logprobs(logits, tokens):
     """log p(token) under ``logits`` (float32 for a stable softmax)."""
     import torch

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reclm.llm.chat import IGNORE_INDEX, pair_conversation, training_example
-from reclm.llm.rl.common import forward, gather_logprobs, trainable_parameters
+from reclm.llm.rl.common import gather_logprobs, last_hidden, output_head, trainable_parameters
 
 
 @dataclass
@@ -47,12 +47,16 @@ def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str]
 
 
 def response_logprob(model, batch: dict):
-    """Summed log-probability of the labelled (response) tokens of each row."""
-    out = forward(model, batch["input_ids"], batch["attention_mask"])
+    """Summed log-probability of the labelled (response) tokens of each row (the vocabulary head runs on
+    those positions only)."""
+    import torch
+
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    logprobs = gather_logprobs(out.logits[:, :-1], labels.clamp(min=0))
-    return (logprobs * keep).sum(dim=1)
+    hidden = last_hidden(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    logprobs = gather_logprobs(output_head(model)(hidden[keep]), labels[keep])
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[keep]
+    return torch.zeros(labels.shape[0], dtype=logprobs.dtype, device=labels.device).index_add(0, rows, logprobs)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):

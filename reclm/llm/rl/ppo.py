@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reclm.llm.rl.common import encode_prompts, forward, gather_logprobs, trainable_parameters
+from reclm.llm.rl.common import encode_prompts, gather_logprobs, last_hidden, output_head, trainable_parameters
 
 # reward_fn(prompts, response texts, response token ids) -> one score per response
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
@@ -145,14 +145,15 @@ class PPOTrainer:
         return Rollout(out, attention, response_mask, prompt_len, texts, ids)
 
     def response_logprobs(self, model, rollout: Rollout, with_values: bool = False):
-        """Per-token log-probabilities of the response (and values, from the policy's last hidden state)."""
-        out = forward(model, rollout.input_ids, rollout.attention_mask, hidden=with_values)
+        """Per-token log-probabilities of the response (and values, from the policy's last hidden state); the
+        vocabulary head runs on the response positions only."""
         p = rollout.prompt_len
-        logits = out.logits[:, p - 1 : -1]
+        hidden = last_hidden(model, rollout.input_ids, rollout.attention_mask)[:, p - 1 : -1]
+        logits = output_head(model)(hidden)
         logprobs = gather_logprobs(logits / self.config.temperature, rollout.input_ids[:, p:])
         if not with_values:
             return logprobs, None
-        values = self.value_head(out.hidden_states[-1][:, p - 1 : -1].float()).squeeze(-1)
+        values = self.value_head(hidden.float()).squeeze(-1)
         return logprobs, values
 
     # ------------------------------------------------------------ one PPO step
