@@ -160,19 +160,29 @@ def build_pairs(
     for u, kind in zip(eligible, kinds):
         other = None
         if kind in ("neighbour", "concat"):
-            near = [int(v) for v in neighbours.get(u, ()) if int(v) != u and int(v) in pool]
+            own = normalised(chosen[u])
+            # a neighbour whose profile reads the same (two users with the same history) is no negative
+            near = [
+                int(v)
+                for v in neighbours.get(u, ())
+                if int(v) != u and int(v) in pool and normalised(pool[int(v)]) != own
+            ]
             if near:
                 other = near[0]
             else:
-                candidates = pool_users[pool_users != u]
-                if not len(candidates):
-                    raise ValueError("neighbour negatives need profiles of at least two users")
+                candidates = [int(v) for v in pool_users if int(v) != u and normalised(pool[int(v)]) != own]
+                if not candidates:
+                    raise ValueError("neighbour negatives need profiles of at least two users that differ")
                 other = int(rng.choice(candidates))
         history = [int(i) for i in histories[u]]
         shown = history[-budget.max_items :] if budget.max_items else history
         rejected = make_negative(kind, chosen[u], pool.get(other) if other is not None else None)
         pairs.append(PreferencePair(u, budget.user_prompt(data, history, u), chosen[u], rejected, kind, other, shown))
     return pairs
+
+
+def normalised(profile: str) -> str:
+    return " ".join(profile.split()).lower()
 
 
 def kind_counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
@@ -481,7 +491,7 @@ def pool_neighbours(run, data: RecDataset, split: Split, users: list[int], pool:
 
     vectors = user_vectors(run, split)
     if vectors is not None:
-        return nearest_among(vectors, users, pool, 3), "nearest CF users with a profile"
+        return nearest_among(vectors, users, pool, 10), "nearest CF users with a profile"
     try:
         return load_neighbours(run, data, "user").as_dict(), "the run's neighbour lists"
     except Exception:  # noqa: BLE001 - no neighbour stage: random other users stand in

@@ -156,3 +156,19 @@ def test_reward_model_learns_an_easy_preference(tiny, tiny_model):
     assert after["margin_mean"] > before["margin_mean"] + 1.0
     assert np.mean(losses[-3:]) < losses[0]
     assert set(after["per_kind"]) == {"dot", "identity_empty"}
+
+
+def test_a_neighbour_with_the_same_profile_is_not_a_negative(ml100k):
+    """Two users with the same history get the same teacher profile: that neighbour is skipped."""
+    data, split = ml100k
+    chosen = profiles_for(30)
+    chosen[1] = chosen[0]  # user 1 reads exactly like user 0
+    neighbours = {0: [1, 2], 1: [0, 3]}
+    checked = 0
+    for seed in range(10):
+        for p in build_pairs(data, split, chosen, range(30), neighbours, seed=seed):
+            assert " ".join(p.rejected.split()).lower() != " ".join(p.chosen.split()).lower()
+            if p.user in (0, 1) and p.negative in ("neighbour", "concat"):
+                assert p.other == {0: 2, 1: 3}[p.user]
+                checked += 1
+    assert checked >= 5
