@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--reg-weight", type=float, default=None, help="(default: CFConfig's)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_mind")
     args = parser.parse_args()
     console = Console()
@@ -80,6 +81,7 @@ def main() -> None:
             eval_every=args.eval_every,
             threads=args.threads,
             seed=args.seed,
+            **({"reg_weight": args.reg_weight} if args.reg_weight is not None else {}),
         )
         start = time.perf_counter()
         result = train_cf(split, config, features, args.out / config.run_name(), user_ids=data.user_ids)
