@@ -106,6 +106,8 @@ def train_cf_command(
         info["split_source"] = str(Path(out) / "split")
     info["dataset"] = data.name
     side = load_side_features(data, cfg.features, profiles)
+    if side.coverage:
+        console.print("feature coverage: " + ", ".join(f"{k} {v:.1%}" for k, v in side.coverage.items()))
     console.print(
         f"[bold]{cfg.backbone}[/] / features [bold]{cfg.features}[/] on {data.name}: "
         f"{the_split.n_users} users, {the_split.n_items} items, {the_split.stats()['train']} train pairs"
