@@ -230,6 +230,7 @@ class RewardConfig:
     max_seq_len: int = 512
     seed: int = 0
     eval_batch_size: int = 16
+    micro_batch: int = 4  # pairs per forward pass (gradients accumulate over the step's pairs): bounds memory
     lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05})
     # LoRA only in the top N decoder layers (None: all): backward stops there, about 2x cheaper steps on a CPU
     lora_layers: int | None = None
@@ -398,21 +399,20 @@ def train_reward_model(
             order, cursor = rng.permutation(len(train)), 0
         batch = [train[k] for k in order[cursor : cursor + config.batch_size]]
         cursor += config.batch_size
-        prompts = [p.prompt for p in batch]
-        enc = encode_batch(
-            tokenizer,
-            prompts + prompts,
-            [p.chosen for p in batch] + [p.rejected for p in batch],
-            config.max_seq_len,
-            device,
-        )
-        scores = last_token_scores(model, enc).float()
-        loss = pairwise_loss(scores[: len(batch)], scores[len(batch) :])
         optimizer.zero_grad()
-        loss.backward()
+        loss = 0.0
+        for start in range(0, len(batch), max(1, config.micro_batch)):
+            part = batch[start : start + max(1, config.micro_batch)]
+            prompts = [p.prompt for p in part]
+            responses = [p.chosen for p in part] + [p.rejected for p in part]
+            enc = encode_batch(tokenizer, prompts + prompts, responses, config.max_seq_len, device)
+            scores = last_token_scores(model, enc).float()
+            part_loss = pairwise_loss(scores[: len(part)], scores[len(part) :]) * len(part) / len(batch)
+            part_loss.backward()
+            loss += float(part_loss.detach())
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         if progress:
             progress(step, losses[-1])
     model.eval()
