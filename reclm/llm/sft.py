@@ -66,6 +66,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_seq_len: int = 512  # longer examples are skipped (and counted), never cut mid-response
+    micro_batch_tokens: int | None = 2048  # a batch is run in pieces of at most this many padded tokens (memory)
     holdout: float = 0.1
     seed: int = 0
     eval_every: int = 50  # held-out loss every N steps (0: only before and after)
@@ -85,7 +86,9 @@ class TrainSettings:
             raise ValueError("give steps > 0 or epochs > 0")
 
     # Settings that do not change what a step computes: a resumed run may change them.
-    RESUMABLE = ("steps", "epochs", "eval_every", "save_every", "threads", "device", "eval_batch_size")
+    RESUMABLE = (
+        "steps", "epochs", "eval_every", "save_every", "threads", "device", "eval_batch_size", "micro_batch_tokens",
+    )  # fmt: skip
 
 
 @dataclass
@@ -135,6 +138,17 @@ def length_grouped_batches(indices: Sequence[int], lengths: Sequence[int], batch
         part = sorted(shuffled[start : start + window], key=lambda i: lengths[i])
         batches += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def micro_batches(batch: list, lengths: Sequence[int], max_tokens: int | None) -> list[list]:
+    """``batch`` cut into equal pieces of at most ``max_tokens`` padded tokens (one example at least): the
+    step's gradient is the same (losses are summed, then divided by the step's label count), memory is not."""
+    if not max_tokens:
+        return [batch]
+    width = max(lengths[i] for i in batch)
+    pieces = min(len(batch), math.ceil(len(batch) * width / max_tokens))
+    size = math.ceil(len(batch) / pieces)
+    return [batch[k : k + size] for k in range(0, len(batch), size)]
 
 
 def collate(examples: Sequence[TrainingExample], pad_id: int, device: str) -> dict[str, Any]:
@@ -363,7 +377,8 @@ def train_lora(
             batches = length_grouped_batches(train_idx, lengths, train.batch_size, train.seed + state["epoch"])
             while state["batch_pos"] < len(batches) and state["step"] < total:
                 group = batches[state["batch_pos"] : state["batch_pos"] + train.grad_accum]
-                chunks = [[examples[i] for i in b] for b in group]
+                pieces = [piece for b in group for piece in micro_batches(b, lengths, train.micro_batch_tokens)]
+                chunks = [[examples[i] for i in piece] for piece in pieces]
                 n_labels = sum(e.n_label_tokens for chunk in chunks for e in chunk)
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = 0.0

@@ -9,7 +9,15 @@ import torch
 
 from reclm.llm.model import load_base
 from reclm.llm.records import ProfileRecord, write_records
-from reclm.llm.sft import TrainSettings, holdout_split, length_grouped_batches, train_lora, train_sft
+from reclm.llm.sft import (
+    LoraSettings,
+    TrainSettings,
+    holdout_split,
+    length_grouped_batches,
+    micro_batches,
+    train_lora,
+    train_sft,
+)
 
 
 def settings(**kw) -> TrainSettings:
@@ -92,3 +100,16 @@ def test_holdout_split_and_batches_are_seeded():
     assert batches == length_grouped_batches(list(range(100)), lengths, 10, seed=0)
     # within a batch lengths are close (sorted windows), not spread over the whole range
     assert max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) < 20
+
+
+def test_micro_batches_bound_memory_without_changing_the_step(tiny_model, toy_conversations, tmp_path):
+    lengths = [30, 31, 32, 33, 34, 35]
+    assert micro_batches(list(range(6)), lengths, 70) == [[0, 1], [2, 3], [4, 5]]
+    assert micro_batches(list(range(6)), lengths, None) == [list(range(6))]
+    assert micro_batches([0], lengths, 1) == [[0]]
+    no_dropout = LoraSettings(dropout=0.0)  # dropout masks depend on the piece shapes
+    whole = train_lora(toy_conversations, tmp_path / "a", tiny_model, no_dropout, progress=False,
+                       train=settings(steps=3, micro_batch_tokens=None, save_every=0, eval_every=0))  # fmt: skip
+    split = train_lora(toy_conversations, tmp_path / "b", tiny_model, no_dropout, progress=False,
+                       train=settings(steps=3, micro_batch_tokens=40, save_every=0, eval_every=0))  # fmt: skip
+    assert [loss for _, loss in split.train_curve] == pytest.approx([loss for _, loss in whole.train_curve], rel=1e-4)
