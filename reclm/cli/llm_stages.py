@@ -194,8 +194,14 @@ def item_side_command(
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter}: no item writer yet (run with --steps > 0)")
         items = list(range(min(limit, data.n_items))) if limit else None
-        show(generate_item_profiles(rundir, data, split, profile_writer(base_model, adapter, backend), budget=budget,
-                                    items=items, keep_teacher=keep_teacher))  # fmt: skip
+        writer = profile_writer(base_model, adapter, backend)
+        try:
+            summary = generate_item_profiles(
+                rundir, data, split, writer, budget=budget, items=items, keep_teacher=keep_teacher
+            )
+        finally:
+            writer.close()
+        show(summary)
 
 
 @app.command("audit")

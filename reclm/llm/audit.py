@@ -30,7 +30,7 @@ from reclm.llm import collab
 from reclm.llm.prompts import domain_for
 from reclm.pipeline.rundir import RunDir
 
-STAGE_FOLDERS = ("teacher", "sft", "collab", "reward", "rl", "item_sft", "profiles")
+STAGE_FOLDERS = ("teacher", "sft", "collab", "reward", "rl", "item_sft", "profiles", "ablation")
 SIGNATURE_WORDS = 6
 MAX_EXAMPLES = 20
 PROFILE_IN_ITEM_PROMPT = re.compile(r"Profiles of users who [^:]*: (.*?)\.(?: Related | Please provide)", re.S)

@@ -319,31 +319,45 @@ def budget_dict(budget: CollabBudget) -> dict:
 # ---------------------------------------------------------------- profile writers and the stage
 
 
-def profile_writer(
-    base_model: str,
-    adapter: str | Path | None,
-    backend: str = "transformers",
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    cache_path: str | Path | None = None,
-    progress: bool = True,
-) -> Callable[[list[str]], list[str]]:
+class ProfileWriter:
     """``prompts -> profiles`` through the project's generation runner (greedy, one line, cached on disk per
     (model, adapter, prompt, decoding); ``backend``: transformers | ct2 | openai). A failed prompt gives ""."""
-    from reclm.llm.generation import DecodeParams, GenerationCache, generate_texts, make_generator
 
-    generator = make_generator(backend, base_model, adapter, batch_size)
-    params = DecodeParams(max_new_tokens=max_new_tokens)
+    def __init__(
+        self,
+        base_model: str,
+        adapter: str | Path | None,
+        backend: str = "transformers",
+        batch_size: int = 16,
+        max_new_tokens: int = 64,
+        cache_path: str | Path | None = None,
+        progress: bool = True,
+    ):
+        from reclm.llm.generation import DecodeParams, make_generator
 
-    def write(prompts: list[str]) -> list[str]:
-        cache = GenerationCache(cache_path)
+        self.generator = make_generator(backend, base_model, adapter, batch_size)
+        self.params = DecodeParams(max_new_tokens=max_new_tokens)
+        self.cache_path, self.progress = cache_path, progress
+
+    def __call__(self, prompts: Sequence[str]) -> list[str]:
+        from reclm.llm.generation import GenerationCache, generate_texts
+
+        cache = GenerationCache(self.cache_path)
         try:
-            texts, _ = generate_texts(generator, list(prompts), params, cache, progress=progress, desc="profiles")
+            texts, _ = generate_texts(self.generator, list(prompts), self.params, cache, progress=self.progress,
+                                      desc="profiles")  # fmt: skip
         finally:
             cache.close()
         return [t or "" for t in texts]
 
-    return write
+    def close(self) -> None:
+        self.generator.close()
+
+
+def profile_writer(
+    base_model: str, adapter: str | Path | None, backend: str = "transformers", **options
+) -> ProfileWriter:
+    return ProfileWriter(base_model, adapter, backend, **options)
 
 
 def yes_no_accuracy(model, tokenizer, records: Sequence[dict]) -> dict:
@@ -484,10 +498,15 @@ def run_collab(
     rng = np.random.default_rng(seed)
     targets = sorted(rng.choice(candidates, size=min(n, len(candidates)), replace=False).tolist())
     needed = sorted({*targets, *(v for u in targets for v in near.get(u, ())[: budget.neighbours])})
+    own_writer = None
     if profile_source == "distilled" and generate is None:
         log(f"collab: writing distilled profiles of {len(needed)} users with {init_adapter}")
-        generate = profile_writer(base_model, init_adapter, backend, progress=progress)
-    profiles, counts = collect_profiles(run, data, split, needed, profile_source, generate, prompt_budget, out)
+        generate = own_writer = profile_writer(base_model, init_adapter, backend, progress=progress)
+    try:
+        profiles, counts = collect_profiles(run, data, split, needed, profile_source, generate, prompt_budget, out)
+    finally:
+        if own_writer is not None:
+            own_writer.close()  # free the generation model before training
     tokenizer = load_tokenizer(base_model)
     built = build_dialogues(data, split, near, profiles, targets, budget, tokenizer, seed)
     write_dialogues(out / DIALOGUES_FILE, data, built.dialogues)

@@ -150,13 +150,14 @@ def is_feature_free_cf_run(folder: Path) -> bool:
 
 
 def find_cf_embeddings(run: RunDir, backbone: str | None = None) -> Path | None:
-    """An ``embeddings.npz`` of a feature-free CF run already in ``RUN/cf`` (the backbone's if given)."""
+    """An ``embeddings.npz`` of a feature-free CF run already in ``RUN/cf``: the backbone's when there is one,
+    else any (they all carry the train-only collaborative signal; training another one would cost minutes)."""
     if not run.cf.is_dir():
         return None
     folders = sorted(p for p in run.cf.iterdir() if p.is_dir() and is_feature_free_cf_run(p))
-    if backbone is not None:
-        folders = [p for p in folders if p.name.startswith(f"{backbone}-")]
-    return folders[0] / "embeddings.npz" if folders else None
+    preferred = [p for p in folders if backbone is not None and p.name.startswith(f"{backbone}-")]
+    chosen = preferred or folders
+    return chosen[0] / "embeddings.npz" if chosen else None
 
 
 def train_neighbour_cf(

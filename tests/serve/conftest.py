@@ -147,7 +147,7 @@ def served_run(tmp_path_factory, cache_dir, tiny_lm):
         results = {
             "lightgcn-text+profiles": train(run, data, split, features, "lightgcn", "text+profiles"),
             "lightgcn-text": train(run, data, split, features, "lightgcn", "text", epochs=10),
-            "ncf-text+profiles": train(run, data, split, features, "ncf", "text+profiles", epochs=10),
+            "ncf-text+profiles": train(run, data, split, features, "ncf", "text+profiles", epochs=30),
             "bias-mf-text+profiles": train(run, data, split, features, "bias-mf", "text+profiles", epochs=10),
         }
         adapter = tune_tiny_writer(run, data, split, tiny_lm)
