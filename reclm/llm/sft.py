@@ -118,13 +118,37 @@ class TrainResult:
 # ---------------------------------------------------------------- data
 
 
-def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded ``(train, heldout)`` positions: ``round(fraction * n)`` held out (at least one when asked and n > 1)."""
-    order = np.random.default_rng(seed).permutation(n)
+def holdout_split(
+    n: int, fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> tuple[list[int], list[int]]:
+    """Seeded ``(train, heldout)`` positions: about ``round(fraction * n)`` held out (at least one when asked and
+    n > 1). With ``groups`` (one key per position, e.g. the prompt), a group is never split: identical prompts are
+    common (on MIND 57,128 users share 14,351 train histories), and a held-out prompt also seen in training would
+    make the held-out loss a training loss."""
+    if groups is None:
+        groups = [str(i) for i in range(n)]
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group keys for {n} examples")
+    members: dict[str, list[int]] = {}
+    for position, key in enumerate(groups):
+        members.setdefault(key, []).append(position)
+    keys = list(members)
     k = round(fraction * n)
-    if fraction > 0 and n > 1:
-        k = min(max(k, 1), n - 1)
-    return sorted(order[k:].tolist()), sorted(order[:k].tolist())
+    if fraction > 0 and len(keys) > 1:
+        k = max(k, 1)
+    held: list[int] = []
+    for g in np.random.default_rng(seed).permutation(len(keys)):
+        group = members[keys[g]]
+        if len(held) >= k or len(held) + len(group) >= n:
+            continue
+        held += group
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], sorted(held)
+
+
+def prompt_key(conversation: Conversation) -> str:
+    """Everything but the responses: conversations with equal keys differ only in what the model must write."""
+    return json.dumps([m["content"] for m in conversation if m["role"] != "assistant"])
 
 
 def length_grouped_batches(indices: Sequence[int], lengths: Sequence[int], batch_size: int, seed: int) -> list[list]:
@@ -319,7 +343,8 @@ def train_lora(
     usable = [i for i, e in enumerate(examples) if len(e.input_ids) <= train.max_seq_len and e.n_label_tokens]
     if not usable:
         raise ValueError(f"no training example fits in max_seq_len={train.max_seq_len} tokens")
-    train_pos, held_pos = holdout_split(len(usable), train.holdout, train.seed)
+    keys = [prompt_key(conversations[i]) for i in usable]
+    train_pos, held_pos = holdout_split(len(usable), train.holdout, train.seed, keys)
     train_idx, held_idx = [usable[p] for p in train_pos], [usable[p] for p in held_pos]
     eval_idx = held_idx
     if train.max_eval_examples is not None and len(held_idx) > train.max_eval_examples:

@@ -89,6 +89,30 @@ def test_train_sft_reads_teacher_records_and_writes_heldout_ids(tiny_model, toy_
         train_sft(teacher, tmp_path / "x", tiny_model, stepz=3)
 
 
+def test_holdout_keeps_identical_prompts_on_one_side():
+    """Many users share a history: a held-out prompt must not also be a training prompt."""
+    groups = [f"history-{i % 7}" for i in range(70)]  # 7 distinct prompts, 10 copies each
+    train, held = holdout_split(70, 0.1, seed=3, groups=groups)
+    assert sorted(train + held) == list(range(70))
+    assert {groups[i] for i in train}.isdisjoint({groups[i] for i in held})
+    assert len(held) == 10  # one whole group: the first that reaches 10% of the examples
+    assert holdout_split(3, 0.5, seed=0, groups=["a", "a", "a"]) == ([0, 1, 2], [])  # one group cannot be split
+    with pytest.raises(ValueError, match="2 group keys for 3"):
+        holdout_split(3, 0.1, seed=0, groups=["a", "b"])
+
+
+def test_sft_holdout_is_grouped_by_prompt(tmp_path, tiny_model):
+    from reclm.llm.chat import pair_conversation
+
+    same = [pair_conversation("Movies watched: A, B.", f"User identity: x{i}; User interests: y.") for i in range(6)]
+    other = [pair_conversation(f"Movies watched: C{i}.", "User identity: z; User interests: w.") for i in range(6)]
+    result = train_lora(same + other, tmp_path, tiny_model, train=settings(steps=1, holdout=0.4), progress=False)
+    split = json.loads((tmp_path / "split.json").read_text())
+    shared = set(range(6))
+    assert split["heldout"] and result.n_heldout == len(split["heldout"])
+    assert shared <= set(split["train"]) or shared <= set(split["heldout"])
+
+
 def test_holdout_split_and_batches_are_seeded():
     train, held = holdout_split(50, 0.1, seed=1)
     assert len(held) == 5 and sorted(train + held) == list(range(50))
