@@ -120,6 +120,7 @@ def profile_command(
     batch_size: int = typer.Option(16, help="Prompts per batch (ct2 / transformers)."),
     max_history: int = typer.Option(10, help="Most recent train items in a user prompt (as the teacher)."),
     max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
+    prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
     quantization: str = typer.Option(None, help="ct2: int8 (CPU default) | int8_float32 | float32 | bfloat16..."),
     threads: int = typer.Option(None, help="CPU threads [available cores]."),
     base_url: str = typer.Option("http://127.0.0.1:8000/v1", help="openai: endpoint base URL."),
@@ -134,7 +135,7 @@ def profile_command(
     rundir = RunDir(run)
     data, split = rundir.load()
     params = DecodeParams(max_new_tokens, temperature, top_p, 0, seed)
-    budget = PromptBudget(max_items=max_history, max_words=max_words)
+    budget = PromptBudget(max_items=max_history, max_words=max_words, style=prompt_style)
     user_adapter = None if no_adapter else existing_adapter(adapter) or default_adapter(rundir, "sft")
     if user_adapter is None and not no_adapter and backend != "openai":
         err_console.print(f"note: no adapter given and none in {rundir.stage('sft')}: the base model writes profiles")

@@ -49,6 +49,7 @@ def teacher_command(
     seed: int = typer.Option(0, help="Seed of the user/item sample."),
     max_history: int = typer.Option(10, help="Most recent train items shown in a user prompt."),
     max_words: int = typer.Option(30, help="Words kept of each item field (abstracts...)."),
+    prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
     fresh: bool = typer.Option(False, help="Delete earlier teacher files first (else resume / refuse to mix)."),
     user_file: Path = typer.Option(None, help="file: user profiles JSONL {user, profile[, prompt]} [shipped]."),
     item_file: Path = typer.Option(None, help="file: item profiles JSONL {item, profile[, prompt]} [shipped]."),
@@ -75,7 +76,7 @@ def teacher_command(
     rundir = RunDir(run)
     data, split = load_or_prepare(rundir, dataset)
     common = {
-        "budget": PromptBudget(max_items=max_history, max_words=max_words),
+        "budget": PromptBudget(max_items=max_history, max_words=max_words, style=prompt_style),
         "max_users": max_users,
         "max_items": max_items,
         "seed": seed,

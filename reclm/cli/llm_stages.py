@@ -26,10 +26,10 @@ def show(payload: dict) -> None:
     console.print_json(json.dumps(payload, default=str))
 
 
-def prompt_budget(max_history: int, max_words: int):
+def prompt_budget(max_history: int, max_words: int, style: str = "compact"):
     from reclm.llm.prompts import PromptBudget
 
-    return PromptBudget(max_items=max_history, max_words=max_words)
+    return PromptBudget(max_items=max_history, max_words=max_words, style=style)
 
 
 def lora_options(r: int, alpha: int) -> dict:
@@ -103,7 +103,8 @@ def reward_command(
     lr: float = typer.Option(2e-4, help="LoRA learning rate (the score head gets 10x)."),
     max_seq_len: int = typer.Option(512, help="Tokens per (prompt, profile); the prompt's start is cut."),
     max_history: int = typer.Option(10, help="Most recent train items in the prompt."),
-    max_words: int = typer.Option(20, help="Words kept of each item field."),
+    max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
+    prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
     lora_layers: int = typer.Option(None, help="LoRA only in the top N layers (cheaper steps) [all]."),
     seed: int = typer.Option(0, help="Seed of pairs, split and training."),
 ) -> None:
@@ -117,7 +118,7 @@ def reward_command(
     )
     result = run_reward(
         rundir, data, split, base_model, config=config, source=source, max_pairs=pairs, eval_share=eval_share,
-        budget=prompt_budget(max_history, max_words), log=say,
+        budget=prompt_budget(max_history, max_words, prompt_style), log=say,
     )  # fmt: skip
     show({"pairs": result.pairs, "before": result.before, "after": result.after, "seconds": result.seconds})
 
@@ -135,7 +136,8 @@ def rl_command(
     beta: float = typer.Option(0.1, help="DPO: temperature."),
     max_new_tokens: int = typer.Option(48, help="Profile length limit."),
     max_history: int = typer.Option(10, help="Most recent train items in the prompt."),
-    max_words: int = typer.Option(20, help="Words kept of each item field."),
+    max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
+    prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
     eval_users: int = typer.Option(16, help="Held-out users whose greedy profiles judge the policy."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
@@ -144,8 +146,9 @@ def rl_command(
 
     rundir, data, split = load_run(run)
     options = {"steps": steps, "batch_size": batch_size, "lr": lr, "kl_coef": kl_coef, "beta": beta, "seed": seed}
+    budget = prompt_budget(max_history, max_words, prompt_style)
     summary = run_rl(
-        rundir, data, split, base_model, method, options=options, budget=prompt_budget(max_history, max_words),
+        rundir, data, split, base_model, method, options=options, budget=budget,
         eval_users=eval_users, max_new_tokens=max_new_tokens, log=say,
     )  # fmt: skip
     show({k: v for k, v in summary.items() if k != "steps"})
@@ -164,8 +167,9 @@ def item_side_command(
     generate: bool = typer.Option(True, help="Then write profiles of every item (RUN/item_sft/items.jsonl)."),
     limit: int = typer.Option(None, help="Generate for the first N items only (a documented subset)."),
     keep_teacher: bool = typer.Option(False, help="Items with a teacher profile keep it."),
-    max_words: int = typer.Option(20, help="Words kept of each item field."),
-    max_profiles: int = typer.Option(5, help="User profiles shown per item prompt."),
+    max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
+    prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
+    max_profiles: int = typer.Option(3, help="User profiles shown per item prompt (as `reclm run`)."),
     max_neighbours: int = typer.Option(3, help="Neighbour items shown per item prompt."),
     backend: str = typer.Option("ct2", help="Generation backend: ct2 | transformers."),
 ) -> None:
@@ -175,7 +179,9 @@ def item_side_command(
     from reclm.llm.prompts import PromptBudget
 
     rundir, data, split = load_run(run)
-    budget = PromptBudget(max_words=max_words, max_profiles=max_profiles, max_neighbours=max_neighbours)
+    budget = PromptBudget(
+        max_words=max_words, max_profiles=max_profiles, max_neighbours=max_neighbours, style=prompt_style
+    )
     folder = rundir.stage("item_sft")
     if steps > 0:
         init_adapter = None

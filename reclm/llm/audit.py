@@ -34,6 +34,7 @@ STAGE_FOLDERS = ("teacher", "sft", "collab", "reward", "rl", "item_sft", "profil
 SIGNATURE_WORDS = 6
 MAX_EXAMPLES = 20
 PROFILE_IN_ITEM_PROMPT = re.compile(r"Profiles of users who [^:]*: (.*?)\.(?: Related | Please provide)", re.S)
+PROFILE_LINES_IN_ITEM_PROMPT = re.compile(r"Profiles of users who [^:\n]*:((?:\n- [^\n]*)+)")  # compact style
 BRACKETED = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -101,6 +102,7 @@ class HeldOut:
             return [], []
         train_signatures = {s for i in self.train[u] for s in self.signatures[i]}
         leaked, ambiguous = [], []
+        text = f"\n{text}\n"  # a compact line may open or close the text
         for i in sorted(self.held[u]):
             found = [s for s in self.signatures[i] if s and s in text]
             if found:
@@ -111,7 +113,8 @@ class HeldOut:
 def item_signatures(data: RecDataset) -> list[tuple[str, ...]]:
     """Per item, the strings that show it in a prompt: ``'title': '<first words>`` in each quoting that
     :func:`reclm.llm.prompts.render_value` may use, ended by the closing quote when the title is that short,
-    else by the space before the next word (so "Heat" never matches "Heathers"); empty without text."""
+    else by the space before the next word (so "Heat" never matches "Heathers"); empty without text.
+    The compact style shows an item on its own line (``- Heat (1995; ...)``) or after ``: `` in a question."""
     fields = domain_for(data).item_fields(data)
     if not fields:
         return [()] * data.n_items
@@ -132,6 +135,9 @@ def item_signatures(data: RecDataset) -> list[tuple[str, ...]]:
             variants += [f"'{key}': '{short}'", f"'{key}': \"{short}\""]
         if whole and re.fullmatch(r"-?\d+", head):  # numbers are rendered bare
             variants.append(f"'{key}': {head},")
+        for lead in ("\n- ", ": "):  # compact style
+            variants += [f"{lead}{head} (", f"{lead}{head}\n"] if whole else [f"{lead}{head} "]
+            variants += [f"{lead}{' '.join(words[:cut])} ... (" for cut in range(1, min(SIGNATURE_WORDS, len(words)))]
         out.append(tuple(dict.fromkeys(variants)))
     return out
 
@@ -205,9 +211,12 @@ class ProfileOwners:
     def in_item_prompt(self, prompt: str) -> list[set[str]]:
         """For each user profile shown in an item prompt, the users it may belong to."""
         match = PROFILE_IN_ITEM_PROMPT.search(prompt)
-        if not match:
+        if match:
+            shown = [normalise(text) for text in BRACKETED.findall(match.group(1))]
+        elif match := PROFILE_LINES_IN_ITEM_PROMPT.search(prompt):
+            shown = [normalise(line[2:]) for line in match.group(1).strip("\n").split("\n")]
+        else:
             return []
-        shown = [normalise(text) for text in BRACKETED.findall(match.group(1))]
         return [self.owners[text] for text in shown if text in self.owners]
 
 

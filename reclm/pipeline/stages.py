@@ -93,7 +93,9 @@ def prompt_budget(cfg: PipelineConfig):
     """The one prompt budget of a run: teacher, SFT, generation and the tuning stages share it."""
     prompts = need("teacher", "reclm.llm.prompts", "PromptBudget")
     p = cfg.prompt
-    return prompts.PromptBudget(max_items=p.max_items, max_words=p.max_words, max_profiles=p.max_profiles)
+    return prompts.PromptBudget(
+        max_items=p.max_items, max_words=p.max_words, max_profiles=p.max_profiles, style=p.style
+    )
 
 
 def logger(ctx: StageContext):

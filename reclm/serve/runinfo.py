@@ -132,6 +132,8 @@ def run_settings(run: RunDir) -> RunSettings:
     settings.budget = PromptBudget(
         max_items=int(prompt.get("max_items") or settings.budget.max_items),
         max_words=int(prompt.get("max_words") or settings.budget.max_words),
+        max_profiles=int(prompt.get("max_profiles", settings.budget.max_profiles)),
+        style=str(prompt.get("style") or "paper"),  # runs from before styles existed used the paper's
     )
     recorded = read_json(run.profiles / "generation.json").get("params")
     if isinstance(recorded, str):

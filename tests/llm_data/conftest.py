@@ -82,3 +82,10 @@ def netflix():
         pytest.skip("the shared Netflix data is not here")
     data = load_dataset(NETFLIX)
     return data, make_split(data)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from reclm.llm.model import load_tokenizer
+
+    return load_tokenizer()

@@ -173,3 +173,42 @@ def test_format_parse_round_trip():
     text = format_profile(identities, interests)
     assert text == "User identity: Age 25-34, Male, Engineer; User interests: Sci-Fi, 1990s movies."
     assert parse_profile(text) == (identities, interests)
+
+
+def test_compact_prompts_show_the_same_items_in_fewer_tokens(ml100k, tokenizer):
+    """Compact: instruction first (a prefix every prompt shares), one item per line, about half the tokens."""
+    data, split = ml100k
+    users = list(range(40))
+    paper = user_prompts(data, split, users, PromptBudget(style="paper"))
+    compact = user_prompts(data, split, users, PromptBudget(style="compact"))
+    histories = user_histories(data, split)
+    for u in users:
+        lines = [line[2:] for line in compact[u].split("\n") if line.startswith("- ")]
+        titles = [data.item_fields["title"][i] for i in histories[u][-10:]]
+        assert [line.split(" (")[0] for line in lines] == [t.split(" (")[0] for t in titles]
+        assert compact[u].startswith(f"Now you are a user profile generator. Generate the user's profile strictly "
+                                     f"in the following format: {PROFILE_FORMAT}")  # fmt: skip
+        assert "age: " in compact[u] and "age: " in paper[u]
+    paper_tokens = sum(count_tokens(tokenizer, p) for p in paper.values())
+    compact_tokens = sum(count_tokens(tokenizer, p) for p in compact.values())
+    assert compact_tokens < 0.75 * paper_tokens
+    first = "Toy Story (1995; Animation, Children's, Comedy)"
+    assert f"\n- {first}" in user_prompt(data, [0, 1], style="compact")
+
+
+def test_compact_item_prompt_lists_profiles_and_neighbours_line_by_line(tiny):
+    data, split = tiny
+    budget = PromptBudget(style="compact", max_profiles=2)
+    prompt = budget.item_prompt(data, 0, [1, 2], ["User identity: N1; User interests: M1.", None],
+                                ["User identity: A; User interests: B.", "User identity: C; User interests: D.",
+                                 "User identity: E; User interests: F."])  # fmt: skip
+    lines = prompt.split("\n")
+    assert lines[0].endswith(ITEM_PROFILE_FORMAT)
+    assert lines[2].startswith("Profiles of users who") and lines[3:5] == [
+        "- User identity: C; User interests: D.",
+        "- User identity: E; User interests: F.",
+    ]  # the most recent max_profiles
+    assert lines[5].startswith("Related ") and lines[6].endswith("targets User identity: N1; User interests: M1.")
+    assert not lines[7].count("targets")  # a neighbour without a profile shows its text alone
+    with pytest.raises(ValueError, match="prompt style 'fancy'"):
+        PromptBudget(style="fancy")

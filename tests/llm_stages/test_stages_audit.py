@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from reclm.cli.main import app
@@ -21,28 +22,35 @@ def held_pair(split):
     raise AssertionError("no held-out pair")
 
 
-def teacher_records(data, split, users):
-    prompts = user_prompts(data, split, users, PromptBudget(max_items=10, max_words=20))
+STYLES = ("paper", "compact")
+
+
+def teacher_records(data, split, users, style="paper"):
+    prompts = user_prompts(data, split, users, PromptBudget(max_items=10, max_words=20, style=style))
     return [
         ProfileRecord("user", data.user_ids[u], p, "User identity: A; User interests: B.") for u, p in prompts.items()
     ]
 
 
-def test_clean_user_prompts_pass(tiny, tmp_path):
+@pytest.mark.parametrize("style", STYLES)
+def test_clean_user_prompts_pass(tiny, tmp_path, style):
     data, split = tiny
     path = tmp_path / "teacher" / "users.jsonl"
-    write_records(path, teacher_records(data, split, range(data.n_users)))
+    write_records(path, teacher_records(data, split, range(data.n_users), style))
     report = audit_files(data, split, [path], tmp_path)
     assert report.ok and report.files["teacher/users.jsonl"].text_segments == data.n_users
 
 
-def test_a_test_item_in_a_user_prompt_is_caught_by_text(tiny, tmp_path):
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("where", ["last", "first"])
+def test_a_test_item_in_a_user_prompt_is_caught_by_text(tiny, tmp_path, style, where):
     data, split = tiny
     u, i = held_pair(split)
-    history = list(user_histories(data, split)[u]) + [i]  # the bug the audit must catch
-    records = teacher_records(data, split, range(data.n_users))
+    train = list(user_histories(data, split)[u])
+    history = train + [i] if where == "last" else [i] + train  # the bug the audit must catch
+    records = teacher_records(data, split, range(data.n_users), style)
     records = [r for r in records if r.id != data.user_ids[u]]
-    records.append(ProfileRecord("user", data.user_ids[u], user_prompt(data, history, 20, 20), "x"))
+    records.append(ProfileRecord("user", data.user_ids[u], user_prompt(data, history, 20, 20, None, style), "x"))
     path = tmp_path / "sft" / "train.jsonl"
     write_records(path, records)
     report = audit_files(data, split, [path], tmp_path)
@@ -71,6 +79,26 @@ def test_a_held_out_pair_named_by_ids_is_caught(tiny, tmp_path):
     report = audit_files(data, split, [path], tmp_path)
     assert report.leaks == 2
     assert all("held-out pair" in e for e in report.examples)
+
+
+def test_a_held_out_users_profile_in_a_compact_item_prompt_is_caught(tiny, tmp_path):
+    data, split = tiny
+    u, i = held_pair(split)
+    profiles = {v: f"User identity: Person {v}; User interests: Thing {v}." for v in range(data.n_users)}
+    users_file = tmp_path / "teacher" / "users.jsonl"
+    write_records(users_file, [ProfileRecord("user", data.user_ids[v], "p", profiles[v]) for v in profiles])
+    budget = PromptBudget(style="compact")
+    clean = item_prompts(data, split, [i], profiles, budget=budget)[i]
+    train_users = [v for v, j in split.train.tolist() if j == i and v != u][:2]
+    shown = [profiles[v] for v in train_users] + [profiles[u]]
+    bad = budget.item_prompt(data, i, user_profiles=shown)
+    assert "\n- " + profiles[u] in bad
+    items_file = tmp_path / "teacher" / "items.jsonl"
+    write_records(items_file, [ProfileRecord("item", data.item_ids[i], clean, "x")])
+    assert audit_files(data, split, [users_file, items_file], tmp_path).ok
+    write_records(items_file, [ProfileRecord("item", data.item_ids[i], bad, "x")])
+    report = audit_files(data, split, [users_file, items_file], tmp_path)
+    assert report.leaks == 1 and "whose pair with it is held out" in report.examples[0]
 
 
 def test_a_held_out_users_profile_in_an_item_prompt_is_caught(tiny, tmp_path):
@@ -102,6 +130,9 @@ def test_signatures_do_not_confuse_prefixes(tiny):
     assert not any(s in render_item(data, ten, 30) for s in signatures[one])
     assert any(s in render_item(data, one, 30) for s in signatures[one])
     assert any(s in render_item(data, one, 3) for s in signatures[one])  # a title cut short still matches
+    for cut in (30, 3):  # compact lines: "- <title> (<other fields>)"
+        assert not any(s in "\n- " + render_item(data, ten, cut, style="compact") for s in signatures[one])
+        assert any(s in "\n- " + render_item(data, one, cut, style="compact") for s in signatures[one])
 
 
 def test_held_out_excludes_pairs_also_in_train(tiny):

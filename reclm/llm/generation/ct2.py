@@ -4,6 +4,11 @@ The converted model is cached under ``cache_root()/ct2/<base>-<adapter>-<quantiz
 for SmolLM2). Prompts are sorted by length and batched, because CTranslate2 prefills a batch only up to its
 shortest prompt and feeds the rest token by token. The token prefix shared by every prompt (chat template,
 system prompt, the instruction's opening) is passed as ``static_prompt``: its state is computed once and reused.
+
+On CPU, greedy batches run side by side, one worker per core (``inter_threads``), instead of one batch at a
+time on every core: a 135M model's matrices are too small to keep several cores busy, and on 2 cores this was
+1.36x the throughput (2.62 vs 1.93 profiles/s, ml-100k compact user prompts, batch 16, 32 new tokens).
+Sampling keeps one worker, so that its random stream (seeded per worker) gives the same texts every time.
 """
 
 from __future__ import annotations
@@ -106,7 +111,8 @@ class CT2Generator(Generator):
         self.path = convert_to_ct2(model, adapter, self.quantization)
         self.threads = threads or int(os.environ.get("RECLM_THREADS", 0)) or available_cores()
         self.compute_type = compute_type
-        self.generator = self.load()
+        self.workers = self.threads if self.device == "cpu" else 1
+        self.generator = self.load(self.workers)
         self.tokenizer = load_tokenizer(model)
         self.batch_size = batch_size
         self.static_prefix = static_prefix
@@ -114,11 +120,17 @@ class CT2Generator(Generator):
         self._static: list[int] | None = None
         self._identity = f"ct2-{self.quantization}|{model_identity(model)}|adapter={adapter_identity(adapter)}"
 
-    def load(self) -> Any:
+    def load(self, workers: int = 1) -> Any:
+        """A CTranslate2 generator: ``workers`` batches at a time, the cores shared among them."""
         import ctranslate2
 
+        self.loaded_workers = workers
         return ctranslate2.Generator(
-            str(self.path), device=self.device, compute_type=self.compute_type, intra_threads=self.threads
+            str(self.path),
+            device=self.device,
+            compute_type=self.compute_type,
+            inter_threads=workers,
+            intra_threads=max(1, self.threads // workers),
         )
 
     @property
@@ -160,12 +172,17 @@ class CT2Generator(Generator):
             # CTranslate2 seeds each worker thread's generator once, when the thread starts: reload so that
             # sampling restarts from the seed (same prompts and batch size -> same texts)
             ctranslate2.set_random_seed(params.seed)
-            self.generator = self.load()
+            self.generator = self.load(1)
+        elif self.loaded_workers != self.workers:
+            self.generator = self.load(self.workers)
         outputs: list[str] = [""] * len(prompts)
-        for batch in sorted_batches([len(x) for x in ids], self.batch_size):
-            tokens = [self.tokenizer.convert_ids_to_tokens(ids[i][len(static) :]) for i in batch]
-            results = self.generator.generate_batch(tokens, **options)
-            for i, result in zip(batch, results):
+        batches = sorted_batches([len(x) for x in ids], self.batch_size)
+        group = self.loaded_workers  # batches handed over together, one per worker
+        for start in range(0, len(batches), group):
+            positions = [i for batch in batches[start : start + group] for i in batch]
+            tokens = [self.tokenizer.convert_ids_to_tokens(ids[i][len(static) :]) for i in positions]
+            results = self.generator.generate_batch(tokens, max_batch_size=self.batch_size, **options)
+            for i, result in zip(positions, results):
                 new = result.sequences_ids[0]
                 self.prompt_tokens += len(ids[i])
                 self.new_tokens += len(new)
