@@ -23,14 +23,23 @@ import time
 import numpy as np
 
 
-def build_prompts(dataset: str, side: str, n: int, seed: int, max_items: int, max_words: int) -> list[str]:
+def build_prompts(
+    dataset: str,
+    side: str,
+    n: int,
+    seed: int,
+    max_items: int,
+    max_words: int,
+    style: str = "compact",
+    profiles: int = 3,
+) -> list[str]:
     from reclm.data.loaders import load_dataset
     from reclm.data.split import SplitSpec, make_split
     from reclm.llm.prompts import PromptBudget, item_prompts, user_prompts
 
     data = load_dataset(dataset)
     split = make_split(data, SplitSpec())
-    budget = PromptBudget(max_items=max_items, max_words=max_words)
+    budget = PromptBudget(max_items=max_items, max_words=max_words, max_profiles=profiles, style=style)
     rng = np.random.default_rng(seed)
     prompts: list[str] = []
     sides = ["user", "item"] if side == "both" else [side]
@@ -67,6 +76,8 @@ def main() -> None:
     parser.add_argument("--quantization", default="int8")
     parser.add_argument("--max-items", type=int, default=10, help="history items per user prompt")
     parser.add_argument("--max-words", type=int, default=30)
+    parser.add_argument("--style", default="compact", choices=["compact", "paper"], help="prompt layout")
+    parser.add_argument("--max-profiles", type=int, default=3, help="user profiles per item prompt")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-hf", action="store_true", help="time the fast backend only")
@@ -82,7 +93,9 @@ def main() -> None:
     from reclm.utils import available_cores, torch_threads
 
     threads = torch_threads(args.threads)
-    prompts = build_prompts(args.dataset, args.side, args.prompts, args.seed, args.max_items, args.max_words)
+    prompts = build_prompts(
+        args.dataset, args.side, args.prompts, args.seed, args.max_items, args.max_words, args.style, args.max_profiles
+    )
     params = DecodeParams(max_new_tokens=args.max_new_tokens)
     fast = CT2Generator(args.model, args.adapter, args.quantization, args.batch_size, threads=threads)
     lengths = [len(x) for x in prompt_ids(fast.tokenizer, prompts)]

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="ct2", help="generation backend (ct2 | transformers)")
     parser.add_argument("--max-history", type=int, default=10)
     parser.add_argument("--max-words", type=int, default=20)
+    parser.add_argument("--prompt-style", default="compact", choices=["compact", "paper"])
     parser.add_argument("--sft-steps", type=int, default=80)
     parser.add_argument("--collab-steps", type=int, default=30)
     parser.add_argument("--reward-steps", type=int, default=60)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data, split = run.prepare(str(args.work / "dataset"), SplitSpec(method="snapshot", ratios=(0.9, 0.1, 0.0)))
     log(f"split: {split.stats()}")
-    budget = PromptBudget(max_items=args.max_history, max_words=args.max_words)
+    budget = PromptBudget(max_items=args.max_history, max_words=args.max_words, style=args.prompt_style)
     timings: dict[str, float] = {}
 
     def timed(name: str, done: bool, body) -> None:

@@ -29,7 +29,7 @@ def sft_command(
     kind: str = typer.Option("user", help="user (-> RUN/sft/) or item (-> RUN/item_sft/)."),
     epochs: float = typer.Option(1.0, help="Passes over the training pairs (when --max-steps is 0)."),
     max_steps: int = typer.Option(0, help="Optimizer steps (0: use --epochs)."),
-    lr: float = typer.Option(2e-4, help="Peak learning rate (warm-up, then cosine decay)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (warm-up, then cosine decay)."),
     batch_size: int = typer.Option(8, help="Examples per micro-batch."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     max_seq_len: int = typer.Option(512, help="Longer pairs are skipped (and counted)."),
@@ -42,7 +42,7 @@ def sft_command(
     eval_every: int = typer.Option(50, help="Held-out loss every N steps (and before and after)."),
     save_every: int = typer.Option(25, help="Checkpoint every N steps (a crashed run resumes there)."),
     gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory (long sequences, big models)."),
-    threads: int = typer.Option(None, help="Torch threads [available cores]."),
+    threads: int = typer.Option(None, help="Torch threads (default: available cores)."),
     fresh: bool = typer.Option(False, help="Discard an earlier checkpoint instead of resuming from it."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -109,8 +109,10 @@ def profile_command(
     items: bool = typer.Option(True, "--items/--no-items", help="Write RUN/profiles/items.jsonl."),
     backend: str = typer.Option("ct2", help="ct2 (fast CPU, int8) | transformers (reference) | openai."),
     model: str = typer.Option("smollm2-135m", help="Base model (packaged name or HF folder); openai: served name."),
-    adapter: Path = typer.Option(None, help="LoRA adapter [RUN/sft/adapter if present]."),
-    item_adapter: Path = typer.Option(None, help="Adapter for item profiles [RUN/item_sft/adapter, else --adapter]."),
+    adapter: Path = typer.Option(None, help="LoRA adapter (default: the run's last tuned one: rl, collab, then sft)."),
+    item_adapter: Path = typer.Option(
+        None, help="Adapter for item profiles (default: RUN/item_sft/adapter or --adapter)."
+    ),
     no_adapter: bool = typer.Option(False, help="Generate with the base model alone."),
     max_new_tokens: int = typer.Option(48, help="Token limit per profile (decoding also stops at end of line)."),
     temperature: float = typer.Option(0.0, help="0: greedy; else sampling with --seed."),
@@ -122,7 +124,7 @@ def profile_command(
     max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
     prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
     quantization: str = typer.Option(None, help="ct2: int8 (CPU default) | int8_float32 | float32 | bfloat16..."),
-    threads: int = typer.Option(None, help="CPU threads [available cores]."),
+    threads: int = typer.Option(None, help="CPU threads (default: available cores)."),
     base_url: str = typer.Option("http://127.0.0.1:8000/v1", help="openai: endpoint base URL."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: environment variable with the key."),
     concurrency: int = typer.Option(8, help="openai: requests in flight."),
@@ -136,9 +138,11 @@ def profile_command(
     data, split = rundir.load()
     params = DecodeParams(max_new_tokens, temperature, top_p, 0, seed)
     budget = PromptBudget(max_items=max_history, max_words=max_words, style=prompt_style)
-    user_adapter = None if no_adapter else existing_adapter(adapter) or default_adapter(rundir, "sft")
+    user_adapter = None if no_adapter else existing_adapter(adapter) or latest_user_adapter(rundir)
     if user_adapter is None and not no_adapter and backend != "openai":
-        err_console.print(f"note: no adapter given and none in {rundir.stage('sft')}: the base model writes profiles")
+        err_console.print(f"note: no adapter given and none in {rundir.root} (rl, collab, sft): the base model writes")
+    elif user_adapter is not None and adapter is None:
+        err_console.print(f"user profiles by {user_adapter}")
     options = generator_options(backend, threads, quantization, base_url, api_key_env, concurrency)
     cache = GenerationCache()
     summary: dict[str, dict] = {}
@@ -187,6 +191,14 @@ def profile_command(
 def default_adapter(run: RunDir, stage: str) -> Path | None:
     path = run.stage(stage) / "adapter"
     return path if (path / "adapter_config.json").is_file() else None
+
+
+def latest_user_adapter(run: RunDir) -> Path | None:
+    """The user-profile writer of the method's last stage that ran: RL, else collaborative tuning, else SFT."""
+    for stage in ("rl", "collab", "sft"):
+        if found := default_adapter(run, stage):
+            return found
+    return None
 
 
 def model_arg(backend: str, model: str) -> str | None:

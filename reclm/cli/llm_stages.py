@@ -60,7 +60,7 @@ def neighbours_command(
 def collab_command(
     run: Path = typer.Argument(..., help="Prepared run with sft/adapter and neighbours/."),
     base_model: str = typer.Option("smollm2-135m", help="Base model (packaged name or HF folder)."),
-    dialogues: int = typer.Option(None, help="Target users / dialogues [steps x batch size]."),
+    dialogues: int = typer.Option(None, help="Target users / dialogues (default: steps x batch size)."),
     neighbours: int = typer.Option(3, help="Similar users shown per dialogue."),
     target_items: int = typer.Option(10, help="Most recent target history items shown."),
     neighbour_items: int = typer.Option(5, help="Most recent items shown per similar user."),
@@ -96,7 +96,7 @@ def reward_command(
     run: Path = typer.Argument(..., help="Prepared run with teacher/ (and sft/ to know which users it used)."),
     base_model: str = typer.Option("smollm2-135m", help="Base model of the reward model."),
     source: str = typer.Option("teacher", help="Chosen profiles: teacher | distilled (RUN/profiles/users.jsonl)."),
-    pairs: int = typer.Option(None, help="Preference pairs (users) to build [all eligible]."),
+    pairs: int = typer.Option(None, help="Preference pairs (users) to build (default: all eligible)."),
     eval_share: float = typer.Option(0.2, help="Share of users held out for the accuracy report."),
     steps: int = typer.Option(40, help="Optimizer steps."),
     batch_size: int = typer.Option(8, help="Pairs per step."),
@@ -105,7 +105,7 @@ def reward_command(
     max_history: int = typer.Option(10, help="Most recent train items in the prompt."),
     max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
     prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
-    lora_layers: int = typer.Option(None, help="LoRA only in the top N layers (cheaper steps) [all]."),
+    lora_layers: int = typer.Option(None, help="LoRA only in the top N layers (cheaper steps) (default: all)."),
     seed: int = typer.Option(0, help="Seed of pairs, split and training."),
 ) -> None:
     """Preference pairs (RUN/reward/pairs.jsonl) and the reward model (RUN/reward/adapter), with held-out
@@ -161,7 +161,7 @@ def item_side_command(
     base_model: str = typer.Option("smollm2-135m", help="Base model."),
     steps: int = typer.Option(40, help="SFT steps of the item writer (0: skip training, reuse the adapter)."),
     batch_size: int = typer.Option(8, help="Examples per step."),
-    lr: float = typer.Option(2e-4, help="Learning rate."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
     max_seq_len: int = typer.Option(1024, help="Longer examples are skipped."),
     init: str = typer.Option("sft", help="Start from: sft (the user writer's adapter) | fresh."),
     generate: bool = typer.Option(True, help="Then write profiles of every item (RUN/item_sft/items.jsonl)."),

@@ -379,11 +379,13 @@ def cost_table(manifests: dict[str, dict]) -> list[Any]:
         total += seconds
         tokens = record.get("tokens_total")
         gpu = record.get("peak_gpu_memory_mb")
+        cpu = record.get("cpu_seconds")
         rows.append(
             [
                 name,
                 status,
                 format_seconds(seconds),
+                format_seconds(float(cpu)) if cpu is not None else "-",
                 f"{tokens:,}" if tokens else "-",
                 format_bytes_mb(record.get("peak_memory_mb")),
                 format_bytes_mb(gpu) if gpu else "-",

@@ -80,3 +80,18 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
     assert result.exit_code == 2 and "no user teacher profiles" in result.output
     result = CliRunner().invoke(app, ["profile", str(run_dir), "--adapter", str(tmp_path)])
     assert result.exit_code == 2 and "not a LoRA adapter folder" in result.output
+
+
+def test_profile_uses_the_last_tuned_writer_by_default(tmp_path):
+    from reclm.cli.llm import latest_user_adapter
+
+    run = RunDir(tmp_path / "run")
+    assert latest_user_adapter(run) is None
+    for stage in ("sft", "rl", "collab"):
+        folder = run.stage(stage) / "adapter"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        expected = "rl" if stage in ("rl", "collab") else "sft"
+        assert latest_user_adapter(run) == run.stage(expected) / "adapter"
+    (run.stage("rl") / "adapter" / "adapter_config.json").unlink()  # an unfinished RL stage
+    assert latest_user_adapter(run) == run.stage("collab") / "adapter"
