@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-words", type=int, default=20)
     parser.add_argument("--prompt-style", default="compact", choices=["compact", "paper"])
     parser.add_argument("--sft-steps", type=int, default=80)
+    parser.add_argument("--sft-lr", type=float, default=1e-3, help="(2e-4 left ml-100k profiles out of format)")
     parser.add_argument("--collab-steps", type=int, default=30)
     parser.add_argument("--reward-steps", type=int, default=60)
     parser.add_argument("--rl", choices=("dpo", "ppo"), default="dpo")
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             lora={"r": 8, "alpha": 16},
             steps=args.sft_steps,
             batch_size=8,
-            lr=2e-4,
+            lr=args.sft_lr,
             max_seq_len=768,
             holdout=0.1,
             eval_every=0,

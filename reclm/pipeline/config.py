@@ -121,7 +121,8 @@ class PromptOptions(Section):
 
     max_items: int = Field(10, ge=1)  # keep the most recent N history items
     max_words: int = Field(30, ge=1)  # cut long item text (abstracts) to M words
-    max_profiles: int = Field(3, ge=0)  # user profiles / neighbour items shown in an item prompt
+    max_profiles: int = Field(3, ge=0)  # user profiles shown in an item prompt (its most recent train users)
+    max_neighbours: int = Field(3, ge=0)  # related items (with their profiles) shown in an item prompt
     style: Literal["paper", "compact"] = "compact"  # compact: half the tokens (reclm.llm.prompts)
 
 

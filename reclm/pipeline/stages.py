@@ -94,7 +94,11 @@ def prompt_budget(cfg: PipelineConfig):
     prompts = need("teacher", "reclm.llm.prompts", "PromptBudget")
     p = cfg.prompt
     return prompts.PromptBudget(
-        max_items=p.max_items, max_words=p.max_words, max_profiles=p.max_profiles, style=p.style
+        max_items=p.max_items,
+        max_words=p.max_words,
+        max_profiles=p.max_profiles,
+        max_neighbours=p.max_neighbours,
+        style=p.style,
     )
 
 

@@ -133,6 +133,7 @@ def run_settings(run: RunDir) -> RunSettings:
         max_items=int(prompt.get("max_items") or settings.budget.max_items),
         max_words=int(prompt.get("max_words") or settings.budget.max_words),
         max_profiles=int(prompt.get("max_profiles", settings.budget.max_profiles)),
+        max_neighbours=int(prompt.get("max_neighbours", settings.budget.max_neighbours)),
         style=str(prompt.get("style") or "paper"),  # runs from before styles existed used the paper's
     )
     recorded = read_json(run.profiles / "generation.json").get("params")
