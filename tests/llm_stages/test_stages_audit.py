@@ -81,42 +81,46 @@ def test_a_held_out_pair_named_by_ids_is_caught(tiny, tmp_path):
     assert all("held-out pair" in e for e in report.examples)
 
 
-def test_a_held_out_users_profile_in_a_compact_item_prompt_is_caught(tiny, tmp_path):
-    data, split = tiny
-    u, i = held_pair(split)
+def teacher_user_profiles(data, tmp_path):
+    """A distinct teacher profile per user, written to RUN/teacher/users.jsonl."""
     profiles = {v: f"User identity: Person {v}; User interests: Thing {v}." for v in range(data.n_users)}
     users_file = tmp_path / "teacher" / "users.jsonl"
     write_records(users_file, [ProfileRecord("user", data.user_ids[v], "p", profiles[v]) for v in profiles])
+    return profiles, users_file
+
+
+def assert_item_prompt_leak_caught(data, split, tmp_path, users_file, item, clean, bad):
+    """The clean item prompt passes the audit; the one showing a held-out user's profile is one leak."""
+    items_file = tmp_path / "teacher" / "items.jsonl"
+    write_records(items_file, [ProfileRecord("item", data.item_ids[item], clean, "x")])
+    assert audit_files(data, split, [users_file, items_file], tmp_path).ok
+    write_records(items_file, [ProfileRecord("item", data.item_ids[item], bad, "x")])
+    report = audit_files(data, split, [users_file, items_file], tmp_path)
+    assert report.leaks == 1 and "whose pair with it is held out" in report.examples[0]
+
+
+def test_a_held_out_users_profile_in_a_compact_item_prompt_is_caught(tiny, tmp_path):
+    data, split = tiny
+    u, i = held_pair(split)
+    profiles, users_file = teacher_user_profiles(data, tmp_path)
     budget = PromptBudget(style="compact")
     clean = item_prompts(data, split, [i], profiles, budget=budget)[i]
     train_users = [v for v, j in split.train.tolist() if j == i and v != u][:2]
     shown = [profiles[v] for v in train_users] + [profiles[u]]
     bad = budget.item_prompt(data, i, user_profiles=shown)
     assert "\n- " + profiles[u] in bad
-    items_file = tmp_path / "teacher" / "items.jsonl"
-    write_records(items_file, [ProfileRecord("item", data.item_ids[i], clean, "x")])
-    assert audit_files(data, split, [users_file, items_file], tmp_path).ok
-    write_records(items_file, [ProfileRecord("item", data.item_ids[i], bad, "x")])
-    report = audit_files(data, split, [users_file, items_file], tmp_path)
-    assert report.leaks == 1 and "whose pair with it is held out" in report.examples[0]
+    assert_item_prompt_leak_caught(data, split, tmp_path, users_file, i, clean, bad)
 
 
 def test_a_held_out_users_profile_in_an_item_prompt_is_caught(tiny, tmp_path):
     data, split = tiny
     u, i = held_pair(split)
-    profiles = {v: f"User identity: Person {v}; User interests: Thing {v}." for v in range(data.n_users)}
-    users_file = tmp_path / "teacher" / "users.jsonl"
-    write_records(users_file, [ProfileRecord("user", data.user_ids[v], "p", profiles[v]) for v in profiles])
+    profiles, users_file = teacher_user_profiles(data, tmp_path)
     clean = item_prompts(data, split, [i], profiles)[i]  # train users only
     bad = clean.replace("Please provide", f"Profiles of users who interacted with it: [{profiles[u]}]. Please provide")
     if "Profiles of users who" in clean:  # the item has train users: put the held-out user's profile among them
         bad = clean.replace("it: [", f"it: [{profiles[u]}][", 1)
-    items_file = tmp_path / "teacher" / "items.jsonl"
-    write_records(items_file, [ProfileRecord("item", data.item_ids[i], clean, "x")])
-    assert audit_files(data, split, [users_file, items_file], tmp_path).ok
-    write_records(items_file, [ProfileRecord("item", data.item_ids[i], bad, "x")])
-    report = audit_files(data, split, [users_file, items_file], tmp_path)
-    assert report.leaks == 1 and "whose pair with it is held out" in report.examples[0]
+    assert_item_prompt_leak_caught(data, split, tmp_path, users_file, i, clean, bad)
 
 
 def test_signatures_do_not_confuse_prefixes(tiny):
