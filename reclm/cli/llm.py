@@ -194,11 +194,11 @@ def default_adapter(run: RunDir, stage: str) -> Path | None:
 
 
 def latest_user_adapter(run: RunDir) -> Path | None:
-    """The user-profile writer of the method's last stage that ran: RL, else collaborative tuning, else SFT."""
-    for stage in ("rl", "collab", "sft"):
-        if found := default_adapter(run, stage):
-            return found
-    return None
+    """The user-profile writer of the method's last stage that ran: RL, else collaborative tuning, else SFT
+    (the server's choice too)."""
+    from reclm.serve.runinfo import find_adapter
+
+    return find_adapter(run, "user")
 
 
 def model_arg(backend: str, model: str) -> str | None:

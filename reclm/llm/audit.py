@@ -27,7 +27,7 @@ from pathlib import Path
 from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.llm import collab
-from reclm.llm.prompts import domain_for
+from reclm.llm.prompts import domain_for, title_field
 from reclm.pipeline.rundir import RunDir
 
 STAGE_FOLDERS = ("teacher", "sft", "collab", "reward", "rl", "item_sft", "profiles", "ablation")
@@ -118,7 +118,7 @@ def item_signatures(data: RecDataset) -> list[tuple[str, ...]]:
     fields = domain_for(data).item_fields(data)
     if not fields:
         return [()] * data.n_items
-    field_name, key = next(((f, k) for f, k in fields if f.lower() in ("title", "name")), fields[0])
+    field_name, key = title_field(fields)
     out = []
     for value in data.item_fields[field_name]:
         words = str(value).split()
