@@ -28,6 +28,7 @@ class SGL(LightGCN):
         users0, items0 = self.fusion.all()
         final_u, final_i = self.propagate_layers(self.adjacency, users0, items0)
         terms = self.bpr_terms(final_u, final_i, users0, items0, users, pos, neg)
+        users0, items0 = self.fusion.contrastive_all()  # SSL trains ID embeddings, not feature encoders
         u1, i1 = self.propagate_layers(self.view1, users0, items0)
         u2, i2 = self.propagate_layers(self.view2, users0, items0)
         cfg = self.config

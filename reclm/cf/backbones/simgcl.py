@@ -25,6 +25,7 @@ class SimGCL(LightGCN):
         users0, items0 = self.fusion.all()
         final_u, final_i = self.propagate_layers(self.adjacency, users0, items0)
         terms = self.bpr_terms(final_u, final_i, users0, items0, users, pos, neg)
+        users0, items0 = self.fusion.contrastive_all()  # SSL trains ID embeddings, not feature encoders
         u1, i1 = self.propagate_layers(self.adjacency, users0, items0, perturbed=True)
         u2, i2 = self.propagate_layers(self.adjacency, users0, items0, perturbed=True)
         cfg = self.config
