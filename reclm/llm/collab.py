@@ -369,10 +369,11 @@ def yes_no_accuracy(model, tokenizer, records: Sequence[dict]) -> dict:
     from reclm.llm.rl.common import forward
 
     ids = {a: tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in (YES, NO)}
+    device = next(model.parameters()).device
     right, probs = [], []
     for record in records:
         text = render(tokenizer, record["messages"][:-1], add_generation_prompt=True)
-        enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        enc = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
         with torch.no_grad():
             logits = forward(model, enc["input_ids"], enc["attention_mask"]).logits[0, -1].float()
         pair = torch.softmax(logits[[ids[YES], ids[NO]]], dim=0)
@@ -460,12 +461,14 @@ def run_collab(
     evaluate: bool = True,
     progress: bool = True,
     backend: str = "transformers",
+    writer: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build the dialogues (``out/dialogues.jsonl``) and continue the SFT adapter on them (``out/adapter``).
 
     ``dialogues``: how many targets (default: one pass of ``train.steps x train.batch_size``). ``train`` and
-    ``lora``: :class:`reclm.llm.sft.TrainSettings` / ``LoraSettings`` fields."""
+    ``lora``: :class:`reclm.llm.sft.TrainSettings` / ``LoraSettings`` fields. ``writer``: ProfileWriter options
+    (batch_size, max_new_tokens) of the distilled profiles."""
     from reclm.llm.model import load_base, load_tokenizer
     from reclm.llm.neighbours import load_neighbours
     from reclm.llm.prompts import PromptBudget
@@ -501,7 +504,7 @@ def run_collab(
     own_writer = None
     if profile_source == "distilled" and generate is None:
         log(f"collab: writing distilled profiles of {len(needed)} users with {init_adapter}")
-        generate = own_writer = profile_writer(base_model, init_adapter, backend, progress=progress)
+        generate = own_writer = profile_writer(base_model, init_adapter, backend, progress=progress, **(writer or {}))
     try:
         profiles, counts = collect_profiles(run, data, split, needed, profile_source, generate, prompt_budget, out)
     finally:

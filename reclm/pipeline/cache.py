@@ -374,7 +374,8 @@ class Pipeline:
             "version": stage.version,
             "manifest_version": MANIFEST_VERSION,
             "config": stage.config(self.config),
-            "upstream": {need: upstream[need] for need in stage.needs},
+            # .get: with --only, a later stage's upstream may be incomplete (it is skipped then)
+            "upstream": {need: upstream.get(need) for need in stage.needs},
             "files": {str(p): path_hash(Path(p)) for p in stage.files(self.config)},
         }
 

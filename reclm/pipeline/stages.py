@@ -218,10 +218,17 @@ def run_collab(ctx: StageContext) -> dict:
         RunDir(ctx.root, redirect={"collab": ctx.out}), data, split, cfg.llm.base_model, out=ctx.out,
         dialogues=opts.dialogues, budget=budget, prompt_budget=prompt_budget(cfg), lora=lora_of(cfg),
         train=train_of(opts), profile_source=opts.profiles, seed=opts.seed, evaluate=opts.evaluate,
-        log=logger(ctx),
+        log=logger(ctx), backend=writer_backend(cfg), writer={"batch_size": cfg.generation.batch_size,
+                                                              "max_new_tokens": cfg.generation.max_new_tokens},
     )  # fmt: skip
     train = summary.get("train", {})
     return {**summary, "tokens": {"train": train.get("train_tokens", 0)}, "units": opts.steps, "unit": "step"}
+
+
+def writer_backend(cfg: PipelineConfig) -> str:
+    """The local backend that writes the distilled profiles collaborative tuning needs: the generation
+    backend, except ``openai`` (a served model has no SFT adapter to apply), then transformers."""
+    return "transformers" if cfg.generation.backend == "openai" else cfg.generation.backend
 
 
 def run_reward(ctx: StageContext) -> dict:
@@ -665,6 +672,8 @@ def build_stages() -> list[Stage]:
                 "base": c.llm.base_model,
                 "lora": c.llm.lora.model_dump(),
                 "collab": c.llm.collab.model_dump(),
+                "prompt": c.section("prompt"),  # the distilled profiles' prompts
+                "writer": {"backend": writer_backend(c), "max_new_tokens": c.generation.max_new_tokens},
             },
             enabled=lambda c: c.stages.collab,
             estimate=est.collab,

@@ -15,7 +15,7 @@ YES_NO_PROMPTS = ["Will the user like it?", "Is this a match?"]  # the prompts y
 
 def answer_probability(policy, tok, word: str) -> float:
     """Mean next-token probability of ``word`` right after the assistant header, over the toy prompts."""
-    enc = encode_prompts(tok, YES_NO_PROMPTS, "cpu")
+    enc = encode_prompts(tok, YES_NO_PROMPTS, next(policy.parameters()).device)
     token = tok(word, add_special_tokens=False)["input_ids"][0]
     with torch.no_grad():
         logits = forward(policy, enc["input_ids"], enc["attention_mask"]).logits[:, -1]

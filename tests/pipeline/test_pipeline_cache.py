@@ -221,6 +221,14 @@ def test_from_and_only(setup):
         run(only="nope")
 
 
+def test_only_runs_a_stage_while_later_stages_are_not_ready(setup):
+    run, calls, root, _ = setup
+    assert run(only="prepare")["prepare"] == "ran"
+    actions = run(only="neighbours")  # teacher never ran: sft's and report's inputs are unknown
+    assert actions == {"prepare": "skip", "teacher": "skip", "sft": "skip", "neighbours": "ran", "report": "skip"}
+    assert read(root, "neighbours") == "nb(data(v1,2020),5)"
+
+
 def test_only_needs_complete_inputs(setup):
     run, calls, root, _ = setup
     with pytest.raises(StageError, match="stage 'prepare' is not complete"):

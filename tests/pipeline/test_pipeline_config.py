@@ -90,6 +90,9 @@ def test_shipped_configs_load(tmp_path):
     netflix = load_config(CONFIGS / "netflix.yaml")
     assert netflix.split.method == "auto" and netflix.split.ratios == (0.8, 0.1, 0.1)
     assert netflix.stages.teacher == "file"
+    distill = load_config(CONFIGS / "mind-distill.yaml")
+    assert distill.dataset == mind.dataset and distill.split == mind.split
+    assert distill.stages.sft and not distill.stages.collab and distill.stages.rl == "none"
     for config in (mind, netflix):
         assert set(config.cf.backbones) == {"bias-mf", "ncf", "lightgcn", "sgl", "simgcl"}
 
