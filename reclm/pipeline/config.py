@@ -119,10 +119,14 @@ class PromptOptions(Section):
     """The prompt budget shared by the teacher, SFT, generation and the tuning stages (so every model
     sees prompts built the same way)."""
 
-    max_items: int = Field(10, ge=1)  # keep the most recent N history items
+    # CPU defaults: prompt tokens are most of the generation cost, since each one also costs at every decoded
+    # token (ml-100k, CTranslate2 int8 on 2 cores: user prompts with 6 instead of 10 items 1.45x the profiles/s;
+    # item prompts without watcher profiles and with 2 instead of 3 related items 2.45x, with 1 related item
+    # a further 1.4x). The paper's MIND setting (configs/mind-paper.yaml) shows more.
+    max_items: int = Field(6, ge=1)  # keep the most recent N history items
     max_words: int = Field(30, ge=1)  # cut long item text (abstracts) to M words
-    max_profiles: int = Field(3, ge=0)  # user profiles shown in an item prompt (its most recent train users)
-    max_neighbours: int = Field(3, ge=0)  # related items (with their profiles) shown in an item prompt
+    max_profiles: int = Field(0, ge=0)  # user profiles shown in an item prompt (its most recent train users)
+    max_neighbours: int = Field(1, ge=0)  # related items (with their profiles) shown in an item prompt
     style: Literal["paper", "compact"] = "compact"  # compact: half the tokens (reclm.llm.prompts)
 
 
@@ -249,6 +253,8 @@ class CFOptions(Section):
     ablation_backbones: list[Backbone] = ["lightgcn"]
     params: dict[str, Any] = {"epochs": 40, "patience": 5}  # bounded for the CPU default
     per_backbone: dict[Backbone, dict[str, Any]] = {}
+    # runs trained at once (null: one single-threaded run per core on CPU, one on CUDA; reclm.pipeline.cf_jobs)
+    jobs: int | None = Field(None, ge=1)
 
     @field_validator("backbones", "features", "seeds")
     @classmethod

@@ -550,54 +550,84 @@ def cf_run(backbone: str, features: str, seed: int, variant: str | None, final: 
 
 
 def run_train_cf(ctx: StageContext) -> dict:
-    cf = need("train_cf", "reclm.cf", "train_cf", "CFConfig", "SideFeatures")
-    cf_features = need("train_cf", "reclm.cf.features", "load_profile_embeddings")
-    from reclm.pipeline.cache import path_hash
+    need("train_cf", "reclm.cf", "train_cf", "CFConfig", "SideFeatures")
+    from reclm.pipeline import cf_jobs
 
     cfg = ctx.config
-    data, split = ctx.data()
-    embeddings = ctx.run.embeddings
-    item_text = np.load(embeddings / "item_text.npz")["vectors"]
     runs = cf_runs(cfg)
-    done = 0
-    epochs_run = 0
+    pending: list[cf_jobs.CFJob] = []
+    units: dict[str, Any] = {}
     for position, run in enumerate(runs, 1):
-        folder = embeddings if run["final"] else embeddings / "ablation" / str(run["variant"])
-        params = cfg.cf.run_params(run["backbone"], run["features"], run["seed"])
-        files = [embeddings / "item_text.npz"] if run["features"] != "none" else []
-        if run["features"] == "text+profiles":
-            files += [folder / "users.npz", folder / "items.npz"]
-        key = {"params": params, "split": ctx.inputs["upstream"]["prepare"], "files": {}}
-        key["files"] = {str(f.relative_to(ctx.root)): path_hash(f) for f in files}
-        unit = ctx.unit(run["name"], key)
+        job, unit = cf_job(ctx, run)
         if unit.done:
             ctx.console.print(f"    train-cf {position}/{len(runs)} {run['name']}: cached", highlight=False)
             continue
-        features = cf.SideFeatures()
-        if run["features"] != "none":
-            features.item_text = item_text
-        if run["features"] == "text+profiles":
-            features.user_profiles, _ = cf_features.load_profile_embeddings(folder / "users.npz", data.user_ids)
-            features.item_profiles, _ = cf_features.load_profile_embeddings(folder / "items.npz", data.item_ids)
-        extra = {"pipeline_run": run}
-        result = cf.train_cf(
-            split, cf.CFConfig(**params), features, unit.scratch(), user_ids=data.user_ids, extra_info=extra
-        )
-        unit.commit()
-        done += 1
+        pending.append(job)
+        units[job.name] = unit
+    epochs_run, worker_peak = 0, 0.0
+
+    def finished(job: cf_jobs.CFJob, result: cf_jobs.JobResult) -> None:
+        nonlocal epochs_run, worker_peak
+        units[job.name].commit()
         epochs_run += result.epochs_run
+        worker_peak = max(worker_peak, result.worker_peak_mb or 0.0)
         recall, ndcg = result.test.get("recall@20", float("nan")), result.test.get("ndcg@20", float("nan"))
+        position = 1 + [r["name"] for r in runs].index(job.name)
         ctx.console.print(
-            f"    train-cf {position}/{len(runs)} {run['name']}: test recall@20 {recall:.4f} ndcg@20 {ndcg:.4f}",
+            f"    train-cf {position}/{len(runs)} {job.name}: test recall@20 {recall:.4f} ndcg@20 {ndcg:.4f}",
             highlight=False,
         )
+
+    device = str(cfg.cf.params.get("device", "auto"))
+    workers, threads = cf_jobs.job_plan(cfg.cf.jobs, device, len(pending), cfg.threads)
+    if workers > 1:
+        ctx.note(f"{len(pending)} CF runs trained {workers} at a time, {threads} thread(s) each")
+        from reclm.llm.teachers.base import progress_bar
+
+        with progress_bar(len(pending), f"cf runs, {workers} at a time") as advance:
+
+            def finished_and_shown(job: cf_jobs.CFJob, result: cf_jobs.JobResult) -> None:
+                finished(job, result)
+                advance()
+
+            cf_jobs.run_in_workers(ctx.root, pending, workers, threads, finished_and_shown)
+        ctx.note(f"each worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
+    else:
+        data, split = ctx.data()
+        for job in pending:
+            finished(job, cf_jobs.train_job(job, data, split, None, show_progress=True))
     write_json(ctx.out / "runs.json", runs)
+    _, split = ctx.data()
     return {
         "units": max(epochs_run, 1) * len(split.train),
         "unit": "epoch-interaction",
         "runs": len(runs),
-        "trained": done,
+        "trained": len(pending),
+        "jobs": workers,
+        "worker_peak_memory_mb": round(worker_peak, 1) if workers > 1 else None,
     }
+
+
+def cf_job(ctx: StageContext, run: dict[str, Any]) -> tuple[Any, Any]:
+    """The job of one CF run and its cached unit (keyed by its parameters, split and feature files)."""
+    from reclm.pipeline import cf_jobs
+    from reclm.pipeline.cache import path_hash
+
+    embeddings = ctx.run.embeddings
+    folder = embeddings if run["final"] else embeddings / "ablation" / str(run["variant"])
+    params = ctx.config.cf.run_params(run["backbone"], run["features"], run["seed"])
+    job = cf_jobs.CFJob(run["name"], params, Path(), extra={"pipeline_run": run})
+    if run["features"] != "none":
+        job.item_text = embeddings / "item_text.npz"
+    if run["features"] == "text+profiles":
+        job.user_profiles, job.item_profiles = folder / "users.npz", folder / "items.npz"
+    files = [f for f in (job.item_text, job.user_profiles, job.item_profiles) if f is not None]
+    key = {"params": params, "split": ctx.inputs["upstream"]["prepare"], "files": {}}
+    key["files"] = {str(f.relative_to(ctx.root)): path_hash(f) for f in files}
+    unit = ctx.unit(run["name"], key)
+    if not unit.done:
+        job.out = unit.scratch()
+    return job, unit
 
 
 # ---------------------------------------------------------------- 12 report
@@ -753,7 +783,7 @@ def build_stages() -> list[Stage]:
             "cf",
             run_train_cf,
             needs=("prepare", "encode"),
-            config=lambda c: {"cf": c.cf.model_dump(mode="json"), "runs": cf_runs(c)},
+            config=lambda c: {"cf": c.cf.model_dump(mode="json", exclude={"jobs"}), "runs": cf_runs(c)},
             estimate=est.train_cf,
             description="train every backbone with and without profiles (full-shot and zero-shot test)",
         ),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from reclm.llm.prompts import (
+    COMPACT_ITEM_FORMAT,
     ITEM_PROFILE_FORMAT,
     PROFILE_FORMAT,
     PromptBudget,
@@ -203,7 +204,7 @@ def test_compact_item_prompt_lists_profiles_and_neighbours_line_by_line(tiny):
                                 ["User identity: A; User interests: B.", "User identity: C; User interests: D.",
                                  "User identity: E; User interests: F."])  # fmt: skip
     lines = prompt.split("\n")
-    assert lines[0].endswith(ITEM_PROFILE_FORMAT)
+    assert lines[0].endswith(COMPACT_ITEM_FORMAT) and "[Identity 5]" in lines[0]
     assert lines[2].startswith("Profiles of users who") and lines[3:5] == [
         "- User identity: C; User interests: D.",
         "- User identity: E; User interests: F.",

@@ -56,7 +56,7 @@ def finished_run(tmp_path_factory, tiny_dataset):
     dataset = tiny_dataset
     out = base / "run"
     config = base / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(dataset, out)))
+    config.write_text(yaml.safe_dump(tiny_config(dataset, out, jobs=2)))  # CF runs in two worker processes
     output = invoke("run", str(config))
     return config, out, output, dataset
 
@@ -198,3 +198,30 @@ def test_several_seeds_give_mean_std_and_a_test_over_seeds(finished_run):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[6] == "2" and cells[7] != "-"  # seeds compared, t-test p-value
     assert re.search(r"\| lightgcn \| 0\.\d{4} ± 0\.\d{4} \|", md)
+
+
+def test_cf_runs_in_worker_processes_match_in_process_runs(finished_run, tmp_path):
+    """``cf.jobs: 2``: the pipeline trained its runs two at a time in spawned workers (one thread each);
+    the same runs trained here, in this process, give the same metrics."""
+    from reclm.pipeline import cf_jobs
+    from reclm.pipeline.config import load_config
+    from reclm.pipeline.rundir import RunDir
+
+    config, out, _, _ = finished_run
+    manifest = json.loads((out / "manifests" / "train_cf.json").read_text())
+    assert manifest["summary"]["jobs"] == 2 and manifest["summary"]["worker_peak_memory_mb"] > 50
+    assert any("2 at a time, 1 thread(s) each" in note for note in manifest["notes"])
+    assert cf_jobs.job_plan(None, "cpu", pending=10, cores=2) == (2, 1)
+    assert cf_jobs.job_plan(None, "cpu", pending=1, cores=2) == (1, 2)
+    assert cf_jobs.job_plan(None, "cpu", pending=10, cores=1) == (1, 1)  # `threads: 1` -> in process
+    cfg = load_config(config)
+    data, split = RunDir(out).load()
+    for backbone, features in (("bias-mf", "text"), ("lightgcn", "text+profiles")):
+        name = f"{backbone}-{features}-s1"
+        job = cf_jobs.CFJob(name, cfg.cf.run_params(backbone, features, 1), tmp_path / name)
+        job.item_text = out / "embeddings" / "item_text.npz"
+        if features == "text+profiles":
+            job.user_profiles, job.item_profiles = out / "embeddings" / "users.npz", out / "embeddings" / "items.npz"
+        result = cf_jobs.train_job(job, data, split, threads=1, show_progress=False)
+        expected = json.loads((out / "cf" / name / "metrics.json").read_text())["test"]
+        assert result.test == pytest.approx(expected, abs=1e-12) and result.test["recall@20"] > 0

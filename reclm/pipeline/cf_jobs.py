@@ -1,0 +1,120 @@
+"""The CF runs of ``reclm run`` (stage 11), trained one after another or several at once.
+
+On CPU the pipeline trains one run per core, each single-threaded, in worker processes: these models
+are too small for torch to use two threads well (ml-100k, 2 cores: two single-threaded runs at once
+finish the ten default runs in less time than one two-threaded run after another; see
+``benchmarks/cf_parallel.py``). On CUDA, and with ``cf.jobs: 1``, runs are trained in this process.
+Each run is committed on its own as soon as it finishes, so an interrupted stage keeps finished runs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reclm.utils import available_cores
+
+
+@dataclass
+class CFJob:
+    """One CF run: its CFConfig fields, the feature files it reads and the folder it writes."""
+
+    name: str
+    params: dict[str, Any]
+    out: Path
+    item_text: Path | None = None
+    user_profiles: Path | None = None
+    item_profiles: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    name: str
+    test: dict[str, float]
+    epochs_run: int
+    worker_peak_mb: float | None = None  # peak resident memory of the worker process that trained it
+
+
+def job_plan(requested: int | None, device: str, pending: int, cores: int | None = None) -> tuple[int, int]:
+    """(runs at once, torch threads per run): ``requested`` or, on CPU, one single-threaded run per core
+    (``cores``: the pipeline's thread budget, default the cores available)."""
+    import torch
+
+    cores = cores or available_cores()
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    jobs = max(1, min(requested or (1 if on_gpu else cores), pending))
+    return jobs, max(1, cores // jobs)
+
+
+def job_features(job: CFJob, user_ids: Sequence[str], item_ids: Sequence[str]) -> Any:
+    import numpy as np
+
+    from reclm.cf import SideFeatures
+    from reclm.cf.features import load_profile_embeddings
+
+    features = SideFeatures()
+    if job.item_text is not None:
+        features.item_text = np.load(job.item_text)["vectors"]
+    if job.user_profiles is not None:
+        features.user_profiles, _ = load_profile_embeddings(job.user_profiles, list(user_ids))
+    if job.item_profiles is not None:
+        features.item_profiles, _ = load_profile_embeddings(job.item_profiles, list(item_ids))
+    return features
+
+
+def train_job(job: CFJob, data: Any, split: Any, threads: int | None, show_progress: bool) -> JobResult:
+    from reclm.cf import CFConfig, train_cf
+
+    params = dict(job.params)
+    if threads is not None:
+        params.setdefault("threads", threads)
+    features = job_features(job, data.user_ids, data.item_ids)
+    result = train_cf(
+        split,
+        CFConfig(**params),
+        features,
+        job.out,
+        show_progress=show_progress,
+        user_ids=data.user_ids,
+        extra_info=job.extra,
+    )
+    return JobResult(job.name, dict(result.test), result.epochs_run)
+
+
+_WORKER_DATA: dict[str, Any] = {}
+
+
+def worker_train(root: str, job: CFJob, threads: int) -> JobResult:
+    """A worker process's run: the run directory's data is loaded once per process."""
+    from reclm.pipeline.rundir import RunDir
+
+    if root not in _WORKER_DATA:
+        _WORKER_DATA[root] = RunDir(Path(root)).load()
+    data, split = _WORKER_DATA[root]
+    result = train_job(job, data, split, threads, show_progress=False)
+    result.worker_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return result
+
+
+def run_in_workers(
+    root: Path, jobs: Sequence[CFJob], workers: int, threads: int, on_done: Callable[[CFJob, JobResult], None]
+) -> None:
+    """Train ``jobs`` in ``workers`` spawned processes; ``on_done`` runs here as each one finishes."""
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        running: dict[Future, CFJob] = {pool.submit(worker_train, str(root), job, threads): job for job in jobs}
+        try:
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    on_done(job, future.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped, finished ones kept
+            raise
