@@ -608,6 +608,20 @@ def run_train_cf(ctx: StageContext) -> dict:
     }
 
 
+def resolved_cf_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Every CFConfig field of a run, defaults included (so a changed default retrains it); not the
+    thread count or device."""
+    from reclm.cf import CFConfig
+
+    return CFConfig(**params).model_dump(mode="json", exclude={"threads", "device"})
+
+
+def train_cf_config(cfg: PipelineConfig) -> dict[str, Any]:
+    runs = cf_runs(cfg)
+    resolved = [resolved_cf_params(cfg.cf.run_params(r["backbone"], r["features"], r["seed"])) for r in runs]
+    return {"cf": cfg.cf.model_dump(mode="json", exclude={"jobs"}), "runs": runs, "resolved": resolved}
+
+
 def cf_job(ctx: StageContext, run: dict[str, Any]) -> tuple[Any, Any]:
     """The job of one CF run and its cached unit (keyed by its parameters, split and feature files)."""
     from reclm.pipeline import cf_jobs
@@ -622,7 +636,7 @@ def cf_job(ctx: StageContext, run: dict[str, Any]) -> tuple[Any, Any]:
     if run["features"] == "text+profiles":
         job.user_profiles, job.item_profiles = folder / "users.npz", folder / "items.npz"
     files = [f for f in (job.item_text, job.user_profiles, job.item_profiles) if f is not None]
-    key = {"params": params, "split": ctx.inputs["upstream"]["prepare"], "files": {}}
+    key = {"params": resolved_cf_params(params), "split": ctx.inputs["upstream"]["prepare"], "files": {}}
     key["files"] = {str(f.relative_to(ctx.root)): path_hash(f) for f in files}
     unit = ctx.unit(run["name"], key)
     if not unit.done:
@@ -783,7 +797,7 @@ def build_stages() -> list[Stage]:
             "cf",
             run_train_cf,
             needs=("prepare", "encode"),
-            config=lambda c: {"cf": c.cf.model_dump(mode="json", exclude={"jobs"}), "runs": cf_runs(c)},
+            config=train_cf_config,
             estimate=est.train_cf,
             description="train every backbone with and without profiles (full-shot and zero-shot test)",
         ),
