@@ -4,7 +4,7 @@
     python benchmarks/generation_speed.py --adapter RUN/sft/adapter --prompts 64
     python benchmarks/generation_speed.py --dataset mind --side user --prompts 48
 
-Prompts are the run's real ones (reclm.llm.prompts with the teacher's default budget, train history only),
+Prompts are built as a run's (reclm.llm.prompts with `reclm run`'s default budget, train history only),
 a seeded sample of ``--prompts`` users and items. Both backends get the same prompts and decoding parameters
 (greedy, one line, ``--max-new-tokens``); the converted CT2 model is built before timing. Each backend is run
 ``--repeat`` times, alternating, and the best time is kept (other jobs share the CPU: the ratio of runs taken
@@ -31,7 +31,8 @@ def build_prompts(
     max_items: int,
     max_words: int,
     style: str = "compact",
-    profiles: int = 3,
+    profiles: int = 0,
+    neighbours: int = 1,
 ) -> list[str]:
     from reclm.data.loaders import load_dataset
     from reclm.data.split import SplitSpec, make_split
@@ -39,7 +40,9 @@ def build_prompts(
 
     data = load_dataset(dataset)
     split = make_split(data, SplitSpec())
-    budget = PromptBudget(max_items=max_items, max_words=max_words, max_profiles=profiles, style=style)
+    budget = PromptBudget(
+        max_items=max_items, max_words=max_words, max_profiles=profiles, max_neighbours=neighbours, style=style
+    )
     rng = np.random.default_rng(seed)
     prompts: list[str] = []
     sides = ["user", "item"] if side == "both" else [side]
@@ -48,11 +51,15 @@ def build_prompts(
         users = rng.choice(data.n_users, min(per_side, data.n_users), replace=False)
         prompts += list(user_prompts(data, split, users.tolist(), budget).values())
     if "item" in sides:
-        # item prompts show the profiles of users who interacted: use a fixed, realistic profile for each
+        # item prompts show the profiles of users who interacted and of related items: a fixed, realistic
+        # profile for each, and seeded random items as the related ones
         profile = "User identity: Student, Movie lover, Night owl; User interests: Drama, Comedy, 1990s movies."
         user_profiles = {u: profile for u in range(data.n_users)}
+        item_profiles = {i: profile for i in range(data.n_items)}
+        related = {i: rng.choice(data.n_items, max(neighbours, 1)).tolist() for i in range(data.n_items)}
         items = rng.choice(data.n_items, min(n - len(prompts), data.n_items), replace=False)
-        prompts += list(item_prompts(data, split, items.tolist(), user_profiles, budget=budget).values())
+        chosen = item_prompts(data, split, items.tolist(), user_profiles, item_profiles, related, budget)
+        prompts += list(chosen.values())
     return prompts
 
 
@@ -74,10 +81,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="ct2 batch size")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--quantization", default="int8")
-    parser.add_argument("--max-items", type=int, default=10, help="history items per user prompt")
+    parser.add_argument("--max-items", type=int, default=6, help="history items per user prompt")
     parser.add_argument("--max-words", type=int, default=30)
     parser.add_argument("--style", default="compact", choices=["compact", "paper"], help="prompt layout")
-    parser.add_argument("--max-profiles", type=int, default=3, help="user profiles per item prompt")
+    parser.add_argument("--max-profiles", type=int, default=0, help="user profiles per item prompt")
+    parser.add_argument("--max-neighbours", type=int, default=1, help="related items (with a profile) per item prompt")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-hf", action="store_true", help="time the fast backend only")
@@ -94,7 +102,15 @@ def main() -> None:
 
     threads = torch_threads(args.threads)
     prompts = build_prompts(
-        args.dataset, args.side, args.prompts, args.seed, args.max_items, args.max_words, args.style, args.max_profiles
+        args.dataset,
+        args.side,
+        args.prompts,
+        args.seed,
+        args.max_items,
+        args.max_words,
+        args.style,
+        args.max_profiles,
+        args.max_neighbours,
     )
     params = DecodeParams(max_new_tokens=args.max_new_tokens)
     fast = CT2Generator(args.model, args.adapter, args.quantization, args.batch_size, threads=threads)
