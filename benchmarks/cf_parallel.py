@@ -21,11 +21,13 @@ from reclm.pipeline.rundir import RunDir
 from reclm.utils import available_cores, torch_threads
 
 
-def make_jobs(run: Path, backbones: list[str], epochs: int, scratch: Path) -> list[cf_jobs.CFJob]:
-    params = {"epochs": epochs, "patience": epochs, "seed": 2020, "features": "text"}
+def make_jobs(run: Path, backbones: list[str], seeds: int, epochs: int, scratch: Path) -> list[cf_jobs.CFJob]:
+    params = {"epochs": epochs, "patience": epochs, "features": "text"}
+    text = run / "embeddings" / "item_text.npz"
     return [
-        cf_jobs.CFJob(b, {**params, "backbone": b}, scratch / b, item_text=run / "embeddings" / "item_text.npz")
+        cf_jobs.CFJob(f"{b}-s{seed}", {**params, "backbone": b, "seed": seed}, scratch / f"{b}-s{seed}", text)
         for b in backbones
+        for seed in range(2020, 2020 + seeds)
     ]
 
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, required=True, help="a finished `reclm run` directory")
     parser.add_argument("--backbones", default="bias-mf,ncf,lightgcn,sgl,simgcl")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=2, help="runs per backbone (the default run has 2 per backbone)")
     args = parser.parse_args(argv)
     if not (args.run / "embeddings" / "item_text.npz").is_file():
         print(f"error: {args.run}: no embeddings/item_text.npz (run `reclm run` first)", file=sys.stderr)
@@ -45,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(tmp)
         torch_threads(cores)
         start = time.perf_counter()
-        for job in make_jobs(args.run, backbones, args.epochs, scratch / "serial"):
+        for job in make_jobs(args.run, backbones, args.seeds, args.epochs, scratch / "serial"):
             cf_jobs.train_job(job, data, split, cores, show_progress=False)
         serial = time.perf_counter() - start
-        workers, threads = cf_jobs.job_plan(None, "cpu", len(backbones), cores)
+        workers, threads = cf_jobs.job_plan(None, "cpu", len(backbones) * args.seeds, cores)
         start = time.perf_counter()
-        jobs = make_jobs(args.run, backbones, args.epochs, scratch / "parallel")
+        jobs = make_jobs(args.run, backbones, args.seeds, args.epochs, scratch / "parallel")
         cf_jobs.run_in_workers(args.run, jobs, workers, threads, lambda job, result: None)
         parallel = time.perf_counter() - start
-    print(f"{len(backbones)} runs x {args.epochs} epochs, {cores} cores")
+    print(f"{len(backbones) * args.seeds} runs x {args.epochs} epochs, {cores} cores")
     print(f"one after another, {cores} threads:        {serial:7.1f} s")
     print(f"{workers} worker processes, {threads} thread(s) each: {parallel:7.1f} s (process start included)")
     print(f"ratio workers / one after another: {parallel / serial:.2f}")
