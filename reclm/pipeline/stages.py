@@ -565,6 +565,7 @@ def run_train_cf(ctx: StageContext) -> dict:
         pending.append(job)
         units[job.name] = unit
     epochs_run, worker_peak = 0, 0.0
+    positions = {run["name"]: position for position, run in enumerate(runs, 1)}
 
     def finished(job: cf_jobs.CFJob, result: cf_jobs.JobResult) -> None:
         nonlocal epochs_run, worker_peak
@@ -572,11 +573,8 @@ def run_train_cf(ctx: StageContext) -> dict:
         epochs_run += result.epochs_run
         worker_peak = max(worker_peak, result.worker_peak_mb or 0.0)
         recall, ndcg = result.test.get("recall@20", float("nan")), result.test.get("ndcg@20", float("nan"))
-        position = 1 + [r["name"] for r in runs].index(job.name)
-        ctx.console.print(
-            f"    train-cf {position}/{len(runs)} {job.name}: test recall@20 {recall:.4f} ndcg@20 {ndcg:.4f}",
-            highlight=False,
-        )
+        where = f"{positions[job.name]}/{len(runs)} {job.name}"
+        ctx.console.print(f"    train-cf {where}: test recall@20 {recall:.4f} ndcg@20 {ndcg:.4f}", highlight=False)
 
     device = str(cfg.cf.params.get("device", "auto"))
     workers, threads = cf_jobs.job_plan(cfg.cf.jobs, device, len(pending), cfg.threads)
