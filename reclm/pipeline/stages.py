@@ -218,11 +218,15 @@ def run_collab(ctx: StageContext) -> dict:
         RunDir(ctx.root, redirect={"collab": ctx.out}), data, split, cfg.llm.base_model, out=ctx.out,
         dialogues=opts.dialogues, budget=budget, prompt_budget=prompt_budget(cfg), lora=lora_of(cfg),
         train=train_of(opts), profile_source=opts.profiles, seed=opts.seed, evaluate=opts.evaluate,
-        log=logger(ctx), backend=writer_backend(cfg), writer={"batch_size": cfg.generation.batch_size,
-                                                              "max_new_tokens": cfg.generation.max_new_tokens},
+        log=logger(ctx), backend=writer_backend(cfg), writer=writer_options(cfg),
     )  # fmt: skip
     train = summary.get("train", {})
     return {**summary, "tokens": {"train": train.get("train_tokens", 0)}, "units": opts.steps, "unit": "step"}
+
+
+def writer_options(cfg: PipelineConfig) -> dict[str, int]:
+    """ProfileWriter options of collaborative tuning's distilled profiles (also in its cache key)."""
+    return {"batch_size": cfg.generation.batch_size, "max_new_tokens": cfg.generation.max_new_tokens}
 
 
 def writer_backend(cfg: PipelineConfig) -> str:
@@ -715,7 +719,7 @@ def build_stages() -> list[Stage]:
                 "lora": c.llm.lora.model_dump(),
                 "collab": c.llm.collab.model_dump(),
                 "prompt": c.section("prompt"),  # the distilled profiles' prompts
-                "writer": {"backend": writer_backend(c), "max_new_tokens": c.generation.max_new_tokens},
+                "writer": {"backend": writer_backend(c), **writer_options(c)},
             },
             enabled=lambda c: c.stages.collab,
             estimate=est.collab,
