@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from reclm.cf.backbones import CFModel, build_model
 from reclm.cf.config import CFConfig
@@ -22,6 +22,7 @@ from reclm.cf.evaluator import EvalResult, Evaluator
 from reclm.cf.features import SideFeatures
 from reclm.cf.sampler import BPRSampler
 from reclm.data.split import Split
+from reclm.progress import progress as make_progress
 from reclm.utils import seed_everything, torch_threads
 
 CHECKPOINT_FORMAT = "reclm-cf/1"
@@ -137,7 +138,7 @@ class Trainer:
             TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"),
         ]
-        with Progress(*columns, disable=not self.show_progress, transient=False) as progress:
+        with make_progress(*columns, disable=not self.show_progress) as progress:
             bar = progress.add_task(f"{cfg.backbone}/{cfg.features}", total=cfg.epochs, status="")
             for epoch in range(1, cfg.epochs + 1):
                 start = time.perf_counter()

@@ -103,6 +103,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
     return path
 
 
+def model_dir_if_ready(name_or_path: str | os.PathLike) -> Path | None:
+    """The HF folder when it exists without work (a packaged model already converted), else None."""
+    name = str(name_or_path)
+    folder = cache_root() / "models" / name if name in PACKAGED_MODELS else Path(name).expanduser()
+    return folder if (folder / "config.json").is_file() else None
+
+
 def file_digest(path: Path, sample: int = 1 << 20) -> str:
     """Cheap content digest of a large file: its size plus its first and last MiB."""
     h = hashlib.sha256(str(path.stat().st_size).encode())

@@ -389,9 +389,11 @@ def train_lora(
         state["heldout_loss_before"] = heldout_loss(peft_model, eval_examples, pad_id, device, train.eval_batch_size)
         state["eval_curve"].append((0, state["heldout_loss_before"]))
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    bar = Progress(
+    from reclm.progress import progress as make_progress
+
+    bar = make_progress(
         TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(), disable=not progress,
     )  # fmt: skip

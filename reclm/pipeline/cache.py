@@ -334,8 +334,10 @@ class Pipeline:
         stages: list[Stage],
         console: Console | None = None,
         speeds: SpeedBook | None = None,
+        speed_setup: Callable[[str], str] | None = None,
     ):
         self.config = config
+        self.speed_setup = speed_setup or (lambda stage: "")
         self.root = Path(root)
         self.stages = stages
         self.by_name = {s.name: s for s in stages}
@@ -599,7 +601,7 @@ class Pipeline:
         )
         self.write_manifest(stage.name, record)
         if self.speeds is not None:
-            self.speeds.record(stage.name, record)
+            self.speeds.record(stage.name, record, self.speed_setup(stage.name))
         return record
 
     def swap_into_place(self, work: Path, final: Path) -> None:
@@ -665,8 +667,10 @@ def format_cost(record: dict[str, Any]) -> str:
 
 class SpeedBook:
     """Seconds per unit measured by finished stages on this machine (``speeds.json`` in the reclm
-    cache), used by ``--dry-run`` in place of the default constants. Stages shorter than
-    ``min_seconds`` are not recorded: their time is mostly fixed overhead (loading a model)."""
+    cache), used by ``--dry-run`` in place of the default constants. An entry holds for one stage and
+    one ``setup`` (what sets the speed: base model, backend, device; see
+    ``reclm.pipeline.estimate.speed_setup``): a CTranslate2 speed is never used for a transformers run.
+    Stages shorter than ``min_seconds`` are not recorded: their time is mostly fixed overhead (loading a model)."""
 
     def __init__(self, path: Path, min_seconds: float = 20.0):
         self.path = path
@@ -678,12 +682,16 @@ class SpeedBook:
         except (OSError, ValueError):
             return {}
 
-    def record(self, stage: str, record: dict[str, Any]) -> None:
+    @staticmethod
+    def key(stage: str, setup: str) -> str:
+        return f"{stage} @ {setup}" if setup else stage
+
+    def record(self, stage: str, record: dict[str, Any], setup: str = "") -> None:
         units = record.get("units")
         if not units or not record.get("unit") or record.get("seconds", 0) < self.min_seconds:
             return
         book = self.load()
-        book[stage] = {
+        book[self.key(stage, setup)] = {
             "unit": record["unit"],
             "seconds_per_unit": record["seconds"] / units,
             "tokens_per_unit": record.get("tokens_total", 0) / units,
@@ -695,8 +703,13 @@ class SpeedBook:
         tmp.write_text(json.dumps(book, indent=2))
         tmp.replace(self.path)
 
-    def seconds_per_unit(self, stage: str, unit: str) -> float | None:
-        entry = self.load().get(stage)
+    def lookup(self, stage: str, unit: str, setup: str = "") -> dict[str, Any] | None:
+        """The entry measured for ``stage`` in ``setup`` with ``unit``s on this many cores, if any."""
+        entry = self.load().get(self.key(stage, setup))
         if entry and entry.get("unit") == unit and entry.get("cores") == len(os.sched_getaffinity(0)):
-            return float(entry["seconds_per_unit"])
+            return entry
         return None
+
+    def seconds_per_unit(self, stage: str, unit: str, setup: str = "") -> float | None:
+        entry = self.lookup(stage, unit, setup)
+        return None if entry is None else float(entry["seconds_per_unit"])

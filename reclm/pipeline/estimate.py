@@ -1,10 +1,15 @@
 """``reclm run --dry-run`` estimates: time and tokens per stage, from the dataset's size and per-unit speeds.
 
 Each stage's cost is ``overhead + units x seconds_per_unit``. The units are counted from the config
-and the dataset (users, items, train pairs); the speeds are the defaults below, measured on the
-project's reference machine (2-core AMD EPYC, AVX-512, torch 2.13 CPU, both cores free), unless a
-finished stage on *this* machine (same core count) measured its own speed: those are kept in
-``$RECLM_CACHE/pipeline/speeds.json`` and take precedence (the plan says which basis it used).
+and the split this config makes (users, items, train pairs, and the distinct user prompts: identical
+prompts are generated once, so MIND's 57,128 users need about 14,500 profiles per writer); prompt
+lengths are measured on a sample of those prompts with the base model's tokenizer. The speeds are the
+defaults below, measured on the project's reference machine (2-core AMD EPYC, AVX-512, torch 2.13 CPU,
+both cores free), unless a finished stage on *this* machine (same core count) in the same setup (base
+model, backend, device: :func:`speed_setup`) measured its own: those are kept in
+``$RECLM_CACHE/pipeline/speeds.json`` and take precedence (the plan says which basis it used). A
+measured speed is scaled by tokens per unit, so a longer prompt or a bigger batch costs more (up to 2x
+either way: beyond that the fixed costs in a stage's time mislead, and the defaults are used).
 
 Default constants (reference machine; ``GENERATION_TOKENS_PER_SECOND`` and ``LORA_SECONDS_PER_TOKEN``
 from ../shared/MODELS.md, the others measured with the pipeline's own stages on ml-100k):
@@ -19,7 +24,10 @@ from ../shared/MODELS.md, the others measured with the pipeline's own stages on 
 - CF_SECONDS_PER_EPOCH_PAIR: seconds per train pair per epoch per backbone, including the full-ranking
   validation of that epoch (ml-100k, 2 threads).
 - ENCODE_TEXTS_PER_SECOND: all-MiniLM-L6-v2 sentences per second (MODELS.md: 216 on 2 threads).
-- PROMPT_BASE_TOKENS + PROMPT_TOKENS_PER_ITEM x ``prompt.max_items``: prompt length in tokens.
+- PROMPT_BASE_TOKENS + PROMPT_TOKENS_PER_ITEM x ``prompt.max_items``: prompt length in tokens when no
+  prompt could be built (no generation stage); CHARS_PER_TOKEN when the tokenizer is not at hand yet
+  (a packaged model not yet converted: ml-100k prompts 3.1, MIND's 4.0 characters per token).
+- TEMPLATE_TOKENS: the chat template and system prompt around a prompt (ml-100k: 205 vs 185 tokens).
 
 The CF runs stop early (``patience``), so their estimate is an upper bound: ``cf.params.epochs``
 epochs each. Teacher tokens are counted only for the ``openai`` teacher (the others are free).
@@ -27,11 +35,14 @@ epochs each. Teacher tokens are counted only for the ``openai`` teacher (the oth
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from reclm.data.errors import DataError
 from reclm.pipeline.cache import Estimate, SpeedBook
 from reclm.pipeline.config import PipelineConfig
 
@@ -48,6 +59,11 @@ ENCODE_TEXTS_PER_SECOND = 200.0
 PROMPT_BASE_TOKENS = 60
 PROMPT_TOKENS_PER_ITEM = 14
 PROFILE_TOKENS = 48  # a typical profile's length
+CHARS_PER_TOKEN = 3.5
+TEMPLATE_TOKENS = 20
+COMPARABLE_TOKENS = 2.0  # a measured speed is scaled to at most 2x (or 1/2) its tokens per unit
+PROMPT_SAMPLE = 128  # distinct user prompts tokenized for the mean prompt length
+LLM_STAGES = ("sft", "collab", "reward", "rl", "item_side")
 
 
 @dataclass
@@ -56,32 +72,129 @@ class DataSize:
     items: int
     interactions: int
     train: int
-    measured: bool  # from the prepared split (else from the dataset before splitting)
+    measured: bool  # from the run's saved split (else from the split this config would make)
+    user_prompts: int | None = None  # distinct user prompts, each generated once per writer
+    prompt_tokens: float | None = None  # mean tokens of a distinct user prompt (a sample)
 
 
 def data_size(cfg: PipelineConfig, root: Path) -> DataSize:
-    """Counts from the run's saved split when prepared, else from the dataset itself."""
-    info_path = root / "data" / "split.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        stats = info.get("stats", {})
-        total = stats.get("train", 0) + stats.get("valid", 0) + stats.get("test", 0)
-        return DataSize(info["n_users"], info["n_items"], total, stats.get("train", 0), True)
+    """Counts from the run's saved split when prepared, else from the split made here (not saved)."""
+    data, split, saved = split_of(cfg, root)
+    stats = split.stats()
+    size = DataSize(data.n_users, data.n_items, stats["train"] + stats["valid"] + stats["test"], stats["train"], saved)
+    if cfg.stages.generators():
+        size.user_prompts, size.prompt_tokens = user_prompt_sample(cfg, data, split)
+    return size
+
+
+def split_of(cfg: PipelineConfig, root: Path) -> tuple[Any, Any, bool]:
+    """``(data, split, saved)``: the run's saved split, or the one ``cfg`` makes (computed in memory)."""
     from reclm.data.loaders import load_dataset
+    from reclm.data.split import make_split
+    from reclm.pipeline.rundir import RunDir
 
+    if (root / "data" / "split.json").is_file():
+        try:
+            data, split = RunDir(root).load()
+            return data, split, True
+        except DataError:  # the dataset changed since: prepare will redo the split
+            pass
     data = load_dataset(str(cfg.dataset), item_text=cfg.item_text)
-    train = int(data.n_interactions * cfg.split.ratios[0])
-    return DataSize(data.n_users, data.n_items, data.n_interactions, train, False)
+    return data, make_split(data, cfg.split.spec()), False
 
 
-def prompt_tokens(cfg: PipelineConfig) -> int:
+def user_prompt_sample(cfg: PipelineConfig, data: Any, split: Any) -> tuple[int, float]:
+    """How many distinct user prompts the profiles stage will generate, and their mean length in tokens
+    (a seeded sample of ``PROMPT_SAMPLE``, the chat template not included)."""
+    from reclm.llm.prompts import user_prompts
+    from reclm.pipeline.stages import prompt_budget
+
+    users = range(min(cfg.generation.users, data.n_users)) if cfg.generation.users else None
+    prompts = sorted(set(user_prompts(data, split, users, prompt_budget(cfg)).values()))
+    if not prompts:
+        return 0, float(prompt_tokens(cfg))
+    picked = np.random.default_rng(0).choice(len(prompts), min(PROMPT_SAMPLE, len(prompts)), replace=False)
+    return len(prompts), mean_tokens([prompts[i] for i in picked], token_counter(cfg.llm.base_model))
+
+
+def token_counter(model: str) -> Callable[[str], int] | None:
+    """The base model's tokenizer as a counter, or None when it is not at hand without converting a
+    packaged model (a dry run writes nothing) or the folder cannot be read."""
+    from reclm.llm.model import model_dir_if_ready
+
+    folder = model_dir_if_ready(model)
+    if folder is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
+    return lambda text: len(tokenizer(text)["input_ids"])
+
+
+def mean_tokens(texts: Sequence[str], counter: Callable[[str], int] | None) -> float:
+    if counter is None:
+        return float(np.mean([len(t) / CHARS_PER_TOKEN for t in texts]))
+    return float(np.mean([counter(t) for t in texts]))
+
+
+def prompt_tokens(cfg: PipelineConfig, size: DataSize | None = None) -> float:
+    """Tokens of a user prompt: measured on the split's prompts when known, else the config formula."""
+    if size is not None and size.prompt_tokens is not None:
+        return size.prompt_tokens
     return PROMPT_BASE_TOKENS + PROMPT_TOKENS_PER_ITEM * cfg.prompt.max_items
 
 
-def calibrated(stage: str, unit: str, units: float, default_spu: float, speeds: SpeedBook | None, overhead=0.0):
-    measured = speeds.seconds_per_unit(stage, unit) if speeds else None
-    spu = measured if measured is not None else default_spu
-    return overhead + units * spu, "measured" if measured is not None else "default"
+def current_device() -> str:
+    from reclm.llm.model import resolve_device
+
+    return resolve_device(None)
+
+
+def speed_setup(stage: str, cfg: PipelineConfig) -> str:
+    """What sets a stage's speed besides its size: a speed measured in one setup is reused only in the same."""
+    if stage in LLM_STAGES:
+        return f"{cfg.llm.base_model} {current_device()}"
+    if stage == "profiles":
+        g = cfg.generation
+        return f"{cfg.llm.base_model} {g.backend} {g.quantization or 'auto'} batch {g.batch_size} {current_device()}"
+    if stage == "encode":
+        return f"{cfg.encoder.model} {current_device()}"
+    if stage in ("neighbours", "train_cf"):
+        return current_device()
+    return ""
+
+
+def calibrated(
+    stage: str,
+    unit: str,
+    units: float,
+    default_spu: float,
+    speeds: SpeedBook | None,
+    overhead: float = 0.0,
+    setup: str = "",
+    tokens_per_unit: float | None = None,
+) -> tuple[float, str]:
+    """``(seconds, basis)``: the measured speed of this stage and setup when there is one (scaled by
+    ``tokens_per_unit`` against the measured run's tokens per unit), else ``default_spu``.
+
+    A measurement is used only when its tokens per unit are within ``COMPARABLE_TOKENS`` of the
+    estimate's: a stage's time includes fixed costs (loading, held-out evaluation, optimizer steps)
+    that do not grow with tokens, so a tiny run's speed scaled up to long sequences overestimates
+    (ml-100k's SFT at 461 tokens per step, 10.4 s, would put MIND's 1,870 at 42 s; it took about 9 s)."""
+    entry = speeds.lookup(stage, unit, setup) if speeds else None
+    if entry is None:
+        return overhead + units * default_spu, "default"
+    spu = float(entry["seconds_per_unit"])
+    measured_tokens = float(entry.get("tokens_per_unit") or 0)
+    if tokens_per_unit and measured_tokens:
+        ratio = tokens_per_unit / measured_tokens
+        if not 1 / COMPARABLE_TOKENS <= ratio <= COMPARABLE_TOKENS:
+            return overhead + units * default_spu, "default"
+        spu *= ratio
+    return overhead + units * spu, "measured"
 
 
 def prepare(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
@@ -111,7 +224,7 @@ def teacher(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None
     kind = cfg.stages.teacher
     if kind == "openai":
         per = TEACHER_OPENAI_PER_REQUEST / cfg.teacher.openai.concurrency
-        tokens = n * (prompt_tokens(cfg) + cfg.teacher.openai.max_tokens)
+        tokens = int(n * (prompt_tokens(cfg, size) + cfg.teacher.openai.max_tokens))
     else:
         per = TEACHER_OFFLINE_PER_PROFILE if kind == "offline" else TEACHER_FILE_PER_PROFILE
         tokens = 0
@@ -119,29 +232,33 @@ def teacher(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None
     return Estimate(seconds, tokens, n, "profile", basis)
 
 
-def training(stage: str, cfg: PipelineConfig, opts: Any, speeds: SpeedBook | None, turns: int = 1) -> Estimate:
+def training(
+    stage: str, cfg: PipelineConfig, size: DataSize, opts: Any, speeds: SpeedBook | None, turns: int = 1
+) -> Estimate:
     """LoRA training: steps x batch x sequence tokens at LORA_SECONDS_PER_TOKEN."""
-    seq = min(opts.max_seq_len, turns * (prompt_tokens(cfg) + PROFILE_TOKENS))
-    tokens = opts.steps * opts.batch_size * seq
+    seq = min(opts.max_seq_len, turns * (prompt_tokens(cfg, size) + TEMPLATE_TOKENS + PROFILE_TOKENS))
+    tokens = int(opts.steps * opts.batch_size * seq)
     spu = LORA_SECONDS_PER_TOKEN * opts.batch_size * seq
-    seconds, basis = calibrated(stage, "step", opts.steps, spu, speeds, overhead=MODEL_LOAD_SECONDS)
+    seconds, basis = calibrated(
+        stage, "step", opts.steps, spu, speeds, MODEL_LOAD_SECONDS, speed_setup(stage, cfg), opts.batch_size * seq
+    )
     return Estimate(seconds, tokens, opts.steps, "step", basis)
 
 
 def sft(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
-    return training("sft", cfg, cfg.llm.sft, speeds)
+    return training("sft", cfg, size, cfg.llm.sft, speeds)
 
 
 def collab(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
-    return training("collab", cfg, cfg.llm.collab, speeds, turns=1 + cfg.llm.collab.neighbours)
+    return training("collab", cfg, size, cfg.llm.collab, speeds, turns=1 + cfg.llm.collab.neighbours)
 
 
 def reward(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
-    return training("reward", cfg, cfg.llm.reward, speeds, turns=2)
+    return training("reward", cfg, size, cfg.llm.reward, speeds, turns=2)
 
 
 def rl(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
-    base = training("rl", cfg, cfg.llm.rl, speeds, turns=2)
+    base = training("rl", cfg, size, cfg.llm.rl, speeds, turns=2)
     if cfg.stages.rl == "ppo":  # rollouts: generate a profile per sample each step
         gen = cfg.llm.rl.steps * cfg.llm.rl.batch_size * cfg.generation.max_new_tokens
         base.seconds += gen / GENERATION_TOKENS_PER_SECOND["transformers"]
@@ -150,7 +267,7 @@ def rl(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> 
 
 
 def item_side(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
-    return training("item_side", cfg, cfg.llm.item_side, speeds)
+    return training("item_side", cfg, size, cfg.llm.item_side, speeds)
 
 
 def cf_epoch_pairs(cfg: PipelineConfig, size: DataSize, backbone: str) -> float:
@@ -161,12 +278,16 @@ def cf_epoch_pairs(cfg: PipelineConfig, size: DataSize, backbone: str) -> float:
 def neighbours(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
     units = cfg.neighbours.epochs * size.train
     spu = CF_SECONDS_PER_EPOCH_PAIR[cfg.neighbours.backbone]
-    seconds, basis = calibrated("neighbours", "epoch-interaction", units, spu, speeds)
+    seconds, basis = calibrated(
+        "neighbours", "epoch-interaction", units, spu, speeds, setup=speed_setup("neighbours", cfg)
+    )
     return Estimate(seconds, 0, units, "epoch-interaction", basis)
 
 
 def profile_count(cfg: PipelineConfig, size: DataSize) -> int:
-    users = min(cfg.generation.users or size.users, size.users)
+    """Profiles to generate: distinct user prompts once per writer (with the ablation, every writer in
+    the chain), plus the items."""
+    users = size.user_prompts if size.user_prompts is not None else min(cfg.generation.users or size.users, size.users)
     items = min(cfg.generation.items or size.items, size.items)
     variants = len(cfg.stages.generators()) if cfg.stages.ablation else 1
     return users * max(variants, 1) + items
@@ -176,16 +297,20 @@ def profiles(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = Non
     if not cfg.stages.generators():
         return Estimate(1.0, 0, 0, "profile", "default")
     n = profile_count(cfg, size)
-    new_tokens = n * cfg.generation.max_new_tokens
-    tokens = n * prompt_tokens(cfg) + new_tokens
-    spu = cfg.generation.max_new_tokens / GENERATION_TOKENS_PER_SECOND[cfg.generation.backend]
-    seconds, basis = calibrated("profiles", "profile", n, spu, speeds, overhead=MODEL_LOAD_SECONDS)
-    return Estimate(seconds, tokens, n, "profile", basis)
+    new = min(cfg.generation.max_new_tokens, PROFILE_TOKENS)
+    per_profile = prompt_tokens(cfg, size) + TEMPLATE_TOKENS + new
+    spu = new / GENERATION_TOKENS_PER_SECOND[cfg.generation.backend]
+    seconds, basis = calibrated(
+        "profiles", "profile", n, spu, speeds, MODEL_LOAD_SECONDS, speed_setup("profiles", cfg), per_profile
+    )
+    return Estimate(seconds, int(n * per_profile), n, "profile", basis)
 
 
 def encode(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
     n = size.items + profile_count(cfg, size)
-    seconds, basis = calibrated("encode", "text", n, 1 / ENCODE_TEXTS_PER_SECOND, speeds, overhead=2.0)
+    seconds, basis = calibrated(
+        "encode", "text", n, 1 / ENCODE_TEXTS_PER_SECOND, speeds, 2.0, speed_setup("encode", cfg)
+    )
     return Estimate(seconds, 0, n, "text", basis)
 
 
@@ -195,7 +320,9 @@ def train_cf(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = Non
     runs = cf_runs(cfg)
     units = sum(cf_epoch_pairs(cfg, size, r["backbone"]) for r in runs)
     default = sum(cf_epoch_pairs(cfg, size, r["backbone"]) * CF_SECONDS_PER_EPOCH_PAIR[r["backbone"]] for r in runs)
-    measured = speeds.seconds_per_unit("train_cf", "epoch-interaction") if speeds else None
+    measured = (
+        speeds.seconds_per_unit("train_cf", "epoch-interaction", speed_setup("train_cf", cfg)) if speeds else None
+    )
     if measured is not None:
         return Estimate(units * measured, 0, units, "epoch-interaction (upper bound)", "measured")
     return Estimate(default, 0, units, "epoch-interaction (upper bound)", "default")

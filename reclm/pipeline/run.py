@@ -23,7 +23,14 @@ def speed_book() -> SpeedBook:
 
 
 def make_pipeline(config: PipelineConfig, out: str | Path, console: Console | None = None) -> Pipeline:
-    return Pipeline(config, out, STAGES, console=console, speeds=speed_book())
+    return Pipeline(
+        config,
+        out,
+        STAGES,
+        console=console,
+        speeds=speed_book(),
+        speed_setup=lambda name: est.speed_setup(name, config),
+    )
 
 
 def save_config(config: PipelineConfig, out: Path) -> None:
@@ -70,10 +77,11 @@ def dry_run(
             str(index), stage.name, "run", plan.reason, work, format_seconds(guess.seconds), tokens, guess.basis
         )
     console.print(table)
-    where = "prepared split" if size.measured else "dataset before splitting"
+    where = "the run's saved split" if size.measured else "the split this config makes"
+    prompts = "" if size.user_prompts is None else f", {size.user_prompts:,} distinct user prompts"
     console.print(
         f"estimated total: {format_seconds(total_seconds)}, {int(total_tokens):,} LLM tokens "
-        f"({size.users:,} users, {size.items:,} items, {size.train:,} train pairs from the {where}; "
+        f"({size.users:,} users, {size.items:,} items, {size.train:,} train pairs{prompts}, from {where}; "
         f"constants in reclm/pipeline/estimate.py)",
         highlight=False,
     )

@@ -312,6 +312,68 @@ def test_dry_run_estimates_use_speeds_measured_on_this_machine(tmp_path):
     assert sft.units == config.llm.sft.steps and sft.tokens > 0
 
 
+def test_dry_run_counts_distinct_user_prompts_and_measures_their_length(tmp_path):
+    """Users with the same history (and no user features) share one prompt, generated once per writer:
+    the estimate counts profiles as the profiles stage will generate them."""
+    from reclm.pipeline import estimate
+
+    rows = ["user,item,timestamp"]
+    for u in range(1, 7):  # users 1-3 clicked items 1-4, users 4-6 items 3-6: two distinct histories
+        items = (1, 2, 3, 4) if u <= 3 else (3, 4, 5, 6)
+        rows += [f"{u},{i},{t}" for t, i in enumerate(items)]
+    (tmp_path / "inter.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "items.csv").write_text("item,title\n" + "".join(f"{i},Item number {i}\n" for i in range(1, 7)))
+    config = PipelineConfig.model_validate(
+        {
+            "dataset": str(tmp_path / "inter.csv"),
+            "item_text": str(tmp_path / "items.csv"),
+            "split": {"method": "temporal", "ratios": [0.5, 0.25, 0.25], "zero_shot_fraction": 0},
+            "stages": {"ablation": True},
+        }
+    )
+    size = estimate.data_size(config, tmp_path / "run")
+    assert size.users == 6 and size.measured is False
+    data, split, _ = estimate.split_of(config, tmp_path / "run")
+    histories = {tuple(split.train[split.train[:, 0] == u, 1]) for u in range(6)}
+    assert size.user_prompts == len(histories) == 2
+    assert 10 < size.prompt_tokens < 400  # measured on the prompts, not the max_items formula
+    writers = len(config.stages.generators())
+    assert writers > 1
+    plan = estimate.profiles(config, size)
+    assert plan.units == 2 * writers + 6
+    assert plan.tokens == int(plan.units * (size.prompt_tokens + estimate.TEMPLATE_TOKENS + 48))
+
+
+def test_measured_speeds_apply_to_the_same_setup_scaled_by_tokens(tmp_path):
+    """A speed measured with CTranslate2 says nothing about transformers; within one setup, longer
+    prompts cost proportionally more."""
+    import os
+
+    from reclm.pipeline import estimate
+    from reclm.pipeline.cache import SpeedBook
+
+    book = SpeedBook(tmp_path / "speeds.json")
+    cores = len(os.sched_getaffinity(0))
+    ct2 = PipelineConfig.model_validate({"generation": {"backend": "ctranslate2"}})
+    hf = PipelineConfig.model_validate({"generation": {"backend": "transformers"}})
+    measured = {"units": 100, "unit": "profile", "seconds": 50.0, "tokens_total": 20_000, "host": {"cores": cores}}
+    book.record("profiles", measured, estimate.speed_setup("profiles", ct2))
+    short = estimate.DataSize(10, 5, 100, 80, True, user_prompts=10, prompt_tokens=132.0)
+    longer = estimate.DataSize(10, 5, 100, 80, True, user_prompts=10, prompt_tokens=332.0)
+    fast = estimate.profiles(ct2, short, book)
+    assert fast.basis == "measured"
+    per_profile = 132.0 + estimate.TEMPLATE_TOKENS + 48  # 200 tokens, as measured: 0.5 s each
+    assert fast.seconds == pytest.approx(estimate.MODEL_LOAD_SECONDS + 15 * 0.5 * per_profile / 200)
+    slow = estimate.profiles(ct2, longer, book)
+    assert slow.seconds - estimate.MODEL_LOAD_SECONDS == pytest.approx(2 * (fast.seconds - estimate.MODEL_LOAD_SECONDS))
+    assert estimate.profiles(hf, short, book).basis == "default"
+    huge = estimate.DataSize(10, 5, 100, 80, True, user_prompts=10, prompt_tokens=932.0)
+    assert estimate.profiles(ct2, huge, book).basis == "default", "5x the measured tokens: not comparable"
+    legacy = {"profiles": {"unit": "profile", "seconds_per_unit": 9.9, "tokens_per_unit": 1, "cores": cores}}
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    assert estimate.profiles(ct2, short, SpeedBook(tmp_path / "old.json")).basis == "default"
+
+
 def test_stages_that_read_a_datasets_side_files_hash_them(tmp_path):
     """Shipped teacher profiles and neighbour lists are not in the dataset fingerprint: the stages
     that read them have them among their input files, so editing one reruns those stages."""

@@ -126,7 +126,9 @@ def generate_texts(
 ) -> tuple[list[str | None], GenerationStats]:
     """Texts for ``prompts`` (``None`` where a remote request failed), each distinct prompt generated at most
     once and only when the cache lacks it. Chunks of similar prompt length are generated and cached in turn."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from reclm.progress import progress as make_progress
 
     own_cache = cache is None
     cache = cache or GenerationCache()
@@ -139,7 +141,7 @@ def generate_texts(
     stats = GenerationStats(jobs=len(prompts), distinct=len(distinct), cached=len(found), generator=identity)
     todo = sorted((k for k in distinct if k not in found), key=lambda k: prompt_size(distinct[k]))
 
-    bar = Progress(
+    bar = make_progress(
         TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
         TimeRemainingColumn(), disable=not progress,
     )  # fmt: skip

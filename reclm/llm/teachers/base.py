@@ -96,10 +96,12 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     if not enabled or total <= 0:
         yield lambda n=1: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from reclm.progress import progress as make_progress
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
+    with make_progress(*columns) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
 
