@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -29,6 +30,8 @@ for module in COMMAND_MODULES:
 
 
 def main() -> None:
+    if not sys.stderr.isatty():  # a log file: no tqdm bars from transformers ("Loading weights") there
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

@@ -13,10 +13,14 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 from reclm.utils import cache_root
+
+# peft 0.21 reads the attribute transformers 5 deprecated; one warning per adapter, nothing to act on
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DEFAULT_MODEL = "smollm2-135m"
 # short name -> (package carrying the file, GGUF file name)

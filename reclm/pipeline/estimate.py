@@ -21,6 +21,10 @@ from ../shared/MODELS.md, the others measured with the pipeline's own stages on 
   ``batch_size`` sequences of about ``prompt + profile`` tokens (MODELS.md: seq 384 took 3.05 s).
 - GENERATION_TOKENS_PER_SECOND: new tokens per second per backend at batch 16 (MODELS.md: transformers
   59.7 tok/s total; CTranslate2 int8 1.6 prompts/s x 40 tokens).
+- On CUDA (measured on one H100 with SmolLM2-135M, bf16): CUDA_LORA_SECONDS_PER_TOKEN (MIND SFT, 600
+  steps of 8 at about 1,900 tokens each in 3.8 min) and CUDA_GENERATION_TOKENS_PER_SECOND for the
+  transformers backend (batch 16: about 11 profiles/s of about 48 tokens). The CF constants are CPU ones
+  (an upper bound on a GPU).
 - CF_SECONDS_PER_EPOCH_PAIR: seconds per train pair per epoch per backbone, including the full-ranking
   validation of that epoch (ml-100k, 2 threads).
 - ENCODE_TEXTS_PER_SECOND: all-MiniLM-L6-v2 sentences per second (MODELS.md: 216 on 2 threads).
@@ -53,6 +57,8 @@ TEACHER_OPENAI_PER_REQUEST = 2.0
 LORA_SECONDS_PER_TOKEN = 8e-3
 MODEL_LOAD_SECONDS = 5.0
 GENERATION_TOKENS_PER_SECOND = {"transformers": 60.0, "ctranslate2": 64.0, "openai": 400.0}
+CUDA_LORA_SECONDS_PER_TOKEN = 2e-4
+CUDA_GENERATION_TOKENS_PER_SECOND = {"transformers": 530.0}
 CF_SECONDS_PER_EPOCH_PAIR = {"bias-mf": 4e-6, "ncf": 1.2e-5, "lightgcn": 1.2e-5, "sgl": 3e-5, "simgcl": 2.5e-5}
 CF_DEFAULT_EPOCHS = 300
 ENCODE_TEXTS_PER_SECOND = 200.0
@@ -153,6 +159,16 @@ def current_device() -> str:
     return resolve_device(None)
 
 
+def lora_seconds_per_token() -> float:
+    return CUDA_LORA_SECONDS_PER_TOKEN if current_device().startswith("cuda") else LORA_SECONDS_PER_TOKEN
+
+
+def generation_tokens_per_second(backend: str) -> float:
+    if current_device().startswith("cuda") and backend in CUDA_GENERATION_TOKENS_PER_SECOND:
+        return CUDA_GENERATION_TOKENS_PER_SECOND[backend]
+    return GENERATION_TOKENS_PER_SECOND[backend]
+
+
 def speed_setup(stage: str, cfg: PipelineConfig) -> str:
     """What sets a stage's speed besides its size: a speed measured in one setup is reused only in the same."""
     if stage in LLM_STAGES:
@@ -238,7 +254,7 @@ def training(
     """LoRA training: steps x batch x sequence tokens at LORA_SECONDS_PER_TOKEN."""
     seq = min(opts.max_seq_len, turns * (prompt_tokens(cfg, size) + TEMPLATE_TOKENS + PROFILE_TOKENS))
     tokens = int(opts.steps * opts.batch_size * seq)
-    spu = LORA_SECONDS_PER_TOKEN * opts.batch_size * seq
+    spu = lora_seconds_per_token() * opts.batch_size * seq
     seconds, basis = calibrated(
         stage, "step", opts.steps, spu, speeds, MODEL_LOAD_SECONDS, speed_setup(stage, cfg), opts.batch_size * seq
     )
@@ -261,7 +277,7 @@ def rl(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> 
     base = training("rl", cfg, size, cfg.llm.rl, speeds, turns=2)
     if cfg.stages.rl == "ppo":  # rollouts: generate a profile per sample each step
         gen = cfg.llm.rl.steps * cfg.llm.rl.batch_size * cfg.generation.max_new_tokens
-        base.seconds += gen / GENERATION_TOKENS_PER_SECOND["transformers"]
+        base.seconds += gen / generation_tokens_per_second("transformers")
         base.tokens += gen
     return base
 
@@ -299,7 +315,7 @@ def profiles(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = Non
     n = profile_count(cfg, size)
     new = min(cfg.generation.max_new_tokens, PROFILE_TOKENS)
     per_profile = prompt_tokens(cfg, size) + TEMPLATE_TOKENS + new
-    spu = new / GENERATION_TOKENS_PER_SECOND[cfg.generation.backend]
+    spu = new / generation_tokens_per_second(cfg.generation.backend)
     seconds, basis = calibrated(
         "profiles", "profile", n, spu, speeds, MODEL_LOAD_SECONDS, speed_setup("profiles", cfg), per_profile
     )

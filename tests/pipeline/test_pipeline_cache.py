@@ -374,6 +374,24 @@ def test_measured_speeds_apply_to_the_same_setup_scaled_by_tokens(tmp_path):
     assert estimate.profiles(ct2, short, SpeedBook(tmp_path / "old.json")).basis == "default"
 
 
+def test_default_speeds_follow_the_device(monkeypatch):
+    """Without a measurement, a GPU machine gets the GPU constants (and its own speed-book entries)."""
+    from reclm.pipeline import estimate
+
+    config = PipelineConfig.model_validate({"generation": {"backend": "transformers"}})
+    size = estimate.DataSize(100, 50, 1000, 800, True, user_prompts=100, prompt_tokens=200.0)
+    monkeypatch.setattr(estimate, "current_device", lambda: "cpu")
+    cpu_sft, cpu_profiles = estimate.sft(config, size), estimate.profiles(config, size)
+    cpu_setup = estimate.speed_setup("profiles", config)
+    monkeypatch.setattr(estimate, "current_device", lambda: "cuda")
+    gpu_sft, gpu_profiles = estimate.sft(config, size), estimate.profiles(config, size)
+    load = estimate.MODEL_LOAD_SECONDS
+    ratio = estimate.LORA_SECONDS_PER_TOKEN / estimate.CUDA_LORA_SECONDS_PER_TOKEN
+    assert (cpu_sft.seconds - load) / (gpu_sft.seconds - load) == pytest.approx(ratio)
+    assert gpu_profiles.seconds < cpu_profiles.seconds / 5
+    assert estimate.speed_setup("profiles", config) != cpu_setup
+
+
 def test_stages_that_read_a_datasets_side_files_hash_them(tmp_path):
     """Shipped teacher profiles and neighbour lists are not in the dataset fingerprint: the stages
     that read them have them among their input files, so editing one reruns those stages."""
