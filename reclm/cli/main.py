@@ -29,9 +29,17 @@ for module in COMMAND_MODULES:
             raise
 
 
-def main() -> None:
-    if not sys.stderr.isatty():  # a log file: no tqdm bars from transformers ("Loading weights") there
+def quiet_library_bars() -> None:
+    """In a log file, no tqdm bars from transformers ("Loading weights"): reclm prints its own lines.
+    Set before transformers is imported (it reads the variable once); the script entry point is ``app``."""
+    if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+quiet_library_bars()
+
+
+def main() -> None:
     app()
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -110,6 +113,25 @@ def thread_count(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(saved_torch)
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a batch scheduler's time limit, ``kill``) stops a run as Ctrl-C does: the stage in
+    progress is marked interrupted and resumes on the next run. (A job started in the background by a
+    non-interactive shell ignores SIGINT, so SIGTERM is the signal that reaches it.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(
     config: PipelineConfig,
     out: str | Path,
@@ -123,8 +145,15 @@ def run(
     console.print(
         f"reclm run: {config.dataset} -> {out} (effective config in {Path(out) / 'config.yaml'})", highlight=False
     )
-    with thread_count(config.threads):
-        outcomes = pipeline.run(from_stage=from_stage, only=only)
+    with thread_count(config.threads), terminate_as_interrupt():
+        try:
+            outcomes = pipeline.run(from_stage=from_stage, only=only)
+        except KeyboardInterrupt:
+            console.print(
+                f"interrupted: the stage in progress is kept in {Path(out) / '.work'}; the same command resumes it",
+                highlight=False,
+            )
+            raise
     ran = sum(o.seconds for o in outcomes if o.action == "ran")
     cached = sum(o.action == "cached" for o in outcomes)
     console.print(f"finished in {format_seconds(ran)} of stage work ({cached} stages from cache)", highlight=False)

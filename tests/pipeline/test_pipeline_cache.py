@@ -409,3 +409,50 @@ def test_stages_that_read_a_datasets_side_files_hash_them(tmp_path):
     before = pipeline.stage_inputs(by_name["teacher"], {"prepare": "x"})
     (tmp_path / "teacher_user_profiles.jsonl").write_text('{"user": 1}\n')
     assert pipeline.stage_inputs(by_name["teacher"], {"prepare": "x"}) != before
+
+
+SLOW_STAGE_SCRIPT = """
+import sys, time
+from pathlib import Path
+from rich.console import Console
+from reclm.pipeline.cache import Pipeline, Stage
+from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.run import terminate_as_interrupt
+
+def slow(ctx):
+    (ctx.out / "partial.txt").write_text("half")
+    time.sleep(60)
+
+pipeline = Pipeline(PipelineConfig(), Path(sys.argv[1]), [Stage("sft", "sft", slow)], Console(quiet=True))
+with terminate_as_interrupt():
+    try:
+        pipeline.run()
+    except KeyboardInterrupt as exc:
+        print("interrupted by", exc)
+        sys.exit(130)
+"""
+
+
+def test_sigterm_marks_the_running_stage_interrupted_and_keeps_its_work(tmp_path):
+    """A scheduler's time limit (SIGTERM) stops a run as Ctrl-C does: the manifest says interrupted and
+    the work folder stays for the resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_STAGE_SCRIPT, str(root)], stdout=subprocess.PIPE, text=True)
+    partial = root / ".work" / "sft" / "partial.txt"
+    deadline = time.monotonic() + 30
+    while not partial.is_file() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    assert partial.is_file(), "the stage never started"
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    output, _ = child.communicate(timeout=30)
+    assert child.returncode == 130 and "interrupted by signal SIGTERM" in output
+    assert time.monotonic() - started < 10, "stopped at once, not after the stage's 60 s"
+    record = json.loads((root / "manifests" / "sft.json").read_text())
+    assert record["status"] == "interrupted" and "SIGTERM" in record["error"]
+    assert partial.read_text() == "half"
