@@ -223,8 +223,9 @@ class GenerationOptions(Section):
     """Profile generation (reclm.llm.generation): cached by (model, adapter, prompt, decoding), so a
     crashed or repeated stage only generates what is missing."""
 
-    backend: Literal["transformers", "ctranslate2", "openai"] = "ctranslate2"
-    batch_size: int = Field(16, ge=1)
+    # auto: ctranslate2 on CPU (1.75x transformers there, benchmarks/generation_speed.py), transformers on CUDA
+    backend: Literal["auto", "transformers", "ctranslate2", "openai"] = "ctranslate2"
+    batch_size: int | None = Field(16, ge=1)  # null: 16 on CPU (bigger batches are slower there), 256 on CUDA
     max_new_tokens: int = Field(48, ge=4)
     temperature: float = Field(0.0, ge=0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)

@@ -174,8 +174,11 @@ def speed_setup(stage: str, cfg: PipelineConfig) -> str:
     if stage in LLM_STAGES:
         return f"{cfg.llm.base_model} {current_device()}"
     if stage == "profiles":
-        g = cfg.generation
-        return f"{cfg.llm.base_model} {g.backend} {g.quantization or 'auto'} batch {g.batch_size} {current_device()}"
+        from reclm.pipeline.stages import generation_backend, generation_batch_size
+
+        backend, batch = generation_backend(cfg), generation_batch_size(cfg)
+        quantization = cfg.generation.quantization or "auto"
+        return f"{cfg.llm.base_model} {backend} {quantization} batch {batch} {current_device()}"
     if stage == "encode":
         return f"{cfg.encoder.model} {current_device()}"
     if stage in ("neighbours", "train_cf"):
@@ -315,7 +318,9 @@ def profiles(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = Non
     n = profile_count(cfg, size)
     new = min(cfg.generation.max_new_tokens, PROFILE_TOKENS)
     per_profile = prompt_tokens(cfg, size) + TEMPLATE_TOKENS + new
-    spu = new / generation_tokens_per_second(cfg.generation.backend)
+    from reclm.pipeline.stages import generation_backend
+
+    spu = new / generation_tokens_per_second(generation_backend(cfg))
     seconds, basis = calibrated(
         "profiles", "profile", n, spu, speeds, MODEL_LOAD_SECONDS, speed_setup("profiles", cfg), per_profile
     )

@@ -226,13 +226,37 @@ def run_collab(ctx: StageContext) -> dict:
 
 def writer_options(cfg: PipelineConfig) -> dict[str, int]:
     """ProfileWriter options of collaborative tuning's distilled profiles (also in its cache key)."""
-    return {"batch_size": cfg.generation.batch_size, "max_new_tokens": cfg.generation.max_new_tokens}
+    return {"batch_size": generation_batch_size(cfg), "max_new_tokens": cfg.generation.max_new_tokens}
+
+
+def on_cuda() -> bool:
+    from reclm.llm.model import resolve_device
+
+    return resolve_device(None).startswith("cuda")
+
+
+def generation_backend(cfg: PipelineConfig) -> str:
+    """``generation.backend`` with ``auto`` resolved on this machine: transformers on CUDA, else ctranslate2.
+    Stage keys hold the resolved value (the outputs differ between backends)."""
+    backend = cfg.generation.backend
+    if backend != "auto":
+        return backend
+    return "transformers" if on_cuda() else "ctranslate2"
+
+
+def generation_batch_size(cfg: PipelineConfig) -> int:
+    """``generation.batch_size``, or for ``null`` 256 on CUDA and 16 on CPU."""
+    size = cfg.generation.batch_size
+    if size is not None:
+        return size
+    return 256 if on_cuda() else 16
 
 
 def writer_backend(cfg: PipelineConfig) -> str:
     """The local backend that writes the distilled profiles collaborative tuning needs: the generation
     backend, except ``openai`` (a served model has no SFT adapter to apply), then transformers."""
-    return "transformers" if cfg.generation.backend == "openai" else cfg.generation.backend
+    backend = generation_backend(cfg)
+    return "transformers" if backend == "openai" else backend
 
 
 def run_reward(ctx: StageContext) -> dict:
@@ -423,18 +447,18 @@ def generate_profiles(ctx: StageContext) -> dict:
 
 
 def make_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None) -> Any:
-    gen = cfg.generation
-    if gen.backend == "openai":
+    gen, backend = cfg.generation, generation_backend(cfg)
+    if backend == "openai":
         options: dict[str, Any] = {
             "base_url": gen.base_url,
             "api_key_env": gen.api_key_env,
             "concurrency": gen.concurrency,
         }
-        return generation.make_generator("openai", gen.served_model, None, gen.batch_size, **options)
+        return generation.make_generator("openai", gen.served_model, None, generation_batch_size(cfg), **options)
     options = {"threads": cfg.threads}
-    if gen.backend == "ctranslate2" and gen.quantization:
+    if backend == "ctranslate2" and gen.quantization:
         options["quantization"] = gen.quantization
-    return generation.make_generator(gen.backend, cfg.llm.base_model, adapter, gen.batch_size, **options)
+    return generation.make_generator(backend, cfg.llm.base_model, adapter, generation_batch_size(cfg), **options)
 
 
 def adapters_json(adapters: dict[str, Path | None], item_adapter: Path | None) -> dict[str, str | None]:
@@ -776,6 +800,7 @@ def build_stages() -> list[Stage]:
             needs=("prepare", "teacher", "sft", "neighbours", "collab", "rl", "item_side"),
             config=lambda c: {
                 **c.section("generation", "prompt"),
+                "resolved": {"backend": generation_backend(c), "batch_size": generation_batch_size(c)},
                 "base": c.llm.base_model,
                 "chain": c.stages.generators(),
                 "ablation": c.stages.ablation,

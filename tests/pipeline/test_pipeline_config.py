@@ -122,3 +122,32 @@ def test_cli_rejects_an_unknown_stage_name():
     result = CliRunner().invoke(app, ["run", "--dry-run", "--only", "sftt"])
     assert result.exit_code == 2
     assert "--only 'sftt': expected one of prepare, teacher, sft" in result.output
+
+
+def test_auto_generation_backend_follows_the_device(monkeypatch):
+    """`auto`: CTranslate2 int8 on CPU (faster there), transformers on CUDA; the MIND and Netflix configs use it."""
+    import reclm.llm.model as model
+    from reclm.pipeline.stages import generation_backend, writer_backend
+
+    config = load_config(CONFIGS / "mind-paper.yaml")
+    assert config.generation.backend == "auto"
+    monkeypatch.setattr(model, "resolve_device", lambda device=None: "cpu")
+    assert generation_backend(config) == writer_backend(config) == "ctranslate2"
+    monkeypatch.setattr(model, "resolve_device", lambda device=None: "cuda")
+    assert generation_backend(config) == writer_backend(config) == "transformers"
+    assert generation_backend(PipelineConfig()) == "ctranslate2", "an explicit backend is kept"
+    served = PipelineConfig.model_validate({"generation": {"backend": "openai"}})
+    assert generation_backend(served) == "openai" and writer_backend(served) == "transformers"
+
+
+def test_null_generation_batch_follows_the_device(monkeypatch):
+    import reclm.llm.model as model
+    from reclm.pipeline.stages import generation_batch_size, writer_options
+
+    config = load_config(CONFIGS / "mind-paper.yaml")
+    assert config.generation.batch_size is None
+    monkeypatch.setattr(model, "resolve_device", lambda device=None: "cpu")
+    assert generation_batch_size(config) == writer_options(config)["batch_size"] == 16
+    monkeypatch.setattr(model, "resolve_device", lambda device=None: "cuda")
+    assert generation_batch_size(config) == writer_options(config)["batch_size"] == 256
+    assert generation_batch_size(PipelineConfig()) == 16
