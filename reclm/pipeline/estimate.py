@@ -19,8 +19,9 @@ from ../shared/MODELS.md, the others measured with the pipeline's own stages on 
 - TEACHER_OPENAI_PER_REQUEST: seconds per request, divided by the concurrency (gpt-3.5, ~100 tokens out).
 - LORA_SECONDS_PER_TOKEN: LoRA training (SmolLM2-135M, r=8 on q/k/v/o) per training token; a step of
   ``batch_size`` sequences of about ``prompt + profile`` tokens (MODELS.md: seq 384 took 3.05 s).
-- GENERATION_TOKENS_PER_SECOND: new tokens per second per backend at batch 16 (MODELS.md: transformers
-  59.7 tok/s total; CTranslate2 int8 1.6 prompts/s x 40 tokens).
+- GENERATION_TOKENS_PER_SECOND: new tokens per second per backend at batch 16 on 2 cores, prompts of
+  about 200 tokens: CTranslate2 int8 from ``reclm run --dataset ml-100k`` (943 users' profiles, 32 new
+  tokens each, in 227 s: 134 tok/s), transformers at 1/1.75 of it (benchmarks/generation_speed.py).
 - On CUDA (measured on one H100 with SmolLM2-135M, bf16): CUDA_LORA_SECONDS_PER_TOKEN (MIND SFT, 600
   steps of 8 at about 1,900 tokens each in 3.8 min) and CUDA_GENERATION_TOKENS_PER_SECOND for the
   transformers backend (batch 16: about 11 profiles/s of about 48 tokens). The CF constants are CPU ones
@@ -56,7 +57,7 @@ TEACHER_FILE_PER_PROFILE = 2e-3
 TEACHER_OPENAI_PER_REQUEST = 2.0
 LORA_SECONDS_PER_TOKEN = 8e-3
 MODEL_LOAD_SECONDS = 5.0
-GENERATION_TOKENS_PER_SECOND = {"transformers": 60.0, "ctranslate2": 64.0, "openai": 400.0}
+GENERATION_TOKENS_PER_SECOND = {"transformers": 75.0, "ctranslate2": 130.0, "openai": 400.0}
 CUDA_LORA_SECONDS_PER_TOKEN = 2e-4
 CUDA_GENERATION_TOKENS_PER_SECOND = {"transformers": 530.0}
 CF_SECONDS_PER_EPOCH_PAIR = {"bias-mf": 4e-6, "ncf": 1.2e-5, "lightgcn": 1.2e-5, "sgl": 3e-5, "simgcl": 2.5e-5}
