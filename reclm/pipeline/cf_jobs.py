@@ -116,5 +116,14 @@ def run_in_workers(
                     job = running.pop(future)
                     on_done(job, future.result())
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped, finished ones kept
+            stop_workers(pool)
             raise
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the workers now (Ctrl-C, SIGTERM, a failed run): finished runs are already committed, and a
+    run cut short has nothing to keep (CF runs do not checkpoint), so waiting for it would only delay."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before 3.14
+    for process in processes:
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)

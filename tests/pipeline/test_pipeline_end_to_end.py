@@ -225,3 +225,31 @@ def test_cf_runs_in_worker_processes_match_in_process_runs(finished_run, tmp_pat
         result = cf_jobs.train_job(job, data, split, threads=1, show_progress=False)
         expected = json.loads((out / "cf" / name / "metrics.json").read_text())["test"]
         assert result.test == pytest.approx(expected, abs=1e-12) and result.test["recall@20"] > 0
+
+
+def test_an_interrupt_ends_the_cf_workers_at_once(finished_run, tmp_path):
+    """After the first finished run, an interrupt stops the workers instead of waiting for their runs."""
+    import time
+
+    from reclm.pipeline import cf_jobs
+    from reclm.pipeline.config import load_config
+
+    config, out, _, _ = finished_run
+    cfg = load_config(config)
+    slow = {**cfg.cf.run_params("lightgcn", "text", 1), "epochs": 100_000, "patience": 100_000}
+    quick = {**cfg.cf.run_params("bias-mf", "text", 1), "epochs": 1}
+    jobs = [cf_jobs.CFJob("slow", slow, tmp_path / "slow"), cf_jobs.CFJob("quick", quick, tmp_path / "quick")]
+    for job in jobs:
+        job.item_text = out / "embeddings" / "item_text.npz"
+    done: list[str] = []
+
+    def interrupt_after_first(job, result):
+        done.append(job.name)
+        raise KeyboardInterrupt("simulated Ctrl-C")
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cf_jobs.run_in_workers(out, jobs, workers=2, threads=1, on_done=interrupt_after_first)
+    assert done == ["quick"]
+    assert time.monotonic() - started < 60, "the 100,000-epoch run was not waited for"
+    assert (tmp_path / "quick" / "metrics.json").is_file() and not (tmp_path / "slow" / "metrics.json").exists()
