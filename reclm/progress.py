@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -34,6 +35,19 @@ def progress(
     if console.is_terminal or console.is_jupyter:
         return Progress(*columns, disable=disable, transient=transient, console=console)
     return LogProgress(disable=disable, stream=stream, interval=interval)
+
+
+@contextmanager
+def step_progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Progress of a training loop of ``total`` steps; yields ``update(step, info="")`` (steps done, a
+    short status such as the last loss)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+    bar = progress(*columns, TimeRemainingColumn(), disable=not enabled)
+    with bar:
+        task = bar.add_task(description, total=total, info="")
+        yield lambda step, info="": bar.update(task, completed=step, info=info)
 
 
 def log_interval() -> float:

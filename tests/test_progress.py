@@ -77,3 +77,18 @@ def test_interval_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="RECLM_PROGRESS_SECONDS"):
         log_interval()
     assert clock_text(3725.4) == "1:02:05"
+
+
+def test_step_progress_reports_a_training_loop_in_a_log(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from reclm.progress import step_progress
+
+    monkeypatch.setenv("RECLM_PROGRESS_SECONDS", "0")
+    with step_progress("reward", 3) as update:
+        for step, loss in enumerate((0.6, 0.4, 0.2), 1):
+            update(step, f"loss {loss:.1f}")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  elapsed")[0] for line in lines] == [
+        "reward: 1/3 (33%)  loss 0.6",
+        "reward: 2/3 (67%)  loss 0.4",
+        "reward: 3/3 (100%)  loss 0.2",
+    ]

@@ -546,13 +546,12 @@ def run_reward(
     model, tokenizer = load_reward_model(base_model, config=config)
     before = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
     log(f"reward: held-out accuracy before training {before.get('accuracy_mean_over_kinds')}")
-    losses = train_reward_model(
-        model,
-        tokenizer,
-        train,
-        config,
-        progress=lambda s, loss: log(f"reward step {s + 1}/{config.steps} loss {loss:.4f}"),
-    )
+    from reclm.progress import step_progress
+
+    with step_progress("reward", config.steps) as update:
+        losses = train_reward_model(
+            model, tokenizer, train, config, progress=lambda s, loss: update(s + 1, f"loss {loss:.4f}")
+        )
     after = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
     model.save_pretrained(out / "adapter")
     result = RewardResult(

@@ -26,6 +26,7 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
 from reclm.llm.rl import METHODS
+from reclm.progress import step_progress
 
 PROMPTS_FILE = "prompts.jsonl"
 
@@ -166,9 +167,9 @@ def run_rl(
     extra: dict = {}
     if method == "ppo":
         history, extra = train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget,
-                                   set(held_users), out, max_new_tokens, log)  # fmt: skip
+                                   set(held_users), out, max_new_tokens)  # fmt: skip
     else:
-        history, extra = train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out, log)
+        history, extra = train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out)
     after = judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
     save_adapter(policy, out / "adapter")
     summary = {
@@ -196,9 +197,7 @@ def pick(options: dict, cls) -> dict:
     return {k: v for k, v in options.items() if k in names}
 
 
-def train_ppo(
-    run, data, split, policy, reference, tokenizer, scorer, options, budget, exclude, out, max_new_tokens, log
-):
+def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget, exclude, out, max_new_tokens):
     from reclm.llm.rl.ppo import PPOConfig, PPOTrainer
 
     config = PPOConfig(**{"max_new_tokens": max_new_tokens, **pick(options, PPOConfig)})
@@ -206,17 +205,17 @@ def train_ppo(
     users, prompts, items = user_prompt_set(data, split, users, budget)
     write_prompt_records(out / PROMPTS_FILE, data, users, prompts, items, "train")
     trainer = PPOTrainer(policy, reference, tokenizer, scorer, config)
-    history = trainer.train(
-        prompts,
-        log=lambda s: log(f"ppo step {s['step']}/{config.steps}: score {s['score']} kl {s['kl']} reward {s['reward']}"),
-    )
+    with step_progress("ppo", config.steps) as update:
+        history = trainer.train(
+            prompts, log=lambda s: update(s["step"], f"score {s['score']} kl {s['kl']} reward {s['reward']}")
+        )
     import torch
 
     torch.save(trainer.value_head.state_dict(), out / "value_head.pt")
     return history, {"config": asdict(config), "prompts": len(prompts)}
 
 
-def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out, log):
+def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out):
     from reclm.llm.reward import PAIRS_FILE, build_pairs, chosen_profiles, read_pairs, sft_user_ids, split_by_user
     from reclm.llm.rl.dpo import DPOConfig, DPOTrainer
 
@@ -242,9 +241,10 @@ def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, o
     triples = [(p.prompt, p.chosen, p.rejected) for p in train]
     held_triples = [(p.prompt, p.chosen, p.rejected) for p in held][:64]
     trainer = DPOTrainer(policy, reference, tokenizer, config)
-    history = trainer.train(
-        triples, log=lambda s: log(f"dpo step {s['step']}/{config.steps}: loss {s['loss']} margin {s['reward_margin']}")
-    )
+    with step_progress("dpo", config.steps) as update:
+        history = trainer.train(
+            triples, log=lambda s: update(s["step"], f"loss {s['loss']} margin {s['reward_margin']}")
+        )
     evaluation = trainer.evaluate(held_triples) if held_triples else {}
     return history, {
         "config": asdict(config),
