@@ -4,21 +4,21 @@ Each stage's cost is ``overhead + units x seconds_per_unit``. The units are coun
 and the split this config makes (users, items, train pairs, and the distinct user prompts: identical
 prompts are generated once, so MIND's 57,128 users need about 14,500 profiles per writer); prompt
 lengths are measured on a sample of those prompts with the base model's tokenizer. The speeds are the
-defaults below, measured on the project's reference machine (2-core AMD EPYC, AVX-512, torch 2.13 CPU,
+defaults below, measured on the project's reference machine (2-core Intel Xeon, AVX-512, torch 2.13 CPU,
 both cores free), unless a finished stage on *this* machine (same core count) in the same setup (base
 model, backend, device: :func:`speed_setup`) measured its own: those are kept in
 ``$RECLM_CACHE/pipeline/speeds.json`` and take precedence (the plan says which basis it used). A
 measured speed is scaled by tokens per unit, so a longer prompt or a bigger batch costs more (up to 2x
 either way: beyond that the fixed costs in a stage's time mislead, and the defaults are used).
 
-Default constants (reference machine; ``GENERATION_TOKENS_PER_SECOND`` and ``LORA_SECONDS_PER_TOKEN``
-from ../shared/MODELS.md, the others measured with the pipeline's own stages on ml-100k):
+Default constants (reference machine, measured with the pipeline's own stages unless a source is named):
 
 - PREPARE_PER_INTERACTION: seconds per interaction to load and split (ml-100k: about 1.5 s).
 - TEACHER_OFFLINE_PER_PROFILE, TEACHER_FILE_PER_PROFILE: seconds per teacher profile (prompt building).
 - TEACHER_OPENAI_PER_REQUEST: seconds per request, divided by the concurrency (gpt-3.5, ~100 tokens out).
 - LORA_SECONDS_PER_TOKEN: LoRA training (SmolLM2-135M, r=8 on q/k/v/o) per training token; a step of
-  ``batch_size`` sequences of about ``prompt + profile`` tokens (MODELS.md: seq 384 took 3.05 s).
+  ``batch_size`` sequences of about ``prompt + profile`` tokens. Measured with configs/mind-paper.yaml's
+  SFT stage on 2 cores: 600 steps of 8 (1,903 tokens a step) in 1.3 h, held-out evaluations included.
 - GENERATION_TOKENS_PER_SECOND: new tokens per second per backend at batch 16 on 2 cores, prompts of
   about 200 tokens: CTranslate2 int8 from ``reclm run --dataset ml-100k`` (943 users' profiles, 32 new
   tokens each, in 227 s: 134 tok/s), transformers at 1/1.75 of it (benchmarks/generation_speed.py).
@@ -55,7 +55,7 @@ PREPARE_PER_INTERACTION = 1.5e-5
 TEACHER_OFFLINE_PER_PROFILE = 2e-3
 TEACHER_FILE_PER_PROFILE = 2e-3
 TEACHER_OPENAI_PER_REQUEST = 2.0
-LORA_SECONDS_PER_TOKEN = 8e-3
+LORA_SECONDS_PER_TOKEN = 4.2e-3
 MODEL_LOAD_SECONDS = 5.0
 GENERATION_TOKENS_PER_SECOND = {"transformers": 75.0, "ctranslate2": 130.0, "openai": 400.0}
 CUDA_LORA_SECONDS_PER_TOKEN = 2e-4
