@@ -90,15 +90,20 @@ def convert_packaged(name: str, target: Path) -> Path:
     return target
 
 
+def model_folder(name_or_path: str | os.PathLike) -> Path:
+    """Where the HF folder of a packaged short name (once converted) or a user-given path is."""
+    name = str(name_or_path)
+    return cache_root() / "models" / name if name in PACKAGED_MODELS else Path(name).expanduser()
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
     """The HF folder for a packaged short name (converted on first use) or a user-given folder."""
     name = str(name_or_path)
+    path = model_folder(name)
     if name in PACKAGED_MODELS:
-        target = cache_root() / "models" / name
-        if not (target / "config.json").is_file():
-            convert_packaged(name, target)
-        return target
-    path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            convert_packaged(name, path)
+        return path
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model {name!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}) nor a Hugging Face folder "
@@ -109,8 +114,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
 
 def model_dir_if_ready(name_or_path: str | os.PathLike) -> Path | None:
     """The HF folder when it exists without work (a packaged model already converted), else None."""
-    name = str(name_or_path)
-    folder = cache_root() / "models" / name if name in PACKAGED_MODELS else Path(name).expanduser()
+    folder = model_folder(name_or_path)
     return folder if (folder / "config.json").is_file() else None
 
 
