@@ -542,6 +542,7 @@ class Pipeline:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             key_file.write_text(input_hash)
+        earlier = self.earlier_attempts(stage.name, input_hash) if resumed else []
         final = self.root / stage.folder
         record: dict[str, Any] = {
             "stage": stage.name,
@@ -573,12 +574,13 @@ class Pipeline:
                 summary = stage.run(ctx) or {}
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            record.update(status=status, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
+            attempts = earlier + [attempt(record["started"], status, time.perf_counter() - start, memory.rss_mb)]
+            record.update(status=status, error=f"{type(exc).__name__}: {exc}", **attempts_summary(attempts))
             self.write_manifest(stage.name, record)
             if isinstance(exc, StageError | KeyboardInterrupt):
                 raise
             raise StageError(f"stage {stage.name!r} failed: {type(exc).__name__}: {exc}") from exc
-        seconds = time.perf_counter() - start
+        attempts = earlier + [attempt(record["started"], "complete", time.perf_counter() - start, memory.rss_mb)]
         self.swap_into_place(work, final)
         key_file.unlink(missing_ok=True)
         files = describe_outputs(final)
@@ -586,11 +588,10 @@ class Pipeline:
         record.update(
             status="complete",
             finished=now(),
-            seconds=round(seconds, 3),
+            **attempts_summary(attempts),
             cpu_seconds=round(cpu_seconds() - cpu_start, 3),
             tokens=tokens if isinstance(tokens, dict) else {"total": int(tokens)},
             tokens_total=sum(tokens.values()) if isinstance(tokens, dict) else int(tokens),
-            peak_memory_mb=round(memory.rss_mb, 1),
             peak_gpu_memory_mb=None if memory.gpu_mb is None else round(memory.gpu_mb, 1),
             units=summary.pop("units", None),
             unit=summary.pop("unit", None),
@@ -604,6 +605,16 @@ class Pipeline:
             self.speeds.record(stage.name, record, self.speed_setup(stage.name))
         return record
 
+    def earlier_attempts(self, name: str, input_hash: str) -> list[dict[str, Any]]:
+        """The interrupted or failed attempts whose kept work this attempt resumes: their time counts too,
+        so a stage resumed across sessions reports (and teaches the speed book) its whole cost."""
+        old = self.manifest(name)
+        if not old or old.get("input_hash") != input_hash or old.get("status") not in ("interrupted", "failed"):
+            return []
+        if "attempts" in old:
+            return list(old["attempts"])
+        return [attempt(old.get("started", ""), old["status"], float(old.get("seconds", 0.0)), None)]
+
     def swap_into_place(self, work: Path, final: Path) -> None:
         """Replace ``final`` with ``work``: the old output is moved aside first, so at no moment
         does a half-written folder sit at ``final`` (the manifest, written after, commits)."""
@@ -614,6 +625,21 @@ class Pipeline:
             final.rename(trash)
         work.rename(final)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def attempt(started: str, status: str, seconds: float, peak_memory_mb: float | None) -> dict[str, Any]:
+    memory = None if not peak_memory_mb else round(peak_memory_mb, 1)
+    return {"started": started, "status": status, "seconds": round(seconds, 3), "peak_memory_mb": memory}
+
+
+def attempts_summary(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stage's cost over all its attempts: seconds summed, memory the highest peak."""
+    peaks = [a["peak_memory_mb"] for a in attempts if a.get("peak_memory_mb")]
+    return {
+        "seconds": round(sum(float(a["seconds"]) for a in attempts), 3),
+        "peak_memory_mb": max(peaks) if peaks else None,
+        "attempts": attempts,
+    }
 
 
 def cpu_seconds() -> float:
@@ -657,7 +683,9 @@ def format_cost(record: dict[str, Any]) -> str:
     ]
     if record.get("tokens_total"):
         parts.append(f"tokens {record['tokens_total']:,}")
-    if record.get("resumed"):
+    if len(record.get("attempts") or ()) > 1:
+        parts.append(f"(over {len(record['attempts'])} attempts)")
+    elif record.get("resumed"):
         parts.append("(resumed)")
     return "  ".join(parts)
 

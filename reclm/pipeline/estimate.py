@@ -3,7 +3,9 @@
 Each stage's cost is ``overhead + units x seconds_per_unit``. The units are counted from the config
 and the split this config makes (users, items, train pairs, and the distinct user prompts: identical
 prompts are generated once, so MIND's 57,128 users need about 14,500 profiles per writer); prompt
-lengths are measured on a sample of those prompts with the base model's tokenizer. The speeds are the
+lengths are measured on a sample of those prompts with the base model's tokenizer, and SFT's sequences
+on a sample of the pairs a free teacher (file, offline) writes, run into a temporary folder (MIND:
+about 235 tokens a sequence, against 333 for the average user's prompt). The speeds are the
 defaults below, measured on the project's reference machine (2-core Intel Xeon, AVX-512, torch 2.13 CPU,
 both cores free), unless a finished stage on *this* machine (same core count) in the same setup (base
 model, backend, device: :func:`speed_setup`) measured its own: those are kept in
@@ -71,6 +73,7 @@ TEMPLATE_TOKENS = 20
 COMPARABLE_TOKENS = 2.0  # a measured speed is scaled to at most 2x (or 1/2) its tokens per unit
 PROMPT_SAMPLE = 128  # distinct user prompts tokenized for the mean prompt length
 LLM_STAGES = ("sft", "collab", "reward", "rl", "item_side")
+FREE_TEACHERS = ("file", "offline")  # run by the dry-run to measure the SFT pairs (openai would cost money)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class DataSize:
     measured: bool  # from the run's saved split (else from the split this config would make)
     user_prompts: int | None = None  # distinct user prompts, each generated once per writer
     prompt_tokens: float | None = None  # mean tokens of a distinct user prompt (a sample)
+    teacher_pair_tokens: float | None = None  # mean tokens of a teacher's user prompt + profile (a sample)
 
 
 def data_size(cfg: PipelineConfig, root: Path) -> DataSize:
@@ -91,7 +95,32 @@ def data_size(cfg: PipelineConfig, root: Path) -> DataSize:
     size = DataSize(data.n_users, data.n_items, stats["train"] + stats["valid"] + stats["test"], stats["train"], saved)
     if cfg.stages.generators():
         size.user_prompts, size.prompt_tokens = user_prompt_sample(cfg, data, split)
+    if cfg.stages.sft and cfg.stages.teacher in FREE_TEACHERS:
+        size.teacher_pair_tokens = teacher_pair_tokens(cfg, data, split)
     return size
+
+
+def teacher_pair_tokens(cfg: PipelineConfig, data: Any, split: Any) -> float | None:
+    """Mean tokens of the user pairs SFT trains on (prompt + teacher profile), from a sample of what the
+    teacher writes: a free teacher is run into a temporary folder (MIND's shipped files: under a second)."""
+    import tempfile
+
+    from reclm.llm.records import read_records
+    from reclm.pipeline.rundir import RunDir
+    from reclm.pipeline.stages import make_teacher
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDir(tmp)
+        try:
+            make_teacher(cfg, progress=False).run(data, split, run, sides=["user"])
+        except (DataError, OSError, ValueError):  # the real stage will say what is wrong
+            return None
+        records = read_records(run.teacher / "users.jsonl")
+    if not records:
+        return None
+    picked = np.random.default_rng(0).choice(len(records), min(PROMPT_SAMPLE, len(records)), replace=False)
+    pairs = [records[i].prompt + "\n" + records[i].profile for i in picked]
+    return mean_tokens(pairs, token_counter(cfg.llm.base_model))
 
 
 def split_of(cfg: PipelineConfig, root: Path) -> tuple[Any, Any, bool]:
@@ -255,8 +284,12 @@ def teacher(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None
 def training(
     stage: str, cfg: PipelineConfig, size: DataSize, opts: Any, speeds: SpeedBook | None, turns: int = 1
 ) -> Estimate:
-    """LoRA training: steps x batch x sequence tokens at LORA_SECONDS_PER_TOKEN."""
-    seq = min(opts.max_seq_len, turns * (prompt_tokens(cfg, size) + TEMPLATE_TOKENS + PROFILE_TOKENS))
+    """LoRA training: steps x batch x sequence tokens at LORA_SECONDS_PER_TOKEN. A sequence is ``turns``
+    x (user prompt + template + profile), or for SFT the teacher's measured pairs when known."""
+    pair = prompt_tokens(cfg, size) + PROFILE_TOKENS
+    if stage == "sft" and size.teacher_pair_tokens is not None:
+        pair = size.teacher_pair_tokens
+    seq = min(opts.max_seq_len, turns * (pair + TEMPLATE_TOKENS))
     tokens = int(opts.steps * opts.batch_size * seq)
     spu = lora_seconds_per_token() * opts.batch_size * seq
     seconds, basis = calibrated(

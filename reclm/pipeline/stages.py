@@ -147,13 +147,14 @@ def run_prepare(ctx: StageContext) -> dict:
 # ---------------------------------------------------------------- 2 teacher
 
 
-def make_teacher(cfg: PipelineConfig) -> Any:
+def make_teacher(cfg: PipelineConfig, progress: bool = True) -> Any:
     teachers = need("teacher", "reclm.llm.teachers", "make_teacher", "EndpointConfig")
     options: dict[str, Any] = {
         "budget": prompt_budget(cfg),
         "max_users": cfg.teacher.users,
         "max_items": cfg.teacher.items,
         "seed": cfg.teacher.seed,
+        "progress": progress,
     }
     kind = cfg.stages.teacher
     if kind == "file":

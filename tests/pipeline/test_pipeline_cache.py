@@ -158,6 +158,24 @@ def test_interrupted_stage_resumes_and_loses_nothing(setup):
     assert calls.resumed["sft"] == [False, True]
     assert read(root, "sft") == "sft(teacher(data(v1,2020),0),30)"
     assert not (root / ".work" / "sft").exists()
+    # the cost of the stage counts both attempts: a stage resumed across sessions reports its whole time
+    finished = json.loads((root / "manifests" / "sft.json").read_text())
+    assert [a["status"] for a in finished["attempts"]] == ["failed", "complete"]
+    assert finished["attempts"][0]["seconds"] == pytest.approx(manifest["seconds"], abs=1e-3)
+    assert finished["seconds"] == pytest.approx(sum(a["seconds"] for a in finished["attempts"]), abs=1e-3)
+    assert finished["peak_memory_mb"] == max(a["peak_memory_mb"] for a in finished["attempts"])
+
+
+def test_a_new_attempt_with_other_inputs_does_not_inherit_the_old_time(setup):
+    run, calls, root, _ = setup
+    calls.fail_once.add("sft")
+    with pytest.raises(StageError):
+        run()
+    config = PipelineConfig.model_validate({"llm": {"sft": {"steps": 31}}})
+    run(config)
+    finished = json.loads((root / "manifests" / "sft.json").read_text())
+    assert calls.resumed["sft"] == [False, False]
+    assert [a["status"] for a in finished["attempts"]] == ["complete"]
 
 
 def test_stage_without_completed_manifest_is_rerun(setup):
@@ -312,25 +330,54 @@ def test_dry_run_estimates_use_speeds_measured_on_this_machine(tmp_path):
     assert sft.units == config.llm.sft.steps and sft.tokens > 0
 
 
-def test_dry_run_counts_distinct_user_prompts_and_measures_their_length(tmp_path):
-    """Users with the same history (and no user features) share one prompt, generated once per writer:
-    the estimate counts profiles as the profiles stage will generate them."""
-    from reclm.pipeline import estimate
-
+def two_history_config(tmp_path: Path) -> PipelineConfig:
     rows = ["user,item,timestamp"]
     for u in range(1, 7):  # users 1-3 clicked items 1-4, users 4-6 items 3-6: two distinct histories
         items = (1, 2, 3, 4) if u <= 3 else (3, 4, 5, 6)
         rows += [f"{u},{i},{t}" for t, i in enumerate(items)]
     (tmp_path / "inter.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "items.csv").write_text("item,title\n" + "".join(f"{i},Item number {i}\n" for i in range(1, 7)))
-    config = PipelineConfig.model_validate(
+    return PipelineConfig.model_validate(
         {
             "dataset": str(tmp_path / "inter.csv"),
             "item_text": str(tmp_path / "items.csv"),
             "split": {"method": "temporal", "ratios": [0.5, 0.25, 0.25], "zero_shot_fraction": 0},
-            "stages": {"ablation": True},
+            "stages": {"ablation": True, "teacher": "offline"},
         }
     )
+
+
+def test_dry_run_sizes_sft_by_the_pairs_the_teacher_writes(tmp_path):
+    """SFT trains on the teacher's pairs, not on every user's prompt: the dry-run runs a free teacher into
+    a temporary folder and measures them, and writes nothing into the run directory."""
+    from reclm.llm.records import read_records
+    from reclm.pipeline import estimate
+    from reclm.pipeline.rundir import RunDir
+    from reclm.pipeline.stages import make_teacher
+
+    config = two_history_config(tmp_path)
+    size = estimate.data_size(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    data, split, _ = estimate.split_of(config, tmp_path / "run")
+    make_teacher(config, progress=False).run(data, split, RunDir(tmp_path / "written"), sides=["user"])
+    records = read_records(tmp_path / "written" / "teacher" / "users.jsonl")
+    counter = estimate.token_counter(config.llm.base_model)
+    expected = estimate.mean_tokens([r.prompt + "\n" + r.profile for r in records], counter)
+    assert size.teacher_pair_tokens == pytest.approx(expected)
+    assert size.teacher_pair_tokens != pytest.approx(size.prompt_tokens + estimate.PROFILE_TOKENS)
+    opts = config.llm.sft
+    plan = estimate.sft(config, size)
+    assert plan.tokens == int(opts.steps * opts.batch_size * (expected + estimate.TEMPLATE_TOKENS))
+    openai = config.model_copy(update={"stages": config.stages.model_copy(update={"teacher": "openai"})})
+    assert estimate.data_size(openai, tmp_path / "run").teacher_pair_tokens is None  # would cost money
+
+
+def test_dry_run_counts_distinct_user_prompts_and_measures_their_length(tmp_path):
+    """Users with the same history (and no user features) share one prompt, generated once per writer:
+    the estimate counts profiles as the profiles stage will generate them."""
+    from reclm.pipeline import estimate
+
+    config = two_history_config(tmp_path)
     size = estimate.data_size(config, tmp_path / "run")
     assert size.users == 6 and size.measured is False
     data, split, _ = estimate.split_of(config, tmp_path / "run")
