@@ -25,6 +25,9 @@ class SideFeatures:
     item_profiles: np.ndarray | None = None
     coverage: dict[str, float] = field(default_factory=dict)
 
+    def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        return self.item_text, self.user_profiles, self.item_profiles
+
     def dims(self) -> dict[str, int | None]:
         return {
             name: None if array is None else int(array.shape[1])

@@ -1,10 +1,17 @@
 """The one trainer for every backbone: BPR (+ the backbone's extra terms) with Adam, validation
 every ``eval_every`` epochs, early stopping with patience, the best-validation checkpoint kept in
-memory and restored, and test / zero-shot evaluated once, at that epoch."""
+memory and restored, and test / zero-shot evaluated once, at that epoch.
+
+A run with an output folder also saves its whole state there (``checkpoint.pt``: weights, optimizer,
+the best epoch so far, history, random states) at the end of an epoch at most every
+``checkpoint_seconds``; a run started again on the same folder, config and split resumes from it and
+ends exactly as an uninterrupted run would. The file is removed when the run finishes."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,6 +33,8 @@ from reclm.progress import progress as make_progress
 from reclm.utils import seed_everything, torch_threads
 
 CHECKPOINT_FORMAT = "reclm-cf/1"
+RESUME_FORMAT = "reclm-cf-resume/1"
+CHECKPOINT_SECONDS = 60.0
 
 
 @dataclass
@@ -74,6 +83,8 @@ class Trainer:
         features: SideFeatures,
         show_progress: bool = True,
         history_path: Path | None = None,
+        checkpoint_path: Path | None = None,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
     ):
         if len(split.train) == 0:
             raise ValueError("the split has no train pairs")
@@ -92,6 +103,9 @@ class Trainer:
         self.evaluator = Evaluator(split, config.topks, config.eval_batch_size, self.device)
         self.history: list[dict] = []
         self.history_path = history_path  # rewritten after every epoch, so a long run can be followed
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_seconds = checkpoint_seconds
+        self.resumed_from = 0  # the epoch a saved state was restored at (0: started afresh)
 
     # ------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict[str, float]:
@@ -122,14 +136,72 @@ class Trainer:
     def evaluate(self, task: str, per_user: bool = False) -> EvalResult:
         return self.evaluator.evaluate(self.model, task, per_user=per_user)
 
+    # ------------------------------------------------------------ resumable state
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """What a saved state must match to be resumed: the run's settings (not threads or device), its
+        split's train and validation pairs, and its feature values."""
+        digest = hashlib.sha256()
+        arrays = (self.split.train, self.split.valid, self.split.zero_shot_items, *self.features.arrays())
+        for array in arrays:
+            digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
+        return {
+            "format": RESUME_FORMAT,
+            "config": self.config.model_dump(mode="json", exclude={"threads", "device"}),
+            "data": digest.hexdigest(),
+        }
+
+    def save_state(self, loop: dict) -> None:
+        """Write the whole training state atomically (a crash mid-write leaves the previous one)."""
+        state = {
+            "fingerprint": self.fingerprint,
+            "loop": loop,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def restore_state(self) -> dict | None:
+        """The loop variables of a saved state of this very run, restored into the trainer; None if there
+        is none (or it belongs to another config or split: then it is ignored and overwritten)."""
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception:  # a torn or foreign file: start afresh
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            return None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.resumed_from = state["loop"]["epoch"]
+        return state["loop"]
+
+    def remove_state(self) -> None:
+        if self.checkpoint_path is not None:
+            self.checkpoint_path.unlink(missing_ok=True)
+
     # ------------------------------------------------------------ the loop
     def fit(self) -> tuple[int, dict[str, float]]:
         """Train until early stopping; restore and return the best validation epoch and its metrics."""
         cfg = self.config
-        metric = cfg.valid_metric
-        best_score, best_epoch, best_valid = -np.inf, 0, {}
-        best_state = None
-        since_best = 0
+        loop = self.restore_state() or {
+            "epoch": 0, "best_score": -np.inf, "best_epoch": 0, "best_valid": {}, "best_state": None,
+            "since_best": 0, "stopped": False,
+        }  # fmt: skip
+        last_saved = time.perf_counter()
         columns = [
             SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
@@ -140,35 +212,44 @@ class Trainer:
         ]
         with make_progress(*columns, disable=not self.show_progress) as progress:
             bar = progress.add_task(f"{cfg.backbone}/{cfg.features}", total=cfg.epochs, status="")
-            for epoch in range(1, cfg.epochs + 1):
-                start = time.perf_counter()
-                losses = self.train_epoch()
-                synchronize(self.device)
-                record: dict = {"epoch": epoch, **losses, "train_seconds": time.perf_counter() - start}
-                if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                    start = time.perf_counter()
-                    valid = self.evaluate("valid").metrics
-                    record["eval_seconds"] = time.perf_counter() - start
-                    record["valid"] = valid
-                    score = valid.get(metric, float("nan"))
-                    if score > best_score:
-                        best_score, best_epoch, best_valid = score, epoch, valid
-                        best_state = copy.deepcopy(self.model.state_dict())
-                        since_best = 0
-                    else:
-                        since_best += 1
-                self.history.append(record)
-                if self.history_path is not None:
-                    self.history_path.write_text(json.dumps(self.history, indent=1))
-                status = f"loss {losses['loss']:.4f}"
-                if best_epoch:
-                    status += f"  best {metric} {best_score:.4f} @ {best_epoch}"
+            progress.update(bar, completed=loop["epoch"])
+            while loop["epoch"] < cfg.epochs and not loop["stopped"]:
+                loop["epoch"] += 1
+                status = self.run_epoch(loop)
                 progress.update(bar, advance=1, status=status)
-                if since_best > cfg.patience:  # as RecBole's stopping_step
-                    break
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        return best_epoch, best_valid
+                loop["stopped"] = loop["since_best"] > cfg.patience  # as RecBole's stopping_step
+                if self.checkpoint_path is not None and time.perf_counter() - last_saved >= self.checkpoint_seconds:
+                    self.save_state(loop)
+                    last_saved = time.perf_counter()
+        if loop["best_state"] is not None:
+            self.model.load_state_dict(loop["best_state"])
+        return loop["best_epoch"], loop["best_valid"]
+
+    def run_epoch(self, loop: dict) -> str:
+        """Train epoch ``loop["epoch"]``, validate when due and update the best so far; the status line."""
+        cfg, epoch, metric = self.config, loop["epoch"], self.config.valid_metric
+        start = time.perf_counter()
+        losses = self.train_epoch()
+        synchronize(self.device)
+        record: dict = {"epoch": epoch, **losses, "train_seconds": time.perf_counter() - start}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            start = time.perf_counter()
+            valid = self.evaluate("valid").metrics
+            record["eval_seconds"] = time.perf_counter() - start
+            record["valid"] = valid
+            score = valid.get(metric, float("nan"))
+            if score > loop["best_score"]:
+                loop.update(best_score=score, best_epoch=epoch, best_valid=valid, since_best=0)
+                loop["best_state"] = copy.deepcopy(self.model.state_dict())
+            else:
+                loop["since_best"] += 1
+        self.history.append(record)
+        if self.history_path is not None:
+            self.history_path.write_text(json.dumps(self.history, indent=1))
+        status = f"loss {losses['loss']:.4f}"
+        if loop["best_epoch"]:
+            status += f"  best {metric} {loop['best_score']:.4f} @ {loop['best_epoch']}"
+        return status
 
 
 def train_cf(
@@ -179,16 +260,21 @@ def train_cf(
     show_progress: bool = True,
     user_ids: list[str] | None = None,
     extra_info: dict | None = None,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> CFResult:
     """Train ``config.backbone`` on ``split``, select on validation, evaluate test and zero-shot at the
     best validation epoch, and (when ``out_dir`` is given) write metrics.json, history.json,
-    per_user.csv, config.yaml, model.pt and, for dot-product models, embeddings.npz."""
+    per_user.csv, config.yaml, model.pt and, for dot-product models, embeddings.npz. With ``out_dir``
+    the run saves its state there as it goes and resumes from it when started again."""
     features = features or SideFeatures()
-    history_path = None
+    history_path = checkpoint_path = None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        history_path = Path(out_dir) / "history.json"
-    trainer = Trainer(split, config, features, show_progress=show_progress, history_path=history_path)
+        history_path, checkpoint_path = Path(out_dir) / "history.json", Path(out_dir) / "checkpoint.pt"
+    trainer = Trainer(
+        split, config, features, show_progress=show_progress, history_path=history_path,
+        checkpoint_path=checkpoint_path, checkpoint_seconds=checkpoint_seconds,
+    )  # fmt: skip
     best_epoch, _ = trainer.fit()
     results = {task: trainer.evaluate(task, per_user=True) for task in ("valid", "test", "zero_shot")}
     history = trainer.history
@@ -205,7 +291,9 @@ def train_cf(
         model=trainer.model,
     )
     if out_dir is not None:
-        result.out_dir = write_outputs(Path(out_dir), result, trainer, results, user_ids, extra_info or {})
+        extra = {**(extra_info or {}), "resumed_from_epoch": trainer.resumed_from}
+        result.out_dir = write_outputs(Path(out_dir), result, trainer, results, user_ids, extra)
+        trainer.remove_state()
     return result
 
 

@@ -516,7 +516,9 @@ def run_collab(
     log(f"collab: {len(built.dialogues)} dialogues (Yes share {built.balance():.2f}), profiles {counts}")
     conversations = [d.messages for d in built.dialogues]
     lora_settings = settings_from(LoraSettings, dict(lora or {}))
-    result = train_lora(conversations, out, base_model, lora_settings, train_settings, init_adapter, progress)
+    result = train_lora(
+        conversations, out, base_model, lora_settings, train_settings, init_adapter, progress, description="collab"
+    )
     summary: dict = {
         "dialogues": len(built.dialogues),
         "yes_share": built.balance(),

@@ -137,7 +137,14 @@ def train_item_writer(
     lora_settings = settings_from(LoraSettings, dict(lora or {}))
     train_settings = settings_from(TrainSettings, dict(train or {}))
     result = train_lora(
-        conversations, out, base_model, lora_settings, train_settings, init_adapter=init_adapter, progress=progress
+        conversations,
+        out,
+        base_model,
+        lora_settings,
+        train_settings,
+        init_adapter=init_adapter,
+        progress=progress,
+        description="item side",
     )
     summary = {"examples": len(records), **result.to_dict()}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))

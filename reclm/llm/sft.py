@@ -321,11 +321,12 @@ def train_lora(
     init_adapter: str | os.PathLike | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    description: str = "sft",
 ) -> TrainResult:
     """LoRA-tune ``model`` on ``conversations`` (loss on every assistant turn); resumes from ``out_dir/checkpoint``.
 
     ``init_adapter`` starts from an existing adapter (e.g. the SFT one for collaborative tuning).
-    ``on_step(step, loss)`` is called after each optimizer step.
+    ``on_step(step, loss)`` is called after each optimizer step. ``description`` names the progress bar.
     """
     import torch
     from transformers import get_scheduler
@@ -394,12 +395,12 @@ def train_lora(
     from reclm.progress import progress as make_progress
 
     bar = make_progress(
-        TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(), disable=not progress,
     )  # fmt: skip
     started = time.perf_counter()
     with bar:
-        task = bar.add_task("sft", total=total, completed=state["step"], info="")
+        task = bar.add_task(description, total=total, completed=state["step"], info="")
         while state["step"] < total:
             batches = length_grouped_batches(train_idx, lengths, train.batch_size, train.seed + state["epoch"])
             while state["batch_pos"] < len(batches) and state["step"] < total:

@@ -52,6 +52,7 @@ PACKAGES = (
     "pydantic",
 )
 UNIT_MARKER = ".unit.json"
+PARTIAL_MARKER = ".unit-partial.json"  # the key of a unit's folder while it is being written
 
 
 class StageError(RuntimeError):
@@ -238,23 +239,29 @@ class Unit:
     done: bool
 
     def scratch(self) -> Path:
-        """An empty folder to write the unit into; ``commit()`` moves it into place."""
+        """The folder to write the unit into; ``commit()`` moves it into place. An interrupted attempt's
+        folder for the same key is kept (a CF run resumes from the state it saved there); any other
+        is emptied."""
         tmp = self.path.with_name(self.path.name + ".partial")
+        if unit_key(tmp, PARTIAL_MARKER) == self.key:
+            return tmp
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        (tmp / PARTIAL_MARKER).write_text(json.dumps({"key": self.key}))
         return tmp
 
     def commit(self) -> None:
         tmp = self.path.with_name(self.path.name + ".partial")
+        (tmp / PARTIAL_MARKER).unlink(missing_ok=True)
         (tmp / UNIT_MARKER).write_text(json.dumps({"key": self.key}))
         shutil.rmtree(self.path, ignore_errors=True)
         tmp.rename(self.path)
         self.done = True
 
 
-def unit_key(path: Path) -> str | None:
+def unit_key(path: Path, marker: str = UNIT_MARKER) -> str | None:
     try:
-        return json.loads((path / UNIT_MARKER).read_text())["key"]
+        return json.loads((path / marker).read_text())["key"]
     except (OSError, ValueError, KeyError):
         return None
 

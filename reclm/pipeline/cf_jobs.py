@@ -4,7 +4,8 @@ On CPU the pipeline trains one run per core, each single-threaded, in worker pro
 are too small for torch to use two threads well (ml-100k, 2 cores, ten ``text`` runs of 10 epochs: 60 s
 in two single-threaded workers against 80 s one after another with two threads; ``benchmarks/cf_parallel.py``).
 On CUDA, and with ``cf.jobs: 1``, runs are trained in this process.
-Each run is committed on its own as soon as it finishes, so an interrupted stage keeps finished runs.
+Each run is committed on its own as soon as it finishes, so an interrupted stage keeps finished runs;
+a run cut short resumes from the state it saved in its folder (reclm.cf.trainer).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def run_in_workers(
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:
     """End the workers now (Ctrl-C, SIGTERM, a failed run): finished runs are already committed, and a
-    run cut short has nothing to keep (CF runs do not checkpoint), so waiting for it would only delay."""
+    run cut short resumes from the state it last saved (at most a minute old), so waiting would only delay."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before 3.14
     for process in processes:
         process.terminate()

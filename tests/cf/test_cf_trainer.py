@@ -92,3 +92,58 @@ def test_missing_validation_is_refused(tiny_split):
 def test_text_mode_without_text_is_refused(tiny_split):
     with pytest.raises(ValueError, match="item text"):
         train_cf(tiny_split, small_config(features="text"), SideFeatures(), show_progress=False)
+
+
+def interrupt_at(monkeypatch, epoch: int) -> None:
+    """Make the trainer's ``epoch``-th epoch raise KeyboardInterrupt, as Ctrl-C or SIGTERM would."""
+    from reclm.cf.trainer import Trainer
+
+    original, calls = Trainer.train_epoch, {"n": 0}
+
+    def train_epoch(self):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize("backbone", ["sgl", "ncf"])
+def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(backbone, tmp_path, monkeypatch, tiny_split):
+    cfg = small_config(backbone=backbone, epochs=8, patience=20)
+    whole = train_cf(tiny_split, cfg, out_dir=tmp_path / "whole", show_progress=False)
+    assert not (tmp_path / "whole" / "checkpoint.pt").exists(), "removed once the run is written"
+
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 5)
+        with pytest.raises(KeyboardInterrupt):
+            train_cf(tiny_split, cfg, out_dir=tmp_path / "cut", show_progress=False, checkpoint_seconds=0)
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    resumed = train_cf(tiny_split, cfg, out_dir=tmp_path / "cut", show_progress=False)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert [h["valid"] for h in resumed.history] == [h["valid"] for h in whole.history]
+    assert resumed.best_epoch == whole.best_epoch and resumed.test == whole.test
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["resumed_from_epoch"] == 4
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+
+
+def test_a_saved_state_of_other_settings_or_data_is_not_resumed(tmp_path, monkeypatch, tiny_split, make_split):
+    cfg = small_config(backbone="bias-mf", epochs=6, patience=20)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train_cf(tiny_split, cfg, out_dir=tmp_path / "run", show_progress=False, checkpoint_seconds=0)
+    other_lr = cfg.model_copy(update={"lr": cfg.lr * 2})
+    fresh = train_cf(tiny_split, other_lr, show_progress=False)
+    result = train_cf(tiny_split, other_lr, out_dir=tmp_path / "run", show_progress=False)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed_from_epoch"] == 0
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in fresh.history]
+
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train_cf(tiny_split, cfg, out_dir=tmp_path / "run2", show_progress=False, checkpoint_seconds=0)
+    other_data = make_split(seed=3)
+    train_cf(other_data, cfg, out_dir=tmp_path / "run2", show_progress=False)
+    assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["resumed_from_epoch"] == 0

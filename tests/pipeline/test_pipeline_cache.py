@@ -269,6 +269,7 @@ def test_plan_matches_what_run_does(setup, tmp_path):
 
 def test_units_are_committed_alone_and_reused_from_the_previous_output(tmp_path):
     runs: list[str] = []
+    kept: list[bool] = []  # whether a unit found what an interrupted attempt of it had saved
     fail = {"b"}
 
     def body(ctx: StageContext) -> None:
@@ -278,8 +279,10 @@ def test_units_are_committed_alone_and_reused_from_the_previous_output(tmp_path)
                 continue
             scratch = unit.scratch()
             runs.append(name)
+            kept.append((scratch / "saved-state").is_file())
             if name in fail:
                 fail.discard(name)
+                (scratch / "saved-state").write_text("what b had done")
                 raise RuntimeError("crash in unit b")
             (scratch / "out.txt").write_text(name)
             unit.commit()
@@ -290,9 +293,12 @@ def test_units_are_committed_alone_and_reused_from_the_previous_output(tmp_path)
         pipeline.run()
     pipeline.run()
     assert runs == ["a", "b", "b", "c"], "after the crash only the unfinished units run"
+    assert kept == [False, False, True, False], "the retried unit b finds the state its first attempt saved"
+    assert not list((tmp_path / "cf").glob("*.partial")) and not list((tmp_path / "cf").rglob(".unit-partial.json"))
     pipeline.config = PipelineConfig.model_validate({"cf": {"seeds": [7]}})
     pipeline.run()
     assert runs[4:] == ["c"], "units whose key did not change are taken from the previous output"
+    assert kept[4:] == [False]
     assert sorted(p.name for p in (tmp_path / "cf").iterdir()) == ["a", "b", "c"]
     assert (tmp_path / "cf" / "a" / "out.txt").read_text() == "a"
 
