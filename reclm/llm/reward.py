@@ -21,8 +21,10 @@ per negative kind and averaged over kinds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -261,6 +263,7 @@ def load_reward_model(base_model: str, adapter: str | Path | None = None, config
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(folder, padding_side="right")
     pad = pad_token_for(tokenizer)
+    torch.manual_seed(config.seed)  # the new score head's initial weights
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=1, dtype=default_dtype(device) if device != "cpu" else torch.float32
     )
@@ -371,15 +374,32 @@ def evaluate_pairs(model, tokenizer, pairs: Sequence[PreferencePair], max_len: i
     }
 
 
+def reward_fingerprint(base_model: str, config: RewardConfig, train: Sequence[PreferencePair]) -> str:
+    """What a reward checkpoint must match to be resumed: base model, step-defining settings, train pairs."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "eval_batch_size")}
+    digest = hashlib.sha256(json.dumps([str(base_model), settings], sort_keys=True, default=str).encode())
+    for pair in train:
+        digest.update(json.dumps([pair.prompt, pair.chosen, pair.rejected]).encode())
+    return digest.hexdigest()[:16]
+
+
 def train_reward_model(
     model,
     tokenizer,
     train: Sequence[PreferencePair],
     config: RewardConfig,
     progress: Callable[[int, float], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
+    save_every: int = 25,
 ) -> list[float]:
-    """Pairwise-loss training of ``model`` (LoRA + score head) for ``config.steps`` steps; returns losses."""
+    """Pairwise-loss training of ``model`` (LoRA + score head) for ``config.steps`` steps; returns losses.
+
+    With ``checkpoint_dir``, the training state is saved there every ``save_every`` steps and a run
+    started again resumes from it (and ends as an uninterrupted run would); ``fingerprint`` must match."""
     import torch
+
+    from reclm.llm.sft import find_checkpoint, restore_checkpoint, save_checkpoint
 
     if not train:
         raise ValueError("no preference pairs to train the reward model on")
@@ -391,14 +411,20 @@ def train_reward_model(
         weight_decay=0.0,
     )
     rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(train))
-    cursor, losses = 0, []
+    state = {"step": 0, "order": rng.permutation(len(train)), "cursor": 0, "losses": [], "fingerprint": fingerprint}
+    found = find_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if found is not None:
+        state = restore_checkpoint(found, model, optimizer, None)
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(f"{found} was saved by a run with other pairs or settings; delete it to start afresh")
+        rng.bit_generator.state = state["numpy_rng"]
+    losses = state["losses"]
     model.train()
-    for step in range(config.steps):
-        if cursor + config.batch_size > len(order):
-            order, cursor = rng.permutation(len(train)), 0
-        batch = [train[k] for k in order[cursor : cursor + config.batch_size]]
-        cursor += config.batch_size
+    while state["step"] < config.steps:
+        if state["cursor"] + config.batch_size > len(state["order"]):
+            state["order"], state["cursor"] = rng.permutation(len(train)), 0
+        batch = [train[k] for k in state["order"][state["cursor"] : state["cursor"] + config.batch_size]]
+        state["cursor"] += config.batch_size
         optimizer.zero_grad()
         loss = 0.0
         for start in range(0, len(batch), max(1, config.micro_batch)):
@@ -413,8 +439,12 @@ def train_reward_model(
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
         losses.append(loss)
+        state["step"] += 1
         if progress:
-            progress(step, losses[-1])
+            progress(state["step"] - 1, losses[-1])
+        if checkpoint_dir is not None and save_every and state["step"] % save_every == 0:
+            state["numpy_rng"] = rng.bit_generator.state
+            save_checkpoint(checkpoint_dir, model, optimizer, None, state)
     model.eval()
     return losses
 
@@ -544,16 +574,23 @@ def run_reward(
     log(f"reward: {len(train)} train / {len(held)} held-out pairs, kinds {kind_counts(pairs)}")
     log(f"reward: neighbour negatives from {neighbour_source}")
     model, tokenizer = load_reward_model(base_model, config=config)
-    before = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
+    before_file = out / "before.json"
+    if before_file.is_file() and (out / "checkpoint").is_dir():  # resuming: the untrained model's scores
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
+        save_json(before_file, before)
     log(f"reward: held-out accuracy before training {before.get('accuracy_mean_over_kinds')}")
     from reclm.progress import step_progress
 
     with step_progress("reward", config.steps) as update:
         losses = train_reward_model(
-            model, tokenizer, train, config, progress=lambda s, loss: update(s + 1, f"loss {loss:.4f}")
-        )
+            model, tokenizer, train, config, progress=lambda s, loss: update(s + 1, f"loss {loss:.4f}"),
+            checkpoint_dir=out, fingerprint=reward_fingerprint(base_model, config, train),
+        )  # fmt: skip
     after = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
     model.save_pretrained(out / "adapter")
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
     result = RewardResult(
         pairs={
             "train": len(train),

@@ -254,8 +254,8 @@ def build_peft_model(folder: Path, device: str, lora: LoraSettings, train: Train
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
-    """Adapter + optimizer + scheduler + RNG + loop state, written aside then swapped in (crash-safe)."""
+def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, scheduler: Any | None, state: dict) -> None:
+    """Adapter + optimizer + scheduler (if any) + RNG + loop state, written aside then swapped in (crash-safe)."""
     import torch
 
     final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
@@ -265,7 +265,12 @@ def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state, "rng": rng},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "state": state,
+            "rng": rng,
+        },
         tmp / "trainer_state.pt",
     )
     shutil.rmtree(old, ignore_errors=True)
@@ -283,14 +288,15 @@ def find_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
-def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any | None) -> dict:
     import torch
     from peft import load_peft_weights, set_peft_model_state_dict
 
     set_peft_model_state_dict(model, load_peft_weights(str(path)))
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["torch"])
     np.random.set_state(saved["rng"]["numpy"])
     random.setstate(saved["rng"]["python"])

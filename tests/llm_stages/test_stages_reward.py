@@ -158,6 +158,46 @@ def test_reward_model_learns_an_easy_preference(tiny, tiny_model):
     assert set(after["per_kind"]) == {"dot", "identity_empty"}
 
 
+def test_interrupted_reward_training_resumes_from_its_checkpoint(tiny, tiny_model, tmp_path):
+    """Saved every 2 steps; cut at step 5, the rerun continues from step 4 and ends with the same losses and
+    scores as an uninterrupted run. A checkpoint of other pairs is refused, not silently resumed."""
+    from reclm.llm.reward import reward_fingerprint
+
+    data, split = tiny
+    budget = PromptBudget(max_items=5, max_words=10)
+    histories = user_histories(data, split)
+    good = "User identity: Viewer; User interests: Films."
+    train = [
+        PreferencePair(u, budget.user_prompt(data, histories[u]), good, make_negative("dot", good, None), "dot")
+        for u in range(data.n_users)
+        if len(histories[u])
+    ]
+    config = RewardConfig(steps=6, batch_size=4, lr=1e-3, max_seq_len=256)
+    key = reward_fingerprint(str(tiny_model), config, train)
+
+    def train_in(folder, stop_at=None):
+        model, tok = load_reward_model(str(tiny_model), config=RewardConfig(seed=0))
+
+        def progress(step, loss):
+            if step + 1 == stop_at:
+                raise KeyboardInterrupt
+
+        losses = train_reward_model(model, tok, train, config, progress, folder, key, save_every=2)
+        return losses, evaluate_pairs(model, tok, train[:6], 256)["margin_mean"]
+
+    whole, whole_margin = train_in(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train_in(tmp_path / "cut", stop_at=5)
+    assert (tmp_path / "cut" / "checkpoint" / "adapter_config.json").is_file()  # a real saved adapter
+    resumed, resumed_margin = train_in(tmp_path / "cut")
+    assert resumed == pytest.approx(whole, rel=1e-5) and len(resumed) == 6
+    assert resumed_margin == pytest.approx(whole_margin, rel=1e-4)
+
+    model, tok = load_reward_model(str(tiny_model), config=RewardConfig(seed=0))
+    with pytest.raises(ValueError, match="other pairs or settings"):
+        train_reward_model(model, tok, train[1:], config, None, tmp_path / "cut", "another run", save_every=2)
+
+
 def test_a_neighbour_with_the_same_profile_is_not_a_negative(ml100k):
     """Two users with the same history get the same teacher profile: that neighbour is skipped."""
     data, split = ml100k

@@ -93,8 +93,51 @@ def test_dpo_step_changes_weights_and_raises_the_chosen_answer(yes_no_model):
     first = trainer.step(*zip(*triples))
     assert weight_change(policy, snapshot) > 0
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
-    history = trainer.train(triples, steps=3)
+    history = trainer.train(triples, steps=4)  # steps in all: 3 more
+    assert len(history) == 3 and trainer.step_count == 4
     assert history[-1]["reward_margin"] > 0 and history[-1]["loss"] < first["loss"]
     assert answer_probability(policy, tok, "Yes") > before + 0.05
     assert answer_probability(policy, tok, "No") < answer_probability(reference, tok, "No")
     assert trainer.evaluate(triples)["accuracy"] == 1.0
+
+
+def stop_at(step: int):
+    def log(stats: dict) -> None:
+        if stats["step"] == step:
+            raise KeyboardInterrupt
+
+    return log
+
+
+@pytest.mark.parametrize("method", ["ppo", "dpo"])
+def test_interrupted_rl_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(method, yes_no_model, tmp_path):
+    """Saved every 2 steps; stopped at step 3, a new trainer on the same folder resumes at step 2 and ends
+    with the same per-step stats and the same policy as a run that was never interrupted."""
+    yes = None
+
+    def trained(folder, log=None, key="run"):
+        nonlocal yes
+        torch.manual_seed(0)
+        policy, tok = load_policy(yes_no_model, lora={"r": 8, "alpha": 16})
+        reference = load_reference(yes_no_model)
+        yes = tok("Yes", add_special_tokens=False)["input_ids"][0]
+        if method == "ppo":
+            reward = lambda p, r, ids: [float(x[:1] == [yes]) for x in ids]  # noqa: E731
+            config = PPOConfig(batch_size=4, lr=1e-3, max_new_tokens=2, seed=0)
+            trainer = PPOTrainer(policy, reference, tok, reward, config)
+            data = YES_NO_PROMPTS * 2
+        else:
+            trainer = DPOTrainer(policy, reference, tok, DPOConfig(batch_size=2, lr=1e-3, beta=0.1))
+            data = [(p, "Yes", "No") for p in YES_NO_PROMPTS] + [(p, "Sure", "Never") for p in YES_NO_PROMPTS]
+        history = trainer.train(data, steps=5, log=log, checkpoint_dir=folder, fingerprint=key, save_every=2)
+        return history, answer_probability(policy, tok, "Yes")
+
+    whole, whole_yes = trained(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        trained(tmp_path / "cut", log=stop_at(3))
+    resumed, resumed_yes = trained(tmp_path / "cut")
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5]
+    assert resumed == whole
+    assert resumed_yes == pytest.approx(whole_yes, abs=1e-6)
+    with pytest.raises(ValueError, match="other data or settings"):
+        trained(tmp_path / "cut", key="another run")

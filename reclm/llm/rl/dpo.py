@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from reclm.llm.chat import IGNORE_INDEX, pair_conversation, training_example
-from reclm.llm.rl.common import gather_logprobs, last_hidden, output_head, trainable_parameters
+from reclm.llm.rl.common import (
+    gather_logprobs,
+    last_hidden,
+    output_head,
+    resume_trainer,
+    save_trainer,
+    trainable_parameters,
+)
 
 
 @dataclass
@@ -116,14 +124,22 @@ class DPOTrainer:
         triples: Sequence[tuple[str, str, str]],
         steps: int | None = None,
         log: Callable[[dict], None] | None = None,
+        checkpoint_dir: Path | None = None,
+        fingerprint: str = "",
+        save_every: int = 10,
     ) -> list[dict]:
-        """``steps`` DPO steps over shuffled ``(prompt, chosen, rejected)`` triples; returns each step's stats."""
+        """``steps`` DPO steps over shuffled ``(prompt, chosen, rejected)`` triples; returns each step's stats.
+        With ``checkpoint_dir`` the state is saved every ``save_every`` steps and a rerun resumes from it."""
         if not triples:
             raise ValueError("DPO needs at least one preference pair")
         steps = self.config.steps if steps is None else steps
         rng = np.random.default_rng(self.config.seed)
         order, cursor, history = rng.permutation(len(triples)), 0, []
-        for _ in range(steps):
+        saved = resume_trainer(checkpoint_dir, self, fingerprint)
+        if saved is not None:
+            order, cursor, history, self.step_count = saved["order"], saved["cursor"], saved["history"], saved["step"]
+            rng.bit_generator.state = saved["numpy_rng"]
+        while self.step_count < steps:
             if cursor >= len(order):
                 order, cursor = rng.permutation(len(triples)), 0
             rows = [triples[k] for k in order[cursor : cursor + self.config.batch_size]]
@@ -133,6 +149,10 @@ class DPOTrainer:
             history.append(stats)
             if log:
                 log(stats)
+            if checkpoint_dir is not None and save_every and self.step_count % save_every == 0:
+                state = {"step": self.step_count, "order": order, "cursor": cursor, "history": history,
+                         "numpy_rng": rng.bit_generator.state, "fingerprint": fingerprint}  # fmt: skip
+                save_trainer(checkpoint_dir, self, state)
         return history
 
     def evaluate(self, triples: Sequence[tuple[str, str, str]], batch: int = 8) -> dict:

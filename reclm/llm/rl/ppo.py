@@ -11,9 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from reclm.llm.rl.common import encode_prompts, gather_logprobs, last_hidden, output_head, trainable_parameters
+from reclm.llm.rl.common import (
+    encode_prompts,
+    gather_logprobs,
+    last_hidden,
+    output_head,
+    resume_trainer,
+    save_trainer,
+    trainable_parameters,
+)
 
 # reward_fn(prompts, response texts, response token ids) -> one score per response
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
@@ -225,18 +234,36 @@ class PPOTrainer:
             "example": rollout.responses[0][:200],
         }
 
-    def train(self, prompts: Sequence[str], steps: int | None = None, log: Callable[[dict], None] | None = None):
-        """``steps`` PPO steps over ``prompts`` in batches of ``batch_size`` (cycling); returns each step's stats."""
+    def train(
+        self,
+        prompts: Sequence[str],
+        steps: int | None = None,
+        log: Callable[[dict], None] | None = None,
+        checkpoint_dir: Path | None = None,
+        fingerprint: str = "",
+        save_every: int = 10,
+    ) -> list[dict]:
+        """``steps`` PPO steps over ``prompts`` in batches of ``batch_size`` (cycling); returns each step's stats.
+        With ``checkpoint_dir`` the state is saved every ``save_every`` steps and a rerun resumes from it."""
         steps = self.config.steps if steps is None else steps
-        history = []
+        history: list[dict] = []
         n = len(prompts)
         if n == 0:
             raise ValueError("PPO needs at least one prompt")
-        for s in range(steps):
+        saved = resume_trainer(checkpoint_dir, self, fingerprint)
+        if saved is not None:
+            history, self.step_count = saved["history"], saved["step"]
+            self.generator.set_state(saved["generator"])
+            self.value_head.load_state_dict(saved["value_head"])
+        for s in range(self.step_count, steps):
             start = (s * self.config.batch_size) % n
             batch = [prompts[(start + k) % n] for k in range(self.config.batch_size)]
             stats = self.step(batch)
             history.append(stats)
             if log:
                 log(stats)
+            if checkpoint_dir is not None and save_every and self.step_count % save_every == 0:
+                state = {"step": self.step_count, "history": history, "generator": self.generator.get_state(),
+                         "value_head": self.value_head.state_dict(), "fingerprint": fingerprint}  # fmt: skip
+                save_trainer(checkpoint_dir, self, state)
         return history

@@ -15,6 +15,7 @@ rewards and log-ratio for DPO), ``RUN/rl/prompts.jsonl`` (the RL prompts, with t
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -26,6 +27,7 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
 from reclm.llm.rl import METHODS
+from reclm.llm.rl.common import run_fingerprint, tensors_digest
 from reclm.progress import step_progress
 
 PROMPTS_FILE = "prompts.jsonl"
@@ -161,17 +163,24 @@ def run_rl(
     held_users = sample_users(split, eval_users, seed + 1)
     h_users, h_prompts, h_items = user_prompt_set(data, split, held_users, budget)
     write_prompt_records(out / PROMPTS_FILE, data, h_users, h_prompts, h_items, "eval")
-    log(f"rl ({method}): judging the starting policy on {len(h_prompts)} held-out users")
-    before = judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
+    before_file = out / "before.json"
+    if before_file.is_file() and (out / "checkpoint").is_dir():  # resuming: the starting policy's judgement
+        before = json.loads(before_file.read_text())
+    else:
+        log(f"rl ({method}): judging the starting policy on {len(h_prompts)} held-out users")
+        before = judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
+        before_file.write_text(json.dumps(before, indent=2))
     snapshot = weights_snapshot(policy)
+    start_point = run_fingerprint(base_model, tensors_digest(snapshot))  # a checkpoint resumes only this start
     extra: dict = {}
     if method == "ppo":
         history, extra = train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget,
-                                   set(held_users), out, max_new_tokens)  # fmt: skip
+                                   set(held_users), out, max_new_tokens, start_point)  # fmt: skip
     else:
-        history, extra = train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out)
+        history, extra = train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out, start_point)
     after = judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
     save_adapter(policy, out / "adapter")
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
     summary = {
         "method": method,
         "base_model": base_model,
@@ -197,7 +206,8 @@ def pick(options: dict, cls) -> dict:
     return {k: v for k, v in options.items() if k in names}
 
 
-def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget, exclude, out, max_new_tokens):
+def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget, exclude, out, max_new_tokens,
+              start_point: str = ""):  # fmt: skip
     from reclm.llm.rl.ppo import PPOConfig, PPOTrainer
 
     config = PPOConfig(**{"max_new_tokens": max_new_tokens, **pick(options, PPOConfig)})
@@ -205,17 +215,19 @@ def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, b
     users, prompts, items = user_prompt_set(data, split, users, budget)
     write_prompt_records(out / PROMPTS_FILE, data, users, prompts, items, "train")
     trainer = PPOTrainer(policy, reference, tokenizer, scorer, config)
+    key = run_fingerprint("ppo", asdict(config), start_point, prompts)
     with step_progress("ppo", config.steps) as update:
         history = trainer.train(
-            prompts, log=lambda s: update(s["step"], f"score {s['score']} kl {s['kl']} reward {s['reward']}")
-        )
+            prompts, log=lambda s: update(s["step"], f"score {s['score']} kl {s['kl']} reward {s['reward']}"),
+            checkpoint_dir=out, fingerprint=key,
+        )  # fmt: skip
     import torch
 
     torch.save(trainer.value_head.state_dict(), out / "value_head.pt")
     return history, {"config": asdict(config), "prompts": len(prompts)}
 
 
-def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out):
+def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out, start_point: str = ""):
     from reclm.llm.reward import PAIRS_FILE, build_pairs, chosen_profiles, read_pairs, sft_user_ids, split_by_user
     from reclm.llm.rl.dpo import DPOConfig, DPOTrainer
 
@@ -241,10 +253,12 @@ def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, o
     triples = [(p.prompt, p.chosen, p.rejected) for p in train]
     held_triples = [(p.prompt, p.chosen, p.rejected) for p in held][:64]
     trainer = DPOTrainer(policy, reference, tokenizer, config)
+    key = run_fingerprint("dpo", asdict(config), start_point, triples)
     with step_progress("dpo", config.steps) as update:
         history = trainer.train(
-            triples, log=lambda s: update(s["step"], f"loss {s['loss']} margin {s['reward_margin']}")
-        )
+            triples, log=lambda s: update(s["step"], f"loss {s['loss']} margin {s['reward_margin']}"),
+            checkpoint_dir=out, fingerprint=key,
+        )  # fmt: skip
     evaluation = trainer.evaluate(held_triples) if held_triples else {}
     return history, {
         "config": asdict(config),
