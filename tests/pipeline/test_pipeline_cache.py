@@ -509,3 +509,22 @@ def test_sigterm_marks_the_running_stage_interrupted_and_keeps_its_work(tmp_path
     record = json.loads((root / "manifests" / "sft.json").read_text())
     assert record["status"] == "interrupted" and "SIGTERM" in record["error"]
     assert partial.read_text() == "half"
+
+
+def test_collab_estimate_counts_writing_the_dialogue_users_profiles():
+    """Collab's default turn-1 responses are the SFT model's profiles of the dialogue users, written in the
+    stage: they cost generation time on top of training (MIND: 27 min of the stage on 2 cores)."""
+    from reclm.pipeline import estimate
+
+    size = estimate.DataSize(10_000, 500, 50_000, 40_000, True, user_prompts=4_000, prompt_tokens=200.0)
+    distilled = PipelineConfig.model_validate({"llm": {"collab": {"steps": 90, "batch_size": 4, "neighbours": 3}}})
+    teacher = PipelineConfig.model_validate(
+        {"llm": {"collab": {"steps": 90, "batch_size": 4, "neighbours": 3, "profiles": "teacher"}}}
+    )
+    users = estimate.collab_profile_users(distilled, size)
+    assert users == 400 * 4  # ceil(90 x 4 / 0.9) targets, each with 3 neighbours
+    writing = estimate.generation(distilled, size, users, None, overhead=estimate.MODEL_LOAD_SECONDS)
+    with_writing, training_only = estimate.collab(distilled, size), estimate.collab(teacher, size)
+    assert with_writing.seconds == pytest.approx(training_only.seconds + writing.seconds)
+    assert with_writing.tokens == training_only.tokens + writing.tokens
+    assert estimate.collab_profile_users(distilled, estimate.DataSize(100, 50, 900, 800, True)) == 100
