@@ -129,7 +129,8 @@ class DPOTrainer:
         save_every: int = 10,
     ) -> list[dict]:
         """``steps`` DPO steps over shuffled ``(prompt, chosen, rejected)`` triples; returns each step's stats.
-        With ``checkpoint_dir`` the state is saved every ``save_every`` steps and a rerun resumes from it."""
+        ``steps`` counts from the trainer's first step (a resumed or stepped trainer does what is left). With
+        ``checkpoint_dir`` the state is saved every ``save_every`` steps and a rerun resumes from it."""
         if not triples:
             raise ValueError("DPO needs at least one preference pair")
         steps = self.config.steps if steps is None else steps

@@ -244,7 +244,8 @@ class PPOTrainer:
         save_every: int = 10,
     ) -> list[dict]:
         """``steps`` PPO steps over ``prompts`` in batches of ``batch_size`` (cycling); returns each step's stats.
-        With ``checkpoint_dir`` the state is saved every ``save_every`` steps and a rerun resumes from it."""
+        ``steps`` counts from the trainer's first step (a resumed or stepped trainer does what is left). With
+        ``checkpoint_dir`` the state is saved every ``save_every`` steps and a rerun resumes from it."""
         steps = self.config.steps if steps is None else steps
         history: list[dict] = []
         n = len(prompts)
