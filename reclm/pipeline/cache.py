@@ -581,13 +581,15 @@ class Pipeline:
                 summary = stage.run(ctx) or {}
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            attempts = earlier + [attempt(record["started"], status, time.perf_counter() - start, memory.rss_mb)]
+            spent = time.perf_counter() - start, cpu_seconds() - cpu_start
+            attempts = earlier + [attempt(record["started"], status, *spent, memory.rss_mb)]
             record.update(status=status, error=f"{type(exc).__name__}: {exc}", **attempts_summary(attempts))
             self.write_manifest(stage.name, record)
             if isinstance(exc, StageError | KeyboardInterrupt):
                 raise
             raise StageError(f"stage {stage.name!r} failed: {type(exc).__name__}: {exc}") from exc
-        attempts = earlier + [attempt(record["started"], "complete", time.perf_counter() - start, memory.rss_mb)]
+        spent = time.perf_counter() - start, cpu_seconds() - cpu_start
+        attempts = earlier + [attempt(record["started"], "complete", *spent, memory.rss_mb)]
         self.swap_into_place(work, final)
         key_file.unlink(missing_ok=True)
         files = describe_outputs(final)
@@ -596,7 +598,6 @@ class Pipeline:
             status="complete",
             finished=now(),
             **attempts_summary(attempts),
-            cpu_seconds=round(cpu_seconds() - cpu_start, 3),
             tokens=tokens if isinstance(tokens, dict) else {"total": int(tokens)},
             tokens_total=sum(tokens.values()) if isinstance(tokens, dict) else int(tokens),
             peak_gpu_memory_mb=None if memory.gpu_mb is None else round(memory.gpu_mb, 1),
@@ -620,7 +621,7 @@ class Pipeline:
             return []
         if "attempts" in old:
             return list(old["attempts"])
-        return [attempt(old.get("started", ""), old["status"], float(old.get("seconds", 0.0)), None)]
+        return [attempt(old.get("started", ""), old["status"], float(old.get("seconds", 0.0)), None, None)]
 
     def swap_into_place(self, work: Path, final: Path) -> None:
         """Replace ``final`` with ``work``: the old output is moved aside first, so at no moment
@@ -634,9 +635,16 @@ class Pipeline:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def attempt(started: str, status: str, seconds: float, peak_memory_mb: float | None) -> dict[str, Any]:
-    memory = None if not peak_memory_mb else round(peak_memory_mb, 1)
-    return {"started": started, "status": status, "seconds": round(seconds, 3), "peak_memory_mb": memory}
+def attempt(
+    started: str, status: str, seconds: float, cpu: float | None, peak_memory_mb: float | None
+) -> dict[str, Any]:
+    return {
+        "started": started,
+        "status": status,
+        "seconds": round(seconds, 3),
+        "cpu_seconds": None if cpu is None else round(cpu, 3),
+        "peak_memory_mb": None if not peak_memory_mb else round(peak_memory_mb, 1),
+    }
 
 
 def attempts_summary(attempts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -644,6 +652,7 @@ def attempts_summary(attempts: list[dict[str, Any]]) -> dict[str, Any]:
     peaks = [a["peak_memory_mb"] for a in attempts if a.get("peak_memory_mb")]
     return {
         "seconds": round(sum(float(a["seconds"]) for a in attempts), 3),
+        "cpu_seconds": round(sum(float(a.get("cpu_seconds") or 0.0) for a in attempts), 3),
         "peak_memory_mb": max(peaks) if peaks else None,
         "attempts": attempts,
     }

@@ -377,6 +377,8 @@ def cost_table(manifests: dict[str, dict]) -> list[Any]:
             continue
         seconds = float(record.get("seconds") or 0.0)
         total += seconds
+        if len(record.get("attempts") or ()) > 1:
+            status += f" ({len(record['attempts'])} attempts)"
         tokens = record.get("tokens_total")
         gpu = record.get("peak_gpu_memory_mb")
         cpu = record.get("cpu_seconds")
@@ -393,7 +395,10 @@ def cost_table(manifests: dict[str, dict]) -> list[Any]:
         )
     if not rows:
         return [Text("No manifests in this run directory.")]
-    caption = f"total {format_seconds(total)} of stage work (each stage's last completed run)"
+    caption = (
+        f"total {format_seconds(total)} of stage work (each stage's last completed run; a stage resumed after an "
+        "interruption counts all its attempts)"
+    )
     headers = ["stage", "status", "time", "CPU time", "tokens", "peak RAM", "peak GPU"]
     return [Table(headers, rows, caption)]
 

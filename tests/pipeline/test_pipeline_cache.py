@@ -164,6 +164,12 @@ def test_interrupted_stage_resumes_and_loses_nothing(setup):
     assert finished["attempts"][0]["seconds"] == pytest.approx(manifest["seconds"], abs=1e-3)
     assert finished["seconds"] == pytest.approx(sum(a["seconds"] for a in finished["attempts"]), abs=1e-3)
     assert finished["peak_memory_mb"] == max(a["peak_memory_mb"] for a in finished["attempts"])
+    assert finished["cpu_seconds"] == pytest.approx(sum(a["cpu_seconds"] for a in finished["attempts"]), abs=1e-3)
+
+    from reclm.pipeline.report import cost_table
+
+    (table,) = cost_table({"sft": finished})
+    assert table.rows[0][1] == "complete (2 attempts)"
 
 
 def test_a_new_attempt_with_other_inputs_does_not_inherit_the_old_time(setup):
