@@ -343,6 +343,39 @@ def item_side(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = No
     return training("item_side", cfg, size, cfg.llm.item_side, speeds)
 
 
+def saved_step(root: Path, folder: str, input_hash: str | None) -> int | None:
+    """The step an interrupted LoRA, reward or RL stage resumes at: its checkpoint in the kept work folder
+    (None when there is none, or the folder was made for other inputs and will be cleared)."""
+    from reclm.llm.sft import find_checkpoint
+
+    work = root / ".work" / folder
+    key = root / ".work" / f"{folder}.key"
+    if input_hash is None or not key.is_file() or key.read_text() != input_hash:
+        return None
+    found = find_checkpoint(work)
+    if found is None:
+        return None
+    import torch
+
+    try:
+        return int(torch.load(found / "trainer_state.pt", weights_only=False)["state"]["step"])
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def remaining(stage: str, cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None, step: int) -> Estimate:
+    """What is left of a training stage resumed at ``step``: its steps after it (for collab, whose profile
+    writing came before its first checkpoint, training only)."""
+    opts = getattr(cfg.llm, stage)
+    if stage == "collab":
+        whole = training("collab", cfg, size, opts, speeds, turns=1 + opts.neighbours)
+    else:
+        whole = ESTIMATORS[stage](cfg, size, speeds)
+    left = max(0, opts.steps - step)
+    share = left / opts.steps
+    return Estimate(whole.seconds * share, int(whole.tokens * share), left, "step", whole.basis)
+
+
 def cf_epoch_pairs(cfg: PipelineConfig, size: DataSize, backbone: str) -> float:
     params = cfg.cf.params | cfg.cf.per_backbone.get(backbone, {})
     return params.get("epochs", CF_DEFAULT_EPOCHS) * size.train
@@ -409,3 +442,8 @@ def train_cf(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = Non
 
 def report(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
     return Estimate(5.0, 0, 1, "report", "default")
+
+
+ESTIMATORS: dict[str, Callable[..., Estimate]] = {
+    "sft": sft, "collab": collab, "reward": reward, "rl": rl, "item_side": item_side,
+}  # fmt: skip

@@ -72,13 +72,16 @@ def dry_run(
             table.add_row(str(index), stage.name, plan.action, plan.reason, "", "", "", "")
             continue
         guess = stage.estimate(pipeline.config, size, pipeline.speeds)
+        reason = plan.reason
+        step = est.saved_step(pipeline.root, stage.folder, plan.input_hash) if stage.name in est.LLM_STAGES else None
+        if step is not None:
+            guess = est.remaining(stage.name, pipeline.config, size, pipeline.speeds, step)
+            reason += f", resumes at step {step}"
         total_seconds += guess.seconds
         total_tokens += guess.tokens
         work = f"{guess.units:,.0f} {guess.unit}" if guess.unit else ""
         tokens = f"{guess.tokens:,}" if guess.tokens else "-"
-        table.add_row(
-            str(index), stage.name, "run", plan.reason, work, format_seconds(guess.seconds), tokens, guess.basis
-        )
+        table.add_row(str(index), stage.name, "run", reason, work, format_seconds(guess.seconds), tokens, guess.basis)
     console.print(table)
     where = "the run's saved split" if size.measured else "the split this config makes"
     prompts = "" if size.user_prompts is None else f", {size.user_prompts:,} distinct user prompts"

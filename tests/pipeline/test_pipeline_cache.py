@@ -534,3 +534,28 @@ def test_collab_estimate_counts_writing_the_dialogue_users_profiles():
     assert with_writing.seconds == pytest.approx(training_only.seconds + writing.seconds)
     assert with_writing.tokens == training_only.tokens + writing.tokens
     assert estimate.collab_profile_users(distilled, estimate.DataSize(100, 50, 900, 800, True)) == 100
+
+
+def test_dry_run_estimates_what_is_left_of_an_interrupted_training_stage(tmp_path):
+    import torch
+
+    from reclm.pipeline import estimate
+
+    size = estimate.DataSize(1_000, 200, 9_000, 8_000, True, user_prompts=900, prompt_tokens=150.0)
+    config = PipelineConfig.model_validate({"llm": {"sft": {"steps": 30}, "collab": {"steps": 40}}})
+    checkpoint = tmp_path / ".work" / "sft" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    torch.save({"state": {"step": 10}}, checkpoint / "trainer_state.pt")
+    assert estimate.saved_step(tmp_path, "sft", "abc") is None, "no key: the folder is not this attempt's"
+    (tmp_path / ".work" / "sft.key").write_text("other inputs")
+    assert estimate.saved_step(tmp_path, "sft", "abc") is None
+    (tmp_path / ".work" / "sft.key").write_text("abc")
+    assert estimate.saved_step(tmp_path, "sft", "abc") == 10
+
+    whole, left = estimate.sft(config, size), estimate.remaining("sft", config, size, None, 10)
+    assert left.units == 20 and left.seconds == pytest.approx(whole.seconds * 20 / 30)
+    # collab writes its profiles before its first checkpoint: what is left is training only
+    collab_left = estimate.remaining("collab", config, size, None, 0)
+    assert collab_left.seconds < estimate.collab(config, size).seconds
+    training = estimate.training("collab", config, size, config.llm.collab, None, turns=4)
+    assert collab_left.seconds == pytest.approx(training.seconds)
