@@ -26,6 +26,13 @@ Backbone = Literal["bias-mf", "ncf", "lightgcn", "sgl", "simgcl"]
 FeatureMode = Literal["none", "text", "text+profiles"]
 
 
+# The pipeline's stages in the order they run (reclm.pipeline.stages.build_stages); the report needs all others.
+STAGE_ORDER = (
+    "prepare", "teacher", "sft", "neighbours", "collab", "reward", "rl", "item_side", "profiles", "encode",
+    "train_cf", "report",
+)  # fmt: skip
+
+
 class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the file and the key."""
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from reclm.data.errors import DataError
+from reclm.pipeline.config import STAGE_ORDER
 
 SETTINGS = (("test", "full-shot"), ("zero_shot", "zero-shot"))
 TABLE_METRICS = ("recall@20", "ndcg@20", "recall@40", "ndcg@40")
@@ -39,20 +40,6 @@ VARIANT_LABELS = {
     "collab": "+ collaborative tuning",
     "rl": "+ RL",
 }
-STAGE_ORDER = (
-    "prepare",
-    "teacher",
-    "sft",
-    "neighbours",
-    "collab",
-    "reward",
-    "rl",
-    "item_side",
-    "profiles",
-    "encode",
-    "train_cf",
-    "report",
-)
 
 
 # ---------------------------------------------------------------- document blocks

@@ -32,7 +32,7 @@ import numpy as np
 
 from reclm.pipeline import estimate as est
 from reclm.pipeline.cache import Stage, StageContext, StageUnavailable
-from reclm.pipeline.config import PipelineConfig, stable_hash
+from reclm.pipeline.config import STAGE_ORDER, PipelineConfig, stable_hash
 from reclm.pipeline.rundir import RunDir
 
 # ---------------------------------------------------------------- helpers
@@ -833,19 +833,7 @@ def build_stages() -> list[Stage]:
             "report",
             "report",
             run_report,
-            needs=(
-                "prepare",
-                "teacher",
-                "sft",
-                "neighbours",
-                "collab",
-                "reward",
-                "rl",
-                "item_side",
-                "profiles",
-                "encode",
-                "train_cf",
-            ),
+            needs=STAGE_ORDER[:-1],
             config=lambda c: c.section("report"),
             estimate=est.report,
             description="paper-style tables, significance, costs, plots: report.md and report.html",

@@ -151,3 +151,12 @@ def test_null_generation_batch_follows_the_device(monkeypatch):
     monkeypatch.setattr(model, "resolve_device", lambda device=None: "cuda")
     assert generation_batch_size(config) == writer_options(config)["batch_size"] == 256
     assert generation_batch_size(PipelineConfig()) == 16
+
+
+def test_the_stage_list_runs_in_the_documented_order():
+    from reclm.pipeline.config import STAGE_ORDER
+    from reclm.pipeline.stages import build_stages
+
+    stages = build_stages()
+    assert tuple(s.name for s in stages) == STAGE_ORDER
+    assert set(stages[-1].needs) == set(STAGE_ORDER[:-1])  # the report reads every other stage
