@@ -378,7 +378,7 @@ def reward_fingerprint(base_model: str, config: RewardConfig, train: Sequence[Pr
     """What a reward checkpoint must match to be resumed: base model, step-defining settings, train pairs."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("device", "eval_batch_size")}
     digest = hashlib.sha256(json.dumps([str(base_model), settings], sort_keys=True, default=str).encode())
-    for pair in train:
+    for pair in train:  # streamed: checkpoints saved by earlier versions keep matching
         digest.update(json.dumps([pair.prompt, pair.chosen, pair.rejected]).encode())
     return digest.hexdigest()[:16]
 
@@ -399,7 +399,7 @@ def train_reward_model(
     started again resumes from it (and ends as an uninterrupted run would); ``fingerprint`` must match."""
     import torch
 
-    from reclm.llm.sft import find_checkpoint, restore_checkpoint, save_checkpoint
+    from reclm.llm.sft import resume_checkpoint, save_checkpoint
 
     if not train:
         raise ValueError("no preference pairs to train the reward model on")
@@ -412,11 +412,9 @@ def train_reward_model(
     )
     rng = np.random.default_rng(config.seed)
     state = {"step": 0, "order": rng.permutation(len(train)), "cursor": 0, "losses": [], "fingerprint": fingerprint}
-    found = find_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    if found is not None:
-        state = restore_checkpoint(found, model, optimizer, None)
-        if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"{found} was saved by a run with other pairs or settings; delete it to start afresh")
+    saved = resume_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
+    if saved is not None:
+        state = saved
         rng.bit_generator.state = state["numpy_rng"]
     losses = state["losses"]
     model.train()
@@ -573,13 +571,11 @@ def run_reward(
     write_pairs(out / PAIRS_FILE, data, pairs, {p.user: "eval" for p in held})
     log(f"reward: {len(train)} train / {len(held)} held-out pairs, kinds {kind_counts(pairs)}")
     log(f"reward: neighbour negatives from {neighbour_source}")
+    from reclm.llm.sft import before_training
+
     model, tokenizer = load_reward_model(base_model, config=config)
-    before_file = out / "before.json"
-    if before_file.is_file() and (out / "checkpoint").is_dir():  # resuming: the untrained model's scores
-        before = json.loads(before_file.read_text())
-    else:
-        before = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
-        save_json(before_file, before)
+    untrained = lambda: evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)  # noqa: E731
+    before = before_training(out / "before.json", out, untrained)
     log(f"reward: held-out accuracy before training {before.get('accuracy_mean_over_kinds')}")
     from reclm.progress import step_progress
 

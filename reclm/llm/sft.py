@@ -305,6 +305,37 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any | 
     return saved["state"]
 
 
+def resume_checkpoint(
+    folder: Path | None, model: Any, optimizer: Any, fingerprint: str, scheduler: Any | None = None
+) -> dict | None:
+    """Restore ``folder/checkpoint`` into ``model``, ``optimizer`` (and ``scheduler``) and the random
+    states, and return the loop state saved with it; None when there is none. A checkpoint of another
+    run (``fingerprint`` differs) is an error, not silently resumed. SFT, collab, item side, the reward
+    model, PPO and DPO resume through this."""
+    found = find_checkpoint(folder) if folder is not None else None
+    if found is None:
+        return None
+    state = restore_checkpoint(found, model, optimizer, scheduler)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"{found} was saved by a run with other data or settings; delete it to start afresh")
+    return state
+
+
+def fingerprint_of(*parts: Any) -> str:
+    """A short hash of what defines a training run (settings, data, starting point)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def before_training(path: Path, checkpoint_dir: Path, measure: Callable[[], dict]) -> dict:
+    """A measurement of the untrained model (``measure()``, saved to ``path``), or the saved one when
+    training resumes from a checkpoint in ``checkpoint_dir`` (the model in memory is no longer untrained)."""
+    if path.is_file() and find_checkpoint(checkpoint_dir) is not None:
+        return json.loads(path.read_text())
+    result = measure()
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def run_fingerprint(conversations: Sequence[Conversation], model_id: str, lora: LoraSettings, train: TrainSettings,
                     init_adapter: Any) -> str:  # fmt: skip
     """What a checkpoint must match to be resumed: data, base model, LoRA and step-defining settings."""
@@ -386,11 +417,8 @@ def train_lora(
         "heldout_loss_before": None,
     }
     resumed_from = None
-    checkpoint = find_checkpoint(out_dir)
-    if checkpoint is not None:
-        saved = restore_checkpoint(checkpoint, peft_model, optimizer, scheduler)
-        if saved.get("fingerprint") != fingerprint:
-            raise ValueError(f"{checkpoint} was saved by a run with other data or settings; delete it to start afresh")
+    saved = resume_checkpoint(out_dir, peft_model, optimizer, fingerprint, scheduler)
+    if saved is not None:
         state, resumed_from = saved, saved["step"]
     else:
         state["heldout_loss_before"] = heldout_loss(peft_model, eval_examples, pad_id, device, train.eval_batch_size)

@@ -194,7 +194,7 @@ def test_interrupted_reward_training_resumes_from_its_checkpoint(tiny, tiny_mode
     assert resumed_margin == pytest.approx(whole_margin, rel=1e-4)
 
     model, tok = load_reward_model(str(tiny_model), config=RewardConfig(seed=0))
-    with pytest.raises(ValueError, match="other pairs or settings"):
+    with pytest.raises(ValueError, match="other data or settings"):
         train_reward_model(model, tok, train[1:], config, None, tmp_path / "cut", "another run", save_every=2)
 
 

@@ -109,15 +109,7 @@ def weight_change(model, snapshot: dict[str, Any]) -> float:
     return float(total.sqrt())
 
 
-# ---------------------------------------------------------------- resumable training (PPO and DPO)
-
-
-def run_fingerprint(*parts: Any) -> str:
-    """A short hash of what defines a training run (settings, data): a checkpoint resumes only an equal run."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# ---------------------------------------------------------------- the starting point of a resumable run
 
 
 def tensors_digest(tensors: dict[str, Any]) -> str:
@@ -129,26 +121,6 @@ def tensors_digest(tensors: dict[str, Any]) -> str:
         digest.update(name.encode())
         digest.update(tensors[name].detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def resume_trainer(folder: Path | None, trainer: Any, fingerprint: str) -> dict | None:
-    """Restore ``trainer``'s policy adapter, optimizer and random states from ``folder/checkpoint`` and return
-    the loop state saved with them; None when there is no checkpoint."""
-    from reclm.llm.sft import find_checkpoint, restore_checkpoint
-
-    found = find_checkpoint(folder) if folder is not None else None
-    if found is None:
-        return None
-    state = restore_checkpoint(found, trainer.policy, trainer.optimizer, None)
-    if state.get("fingerprint") != fingerprint:
-        raise ValueError(f"{found} was saved by a run with other data or settings; delete it to start afresh")
-    return state
-
-
-def save_trainer(folder: Path, trainer: Any, state: dict) -> None:
-    from reclm.llm.sft import save_checkpoint
-
-    save_checkpoint(folder, trainer.policy, trainer.optimizer, None, state)
 
 
 def save_adapter(model, folder: Path) -> Path:

@@ -15,14 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from reclm.llm.chat import IGNORE_INDEX, pair_conversation, training_example
-from reclm.llm.rl.common import (
-    gather_logprobs,
-    last_hidden,
-    output_head,
-    resume_trainer,
-    save_trainer,
-    trainable_parameters,
-)
+from reclm.llm.rl.common import gather_logprobs, last_hidden, output_head, trainable_parameters
+from reclm.llm.sft import resume_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -136,7 +130,7 @@ class DPOTrainer:
         steps = self.config.steps if steps is None else steps
         rng = np.random.default_rng(self.config.seed)
         order, cursor, history = rng.permutation(len(triples)), 0, []
-        saved = resume_trainer(checkpoint_dir, self, fingerprint)
+        saved = resume_checkpoint(checkpoint_dir, self.policy, self.optimizer, fingerprint)
         if saved is not None:
             order, cursor, history, self.step_count = saved["order"], saved["cursor"], saved["history"], saved["step"]
             rng.bit_generator.state = saved["numpy_rng"]
@@ -153,7 +147,7 @@ class DPOTrainer:
             if checkpoint_dir is not None and save_every and self.step_count % save_every == 0:
                 state = {"step": self.step_count, "order": order, "cursor": cursor, "history": history,
                          "numpy_rng": rng.bit_generator.state, "fingerprint": fingerprint}  # fmt: skip
-                save_trainer(checkpoint_dir, self, state)
+                save_checkpoint(checkpoint_dir, self.policy, self.optimizer, None, state)
         return history
 
     def evaluate(self, triples: Sequence[tuple[str, str, str]], batch: int = 8) -> dict:

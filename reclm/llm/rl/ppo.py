@@ -19,10 +19,9 @@ from reclm.llm.rl.common import (
     gather_logprobs,
     last_hidden,
     output_head,
-    resume_trainer,
-    save_trainer,
     trainable_parameters,
 )
+from reclm.llm.sft import resume_checkpoint, save_checkpoint
 
 # reward_fn(prompts, response texts, response token ids) -> one score per response
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
@@ -251,7 +250,7 @@ class PPOTrainer:
         n = len(prompts)
         if n == 0:
             raise ValueError("PPO needs at least one prompt")
-        saved = resume_trainer(checkpoint_dir, self, fingerprint)
+        saved = resume_checkpoint(checkpoint_dir, self.policy, self.optimizer, fingerprint)
         if saved is not None:
             history, self.step_count = saved["history"], saved["step"]
             self.generator.set_state(saved["generator"])
@@ -266,5 +265,5 @@ class PPOTrainer:
             if checkpoint_dir is not None and save_every and self.step_count % save_every == 0:
                 state = {"step": self.step_count, "history": history, "generator": self.generator.get_state(),
                          "value_head": self.value_head.state_dict(), "fingerprint": fingerprint}  # fmt: skip
-                save_trainer(checkpoint_dir, self, state)
+                save_checkpoint(checkpoint_dir, self.policy, self.optimizer, None, state)
         return history

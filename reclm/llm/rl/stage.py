@@ -27,7 +27,8 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
 from reclm.llm.rl import METHODS
-from reclm.llm.rl.common import run_fingerprint, tensors_digest
+from reclm.llm.rl.common import tensors_digest
+from reclm.llm.sft import before_training, fingerprint_of
 from reclm.progress import step_progress
 
 PROMPTS_FILE = "prompts.jsonl"
@@ -163,15 +164,12 @@ def run_rl(
     held_users = sample_users(split, eval_users, seed + 1)
     h_users, h_prompts, h_items = user_prompt_set(data, split, held_users, budget)
     write_prompt_records(out / PROMPTS_FILE, data, h_users, h_prompts, h_items, "eval")
-    before_file = out / "before.json"
-    if before_file.is_file() and (out / "checkpoint").is_dir():  # resuming: the starting policy's judgement
-        before = json.loads(before_file.read_text())
-    else:
-        log(f"rl ({method}): judging the starting policy on {len(h_prompts)} held-out users")
-        before = judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
-        before_file.write_text(json.dumps(before, indent=2))
+    log(f"rl ({method}): the starting policy on {len(h_prompts)} held-out users")
+    before = before_training(
+        out / "before.json", out, lambda: judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
+    )
     snapshot = weights_snapshot(policy)
-    start_point = run_fingerprint(base_model, tensors_digest(snapshot))  # a checkpoint resumes only this start
+    start_point = fingerprint_of(base_model, tensors_digest(snapshot))  # a checkpoint resumes only this start
     extra: dict = {}
     if method == "ppo":
         history, extra = train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget,
@@ -215,7 +213,7 @@ def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, b
     users, prompts, items = user_prompt_set(data, split, users, budget)
     write_prompt_records(out / PROMPTS_FILE, data, users, prompts, items, "train")
     trainer = PPOTrainer(policy, reference, tokenizer, scorer, config)
-    key = run_fingerprint("ppo", asdict(config), start_point, prompts)
+    key = fingerprint_of("ppo", asdict(config), start_point, prompts)
     with step_progress("ppo", config.steps) as update:
         history = trainer.train(
             prompts, log=lambda s: update(s["step"], f"score {s['score']} kl {s['kl']} reward {s['reward']}"),
@@ -253,7 +251,7 @@ def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, o
     triples = [(p.prompt, p.chosen, p.rejected) for p in train]
     held_triples = [(p.prompt, p.chosen, p.rejected) for p in held][:64]
     trainer = DPOTrainer(policy, reference, tokenizer, config)
-    key = run_fingerprint("dpo", asdict(config), start_point, triples)
+    key = fingerprint_of("dpo", asdict(config), start_point, triples)
     with step_progress("dpo", config.steps) as update:
         history = trainer.train(
             triples, log=lambda s: update(s["step"], f"loss {s['loss']} margin {s['reward_margin']}"),
