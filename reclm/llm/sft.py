@@ -349,6 +349,174 @@ def run_fingerprint(conversations: Sequence[Conversation], model_id: str, lora: 
 # ---------------------------------------------------------------- the loop
 
 
+@dataclass
+class ExampleSplit:
+    """Tokenised examples and the positions used for training, held out, and evaluated (a held-out subset)."""
+
+    examples: list[TrainingExample]
+    train: list[int]
+    heldout: list[int]
+    eval: list[int]
+    skipped_too_long: int
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(e.input_ids) for e in self.examples]
+
+    @property
+    def eval_examples(self) -> list[TrainingExample]:
+        return [self.examples[i] for i in self.eval]
+
+
+def split_examples(tokenizer: Any, conversations: Sequence[Conversation], train: TrainSettings) -> ExampleSplit:
+    """Tokenise, drop what does not fit ``max_seq_len``, hold out whole prompt groups, pick the eval subset."""
+    examples = [training_example(tokenizer, c) for c in conversations]
+    usable = [i for i, e in enumerate(examples) if len(e.input_ids) <= train.max_seq_len and e.n_label_tokens]
+    if not usable:
+        raise ValueError(f"no training example fits in max_seq_len={train.max_seq_len} tokens")
+    keys = [prompt_key(conversations[i]) for i in usable]
+    train_pos, held_pos = holdout_split(len(usable), train.holdout, train.seed, keys)
+    train_idx, held_idx = [usable[p] for p in train_pos], [usable[p] for p in held_pos]
+    eval_idx = held_idx
+    if train.max_eval_examples is not None and len(held_idx) > train.max_eval_examples:
+        pick = np.random.default_rng(train.seed + 1).choice(len(held_idx), train.max_eval_examples, replace=False)
+        eval_idx = sorted(held_idx[int(p)] for p in pick)
+    return ExampleSplit(examples, train_idx, held_idx, eval_idx, len(examples) - len(usable))
+
+
+def total_steps(train: TrainSettings, n_train: int) -> int:
+    """``steps``, or the optimizer steps of ``epochs`` passes over ``n_train`` examples."""
+    if train.steps:
+        return int(train.steps)
+    steps_per_epoch = math.ceil(math.ceil(n_train / train.batch_size) / train.grad_accum)
+    return max(1, math.ceil(train.epochs * steps_per_epoch))
+
+
+def make_optimizer(model: Any, train: TrainSettings, total: int) -> tuple[list, Any, Any]:
+    """The trainable parameters, AdamW over them and the learning-rate schedule over ``total`` steps."""
+    import torch
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.schedule]
+    return params, optimizer, get_scheduler(schedule, optimizer, int(train.warmup * total), total)
+
+
+def fresh_state(fingerprint: str) -> dict[str, Any]:
+    """The loop state a checkpoint saves: position in the data, counters and curves."""
+    return {
+        "fingerprint": fingerprint,
+        "step": 0,
+        "epoch": 0,
+        "batch_pos": 0,
+        "seconds": 0.0,
+        "train_tokens": 0,
+        "label_tokens": 0,
+        "train_curve": [],
+        "eval_curve": [],
+        "heldout_loss_before": None,
+    }
+
+
+@dataclass
+class LoraRun:
+    """What one optimizer step needs: the model, its optimizer and schedule, the data and the settings."""
+
+    model: Any
+    params: list
+    optimizer: Any
+    scheduler: Any
+    data: ExampleSplit
+    train: TrainSettings
+    pad_id: int
+    device: str
+
+    def heldout_loss(self) -> float:
+        return heldout_loss(self.model, self.data.eval_examples, self.pad_id, self.device, self.train.eval_batch_size)
+
+    def step(self, group: list[list[int]], state: dict) -> float:
+        """One optimizer step on the batches in ``group`` (run in memory-bounded pieces); updates the counters
+        in ``state`` and returns the step's mean loss per label token."""
+        import torch
+
+        lengths = self.data.lengths
+        pieces = [piece for b in group for piece in micro_batches(b, lengths, self.train.micro_batch_tokens)]
+        chunks = [[self.data.examples[i] for i in piece] for piece in pieces]
+        n_labels = sum(e.n_label_tokens for chunk in chunks for e in chunk)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for chunk in chunks:
+            loss = response_loss(self.model, collate(chunk, self.pad_id, self.device))
+            (loss / n_labels).backward()
+            loss_sum += loss.detach().item()
+        if self.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        step_loss = loss_sum / n_labels
+        state["step"] += 1
+        state["batch_pos"] += len(group)
+        state["train_tokens"] += sum(len(e.input_ids) for chunk in chunks for e in chunk)
+        state["label_tokens"] += n_labels
+        state["train_curve"].append((state["step"], step_loss))
+        return step_loss
+
+
+def run_steps(
+    run: LoraRun,
+    state: dict,
+    total: int,
+    out_dir: Path,
+    on_step: Callable[[int, float], None] | None,
+    bar_update: Callable[[int, float], None],
+) -> None:
+    """Steps until ``total``, epoch after epoch of length-grouped batches, from the position in ``state``;
+    held-out loss every ``eval_every`` steps and at the end, a checkpoint every ``save_every`` steps (not at
+    the last one: the caller saves the final state)."""
+    train, lengths = run.train, run.data.lengths
+    started = time.perf_counter()
+    while state["step"] < total:
+        batches = length_grouped_batches(run.data.train, lengths, train.batch_size, train.seed + state["epoch"])
+        while state["batch_pos"] < len(batches) and state["step"] < total:
+            group = batches[state["batch_pos"] : state["batch_pos"] + train.grad_accum]
+            step_loss = run.step(group, state)
+            bar_update(state["step"], step_loss)
+            if on_step is not None:
+                on_step(state["step"], step_loss)
+            last = state["step"] >= total
+            if train.eval_every and state["step"] % train.eval_every == 0 and not last:
+                state["eval_curve"].append((state["step"], run.heldout_loss()))
+            if train.save_every and state["step"] % train.save_every == 0 and not last:
+                state["seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                save_checkpoint(out_dir, run.model, run.optimizer, run.scheduler, state)
+        if state["batch_pos"] >= len(batches):
+            state["epoch"] += 1
+            state["batch_pos"] = 0
+    if not state["eval_curve"] or state["eval_curve"][-1][0] != state["step"]:
+        state["eval_curve"].append((state["step"], run.heldout_loss()))
+    state["seconds"] += time.perf_counter() - started
+
+
+def progress_bar(description: str, total: int, done: int, enabled: bool) -> tuple[Any, Callable[[int, float], None]]:
+    """A rich progress bar for the steps and its update function ``(step, loss)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from reclm.progress import progress as make_progress
+
+    bar = make_progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(), disable=not enabled,
+    )  # fmt: skip
+    task = bar.add_task(description, total=total, completed=done, info="")
+
+    def update(step: int, loss: float) -> None:
+        bar.update(task, completed=step, info=f"loss {loss:.3f}")
+
+    return bar, update
+
+
 def train_lora(
     conversations: Sequence[Conversation],
     out_dir: str | Path,
@@ -366,7 +534,6 @@ def train_lora(
     ``on_step(step, loss)`` is called after each optimizer step. ``description`` names the progress bar.
     """
     import torch
-    from transformers import get_scheduler
 
     lora, train = lora or LoraSettings(), train or TrainSettings()
     out_dir = Path(out_dir)
@@ -375,116 +542,53 @@ def train_lora(
     threads = torch_threads(train.threads)
     folder = resolve_model_dir(model)
     tokenizer = load_tokenizer(folder, padding_side="right")
-    pad_id = tokenizer.pad_token_id
-
-    examples = [training_example(tokenizer, c) for c in conversations]
-    usable = [i for i, e in enumerate(examples) if len(e.input_ids) <= train.max_seq_len and e.n_label_tokens]
-    if not usable:
-        raise ValueError(f"no training example fits in max_seq_len={train.max_seq_len} tokens")
-    keys = [prompt_key(conversations[i]) for i in usable]
-    train_pos, held_pos = holdout_split(len(usable), train.holdout, train.seed, keys)
-    train_idx, held_idx = [usable[p] for p in train_pos], [usable[p] for p in held_pos]
-    eval_idx = held_idx
-    if train.max_eval_examples is not None and len(held_idx) > train.max_eval_examples:
-        pick = np.random.default_rng(train.seed + 1).choice(len(held_idx), train.max_eval_examples, replace=False)
-        eval_idx = sorted(held_idx[int(p)] for p in pick)
-    eval_examples = [examples[i] for i in eval_idx]
-    (out_dir / "split.json").write_text(json.dumps({"train": train_idx, "heldout": held_idx, "eval": eval_idx}))
-    lengths = [len(e.input_ids) for e in examples]
+    data = split_examples(tokenizer, conversations, train)
+    (out_dir / "split.json").write_text(json.dumps({"train": data.train, "heldout": data.heldout, "eval": data.eval}))
 
     torch.manual_seed(train.seed)
     peft_model = build_peft_model(folder, device, lora, train, init_adapter)
     peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    batches_per_epoch = math.ceil(len(train_idx) / train.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
-    total = int(train.steps) if train.steps else max(1, math.ceil(train.epochs * steps_per_epoch))
-    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.schedule]
-    scheduler = get_scheduler(schedule, optimizer, int(train.warmup * total), total)
+    total = total_steps(train, len(data.train))
+    params, optimizer, scheduler = make_optimizer(peft_model, train, total)
+    run = LoraRun(peft_model, params, optimizer, scheduler, data, train, tokenizer.pad_token_id, device)
 
     fingerprint = run_fingerprint(conversations, model_identity(folder), lora, train, init_adapter)
-    state: dict[str, Any] = {
-        "fingerprint": fingerprint,
-        "step": 0,
-        "epoch": 0,
-        "batch_pos": 0,
-        "seconds": 0.0,
-        "train_tokens": 0,
-        "label_tokens": 0,
-        "train_curve": [],
-        "eval_curve": [],
-        "heldout_loss_before": None,
-    }
-    resumed_from = None
-    saved = resume_checkpoint(out_dir, peft_model, optimizer, fingerprint, scheduler)
-    if saved is not None:
-        state, resumed_from = saved, saved["step"]
-    else:
-        state["heldout_loss_before"] = heldout_loss(peft_model, eval_examples, pad_id, device, train.eval_batch_size)
+    state = resume_checkpoint(out_dir, peft_model, optimizer, fingerprint, scheduler)
+    resumed_from = None if state is None else state["step"]
+    if state is None:
+        state = fresh_state(fingerprint)
+        state["heldout_loss_before"] = run.heldout_loss()
         state["eval_curve"].append((0, state["heldout_loss_before"]))
 
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-    from reclm.progress import progress as make_progress
-
-    bar = make_progress(
-        TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), disable=not progress,
-    )  # fmt: skip
-    started = time.perf_counter()
+    bar, update = progress_bar(description, total, state["step"], progress)
     with bar:
-        task = bar.add_task(description, total=total, completed=state["step"], info="")
-        while state["step"] < total:
-            batches = length_grouped_batches(train_idx, lengths, train.batch_size, train.seed + state["epoch"])
-            while state["batch_pos"] < len(batches) and state["step"] < total:
-                group = batches[state["batch_pos"] : state["batch_pos"] + train.grad_accum]
-                pieces = [piece for b in group for piece in micro_batches(b, lengths, train.micro_batch_tokens)]
-                chunks = [[examples[i] for i in piece] for piece in pieces]
-                n_labels = sum(e.n_label_tokens for chunk in chunks for e in chunk)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = 0.0
-                for chunk in chunks:
-                    loss = response_loss(peft_model, collate(chunk, pad_id, device))
-                    (loss / n_labels).backward()
-                    loss_sum += loss.detach().item()
-                if train.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                state["step"] += 1
-                state["batch_pos"] += len(group)
-                state["train_tokens"] += sum(len(e.input_ids) for chunk in chunks for e in chunk)
-                state["label_tokens"] += n_labels
-                step_loss = loss_sum / n_labels
-                state["train_curve"].append((state["step"], step_loss))
-                bar.update(task, completed=state["step"], info=f"loss {step_loss:.3f}")
-                if on_step is not None:
-                    on_step(state["step"], step_loss)
-                last = state["step"] >= total
-                if train.eval_every and state["step"] % train.eval_every == 0 and not last:
-                    loss_eval = heldout_loss(peft_model, eval_examples, pad_id, device, train.eval_batch_size)
-                    state["eval_curve"].append((state["step"], loss_eval))
-                if train.save_every and state["step"] % train.save_every == 0 and not last:
-                    state["seconds"] += time.perf_counter() - started
-                    started = time.perf_counter()
-                    save_checkpoint(out_dir, peft_model, optimizer, scheduler, state)
-            if state["batch_pos"] >= len(batches):
-                state["epoch"] += 1
-                state["batch_pos"] = 0
-
-    if not state["eval_curve"] or state["eval_curve"][-1][0] != state["step"]:
-        state["eval_curve"].append(
-            (state["step"], heldout_loss(peft_model, eval_examples, pad_id, device, train.eval_batch_size))
-        )
-    state["seconds"] += time.perf_counter() - started
+        run_steps(run, state, total, out_dir, on_step, update)
     save_checkpoint(out_dir, peft_model, optimizer, scheduler, state)
     adapter_dir = out_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     peft_model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
 
-    result = TrainResult(
+    extra = {
+        "model": str(model),
+        "model_identity": model_identity(folder),
+        "init_adapter": str(init_adapter) if init_adapter else None,
+        "lora": asdict(lora),
+        "train": asdict(train),
+        "device": device,
+        "threads": threads,
+        "n_eval": len(data.eval),
+        "tokens_per_s": round(state["train_tokens"] / max(state["seconds"], 1e-9), 1),
+    }
+    result = train_result(out_dir, adapter_dir, state, total, data, resumed_from, extra)
+    (out_dir / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def train_result(
+    out_dir: Path, adapter_dir: Path, state: dict, total: int, data: ExampleSplit, resumed_from: int | None, extra: dict
+) -> TrainResult:
+    return TrainResult(
         out_dir=str(out_dir),
         adapter=str(adapter_dir),
         steps=state["step"],
@@ -492,29 +596,17 @@ def train_lora(
         seconds=round(state["seconds"], 2),
         train_tokens=state["train_tokens"],
         label_tokens=state["label_tokens"],
-        n_train=len(train_idx),
-        n_heldout=len(held_idx),
-        skipped_too_long=len(examples) - len(usable),
+        n_train=len(data.train),
+        n_heldout=len(data.heldout),
+        skipped_too_long=data.skipped_too_long,
         heldout_loss_before=state["heldout_loss_before"],
         heldout_loss_after=state["eval_curve"][-1][1],
         final_train_loss=state["train_curve"][-1][1] if state["train_curve"] else None,
         resumed_from=resumed_from,
         train_curve=[tuple(x) for x in state["train_curve"]],
         eval_curve=[tuple(x) for x in state["eval_curve"]],
-        extra={
-            "model": str(model),
-            "model_identity": model_identity(folder),
-            "init_adapter": str(init_adapter) if init_adapter else None,
-            "lora": asdict(lora),
-            "train": asdict(train),
-            "device": device,
-            "threads": threads,
-            "n_eval": len(eval_idx),
-            "tokens_per_s": round(state["train_tokens"] / max(state["seconds"], 1e-9), 1),
-        },
+        extra=extra,
     )
-    (out_dir / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
-    return result
 
 
 # ---------------------------------------------------------------- distillation SFT on teacher records
