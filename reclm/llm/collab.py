@@ -17,10 +17,12 @@ SFT adapter.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +30,9 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.llm.chat import SYSTEM_PROMPT, Conversation, as_conversation
 from reclm.llm.prompts import PROFILE_FORMAT, count_tokens, domain_for, render_item, user_histories
+
+if TYPE_CHECKING:
+    from reclm.llm.sft import TrainSettings
 
 YES, NO = "Yes", "No"
 TEMPLATE_TOKENS = 64  # what the chat template adds to a dialogue's message text (SmolLM2: about 35)
@@ -443,6 +448,54 @@ def collect_profiles(
     return profiles, counts
 
 
+def collab_settings(budget: CollabBudget, train: dict, seed: int) -> tuple[CollabBudget, TrainSettings]:
+    """The dialogue budget and the training settings, made consistent: the dialogue budget counts message
+    text, the chat template adds about ``TEMPLATE_TOKENS`` more, so one is derived from the other."""
+    from reclm.llm.sft import TrainSettings, settings_from
+
+    train = {"seed": seed, **train}
+    if "max_seq_len" in train and budget.max_tokens is not None:
+        budget = replace(budget, max_tokens=min(budget.max_tokens, int(train["max_seq_len"]) - TEMPLATE_TOKENS))
+    elif budget.max_tokens is not None:
+        train["max_seq_len"] = budget.max_tokens + TEMPLATE_TOKENS
+    return budget, settings_from(TrainSettings, train)
+
+
+def sft_adapter(run) -> Path:
+    """The distillation adapter collaborative tuning starts from."""
+    candidate = run.stage("sft") / "adapter"
+    if not (candidate / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{run.root}: no sft/adapter to start collaborative tuning from (run `reclm sft`)")
+    return candidate
+
+
+def dialogue_count(steps: int | None, batch_size: int, holdout: float) -> int:
+    """The default number of dialogues: one pass of ``steps x batch_size`` after the held-out share."""
+    return max(8, math.ceil((steps or 1) * batch_size / (1 - holdout)))
+
+
+def dialogue_targets(data: RecDataset, split: Split, near: Mapping[int, Sequence[int]], n: int, seed: int) -> list[int]:
+    """``n`` seeded target users (fewer when fewer qualify): two train items at least, and neighbours."""
+    histories = user_histories(data, split)
+    candidates = np.array([u for u in range(data.n_users) if len(histories[u]) >= 2 and near.get(u)], dtype=np.int64)
+    if not len(candidates):
+        raise ValueError("no user has two train items and neighbours: nothing to build dialogues from")
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(candidates, size=min(n, len(candidates)), replace=False).tolist())
+
+
+def yes_no_before_after(base_model: str, adapters: Mapping[str, Any], records: Sequence[dict]) -> dict:
+    """Held-out Yes/No accuracy of each adapter (``{"before": ..., "after": ...}``)."""
+    from reclm.llm.model import load_base
+
+    result = {}
+    for name, adapter in adapters.items():
+        model, tok = load_base(base_model, adapter=adapter)
+        result[f"yes_no_{name}"] = yes_no_accuracy(model, tok, records)
+        del model
+    return result
+
+
 def run_collab(
     run,
     data: RecDataset,
@@ -469,37 +522,19 @@ def run_collab(
     ``dialogues``: how many targets (default: one pass of ``train.steps x train.batch_size``). ``train`` and
     ``lora``: :class:`reclm.llm.sft.TrainSettings` / ``LoraSettings`` fields. ``writer``: ProfileWriter options
     (batch_size, max_new_tokens) of the distilled profiles."""
-    from reclm.llm.model import load_base, load_tokenizer
+    from reclm.llm.model import load_tokenizer
     from reclm.llm.neighbours import load_neighbours
     from reclm.llm.prompts import PromptBudget
-    from reclm.llm.sft import LoraSettings, TrainSettings, settings_from, train_lora
+    from reclm.llm.sft import LoraSettings, settings_from, train_lora
 
     out = Path(out or run.stage("collab"))
     out.mkdir(parents=True, exist_ok=True)
-    budget = budget or CollabBudget()
+    budget, train_settings = collab_settings(budget or CollabBudget(), dict(train or {}), seed)
     prompt_budget = prompt_budget or PromptBudget()
-    train = {"seed": seed, **dict(train or {})}
-    # the dialogue budget counts message text; the chat template adds about TEMPLATE_TOKENS more
-    if "max_seq_len" in train and budget.max_tokens is not None:
-        budget = replace(budget, max_tokens=min(budget.max_tokens, int(train["max_seq_len"]) - TEMPLATE_TOKENS))
-    elif budget.max_tokens is not None:
-        train["max_seq_len"] = budget.max_tokens + TEMPLATE_TOKENS
-    train_settings = settings_from(TrainSettings, train)
-    if init_adapter is None:
-        candidate = run.stage("sft") / "adapter"
-        if not (candidate / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{run.root}: no sft/adapter to start collaborative tuning from (run `reclm sft`)")
-        init_adapter = candidate
+    init_adapter = init_adapter or sft_adapter(run)
     near = load_neighbours(run, data, "user").as_dict()
-    histories = user_histories(data, split)
-    candidates = np.array([u for u in range(data.n_users) if len(histories[u]) >= 2 and near.get(u)], dtype=np.int64)
-    if not len(candidates):
-        raise ValueError("no user has two train items and neighbours: nothing to build dialogues from")
-    n = dialogues or max(
-        8, int(np.ceil((train_settings.steps or 1) * train_settings.batch_size / (1 - train_settings.holdout)))
-    )
-    rng = np.random.default_rng(seed)
-    targets = sorted(rng.choice(candidates, size=min(n, len(candidates)), replace=False).tolist())
+    n = dialogues or dialogue_count(train_settings.steps, train_settings.batch_size, train_settings.holdout)
+    targets = dialogue_targets(data, split, near, n, seed)
     needed = sorted({*targets, *(v for u in targets for v in near.get(u, ())[: budget.neighbours])})
     own_writer = None
     if profile_source == "distilled" and generate is None:
@@ -510,8 +545,7 @@ def run_collab(
     finally:
         if own_writer is not None:
             own_writer.close()  # free the generation model before training
-    tokenizer = load_tokenizer(base_model)
-    built = build_dialogues(data, split, near, profiles, targets, budget, tokenizer, seed)
+    built = build_dialogues(data, split, near, profiles, targets, budget, load_tokenizer(base_model), seed)
     write_dialogues(out / DIALOGUES_FILE, data, built.dialogues)
     log(f"collab: {len(built.dialogues)} dialogues (Yes share {built.balance():.2f}), profiles {counts}")
     conversations = [d.messages for d in built.dialogues]
@@ -531,10 +565,7 @@ def run_collab(
     if evaluate:
         held = json.loads((out / "split.json").read_text())["heldout"]
         records = [built.dialogues[i].to_record(data) for i in held][:32]
-        for name, adapter in (("before", init_adapter), ("after", result.adapter)):
-            model, tok = load_base(base_model, adapter=adapter)
-            summary[f"yes_no_{name}"] = yes_no_accuracy(model, tok, records)
-            del model
+        summary.update(yes_no_before_after(base_model, {"before": init_adapter, "after": result.adapter}, records))
         log(f"collab: held-out Yes/No accuracy {summary['yes_no_before']} -> {summary['yes_no_after']}")
     (out / "collab.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -42,7 +42,6 @@ epochs each. Teacher tokens are counted only for the ``openai`` teacher (the oth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,6 @@ PROFILE_TOKENS = 48  # a typical profile's length
 CHARS_PER_TOKEN = 3.5
 TEMPLATE_TOKENS = 20
 COMPARABLE_TOKENS = 2.0  # a measured speed is scaled to at most 2x (or 1/2) its tokens per unit
-SFT_HOLDOUT = 0.1  # reclm.llm.sft.TrainSettings.holdout: the collab targets are steps x batch / (1 - it)
 PROMPT_SAMPLE = 128  # distinct user prompts tokenized for the mean prompt length
 LLM_STAGES = ("sft", "collab", "reward", "rl", "item_side")
 FREE_TEACHERS = ("file", "offline")  # run by the dry-run to measure the SFT pairs (openai would cost money)
@@ -321,8 +319,11 @@ def collab(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None)
 def collab_profile_users(cfg: PipelineConfig, size: DataSize) -> int:
     """Users whose profiles the collab dialogues show (an upper bound: the dialogue targets and their
     neighbours, as if no two shared one): MIND 5,336 against the 4,605 it needed."""
+    from reclm.llm.collab import dialogue_count
+    from reclm.llm.sft import TrainSettings
+
     opts = cfg.llm.collab
-    targets = opts.dialogues or math.ceil(opts.steps * opts.batch_size / (1 - SFT_HOLDOUT))
+    targets = opts.dialogues or dialogue_count(opts.steps, opts.batch_size, TrainSettings.holdout)
     return min(size.users, targets * (1 + opts.neighbours))
 
 
