@@ -37,6 +37,7 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.llm.chat import SYSTEM_PROMPT, as_conversation, render
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
+from reclm.llm.sft import Checkpointing, before_training
 
 NEGATIVE_SHARES: dict[str, float] = {
     "neighbour": 0.3,
@@ -389,17 +390,13 @@ def train_reward_model(
     train: Sequence[PreferencePair],
     config: RewardConfig,
     progress: Callable[[int, float], None] | None = None,
-    checkpoint_dir: Path | None = None,
-    fingerprint: str = "",
-    save_every: int = 25,
+    checkpoints: Checkpointing | None = None,
 ) -> list[float]:
     """Pairwise-loss training of ``model`` (LoRA + score head) for ``config.steps`` steps; returns losses.
 
-    With ``checkpoint_dir``, the training state is saved there every ``save_every`` steps and a run
-    started again resumes from it (and ends as an uninterrupted run would); ``fingerprint`` must match."""
+    With ``checkpoints``, the training state is saved as they say and a run started again resumes from it
+    (and ends as an uninterrupted run would)."""
     import torch
-
-    from reclm.llm.sft import resume_checkpoint, save_checkpoint
 
     if not train:
         raise ValueError("no preference pairs to train the reward model on")
@@ -411,8 +408,9 @@ def train_reward_model(
         weight_decay=0.0,
     )
     rng = np.random.default_rng(config.seed)
-    state = {"step": 0, "order": rng.permutation(len(train)), "cursor": 0, "losses": [], "fingerprint": fingerprint}
-    saved = resume_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
+    state = {"step": 0, "order": rng.permutation(len(train)), "cursor": 0, "losses": []}
+    checkpoints = checkpoints or Checkpointing()
+    saved = checkpoints.resume(model, optimizer)
     if saved is not None:
         state = saved
         rng.bit_generator.state = state["numpy_rng"]
@@ -440,9 +438,9 @@ def train_reward_model(
         state["step"] += 1
         if progress:
             progress(state["step"] - 1, losses[-1])
-        if checkpoint_dir is not None and save_every and state["step"] % save_every == 0:
+        if checkpoints.due(state["step"]):
             state["numpy_rng"] = rng.bit_generator.state
-            save_checkpoint(checkpoint_dir, model, optimizer, None, state)
+            checkpoints.save(model, optimizer, state)
     model.eval()
     return losses
 
@@ -571,7 +569,6 @@ def run_reward(
     write_pairs(out / PAIRS_FILE, data, pairs, {p.user: "eval" for p in held})
     log(f"reward: {len(train)} train / {len(held)} held-out pairs, kinds {kind_counts(pairs)}")
     log(f"reward: neighbour negatives from {neighbour_source}")
-    from reclm.llm.sft import before_training
 
     model, tokenizer = load_reward_model(base_model, config=config)
     untrained = lambda: evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)  # noqa: E731
@@ -582,7 +579,7 @@ def run_reward(
     with step_progress("reward", config.steps) as update:
         losses = train_reward_model(
             model, tokenizer, train, config, progress=lambda s, loss: update(s + 1, f"loss {loss:.4f}"),
-            checkpoint_dir=out, fingerprint=reward_fingerprint(base_model, config, train),
+            checkpoints=Checkpointing(out, reward_fingerprint(base_model, config, train), every=25),
         )  # fmt: skip
     after = evaluate_pairs(model, tokenizer, held, config.max_seq_len, config.eval_batch_size)
     model.save_pretrained(out / "adapter")

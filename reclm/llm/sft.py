@@ -321,6 +321,28 @@ def resume_checkpoint(
     return state
 
 
+@dataclass
+class Checkpointing:
+    """Where a training loop saves its state (``folder/checkpoint``; None: never), every how many steps, and
+    the fingerprint of the run (settings, data, starting point) that a resume must match. The reward model,
+    PPO and DPO loops take one."""
+
+    folder: Path | None = None
+    fingerprint: str = ""
+    every: int = 10
+
+    def resume(self, model: Any, optimizer: Any) -> dict | None:
+        """The saved loop state (model and optimizer restored), or None when there is no checkpoint."""
+        return resume_checkpoint(self.folder, model, optimizer, self.fingerprint)
+
+    def due(self, step: int) -> bool:
+        return self.folder is not None and self.every > 0 and step % self.every == 0
+
+    def save(self, model: Any, optimizer: Any, state: dict) -> None:
+        assert self.folder is not None
+        save_checkpoint(self.folder, model, optimizer, None, {**state, "fingerprint": self.fingerprint})
+
+
 def fingerprint_of(*parts: Any) -> str:
     """A short hash of what defines a training run (settings, data, starting point)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -28,6 +28,7 @@ from reclm.llm.reward import (
     train_reward_model,
     write_pairs,
 )
+from reclm.llm.sft import Checkpointing
 
 OWN = "User identity: Student, Gamer, Night owl; User interests: Comedy, Horror, Sci-fi."
 OTHER = "User identity: Retiree, Gardener; User interests: Westerns, History."
@@ -182,7 +183,7 @@ def test_interrupted_reward_training_resumes_from_its_checkpoint(tiny, tiny_mode
             if step + 1 == stop_at:
                 raise KeyboardInterrupt
 
-        losses = train_reward_model(model, tok, train, config, progress, folder, key, save_every=2)
+        losses = train_reward_model(model, tok, train, config, progress, Checkpointing(folder, key, every=2))
         return losses, evaluate_pairs(model, tok, train[:6], 256)["margin_mean"]
 
     whole, whole_margin = train_in(tmp_path / "whole")
@@ -195,7 +196,7 @@ def test_interrupted_reward_training_resumes_from_its_checkpoint(tiny, tiny_mode
 
     model, tok = load_reward_model(str(tiny_model), config=RewardConfig(seed=0))
     with pytest.raises(ValueError, match="other data or settings"):
-        train_reward_model(model, tok, train[1:], config, None, tmp_path / "cut", "another run", save_every=2)
+        train_reward_model(model, tok, train[1:], config, None, Checkpointing(tmp_path / "cut", "another run", 2))
 
 
 def test_a_neighbour_with_the_same_profile_is_not_a_negative(ml100k):

@@ -9,6 +9,7 @@ import torch
 from reclm.llm.rl.common import encode_prompts, forward, load_policy, load_reference, weight_change, weights_snapshot
 from reclm.llm.rl.dpo import DPOConfig, DPOTrainer, dpo_loss
 from reclm.llm.rl.ppo import PPOConfig, PPOTrainer, gae
+from reclm.llm.sft import Checkpointing
 
 YES_NO_PROMPTS = ["Will the user like it?", "Is this a match?"]  # the prompts yes_no_model was tuned on
 
@@ -129,7 +130,7 @@ def test_interrupted_rl_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted
         else:
             trainer = DPOTrainer(policy, reference, tok, DPOConfig(batch_size=2, lr=1e-3, beta=0.1))
             data = [(p, "Yes", "No") for p in YES_NO_PROMPTS] + [(p, "Sure", "Never") for p in YES_NO_PROMPTS]
-        history = trainer.train(data, steps=5, log=log, checkpoint_dir=folder, fingerprint=key, save_every=2)
+        history = trainer.train(data, steps=5, log=log, checkpoints=Checkpointing(folder, key, every=2))
         return history, answer_probability(policy, tok, "Yes")
 
     whole, whole_yes = trained(tmp_path / "whole")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from reclm.llm.chat import IGNORE_INDEX, pair_conversation, training_example
 from reclm.llm.rl.common import gather_logprobs, last_hidden, output_head, trainable_parameters
-from reclm.llm.sft import resume_checkpoint, save_checkpoint
+from reclm.llm.sft import Checkpointing
 
 
 @dataclass
@@ -118,19 +117,18 @@ class DPOTrainer:
         triples: Sequence[tuple[str, str, str]],
         steps: int | None = None,
         log: Callable[[dict], None] | None = None,
-        checkpoint_dir: Path | None = None,
-        fingerprint: str = "",
-        save_every: int = 10,
+        checkpoints: Checkpointing | None = None,
     ) -> list[dict]:
         """``steps`` DPO steps over shuffled ``(prompt, chosen, rejected)`` triples; returns each step's stats.
         ``steps`` counts from the trainer's first step (a resumed or stepped trainer does what is left). With
-        ``checkpoint_dir`` the state is saved every ``save_every`` steps and a rerun resumes from it."""
+        ``checkpoints`` the state is saved as they say and a rerun resumes from it."""
         if not triples:
             raise ValueError("DPO needs at least one preference pair")
         steps = self.config.steps if steps is None else steps
         rng = np.random.default_rng(self.config.seed)
         order, cursor, history = rng.permutation(len(triples)), 0, []
-        saved = resume_checkpoint(checkpoint_dir, self.policy, self.optimizer, fingerprint)
+        checkpoints = checkpoints or Checkpointing()
+        saved = checkpoints.resume(self.policy, self.optimizer)
         if saved is not None:
             order, cursor, history, self.step_count = saved["order"], saved["cursor"], saved["history"], saved["step"]
             rng.bit_generator.state = saved["numpy_rng"]
@@ -144,10 +142,10 @@ class DPOTrainer:
             history.append(stats)
             if log:
                 log(stats)
-            if checkpoint_dir is not None and save_every and self.step_count % save_every == 0:
+            if checkpoints.due(self.step_count):
                 state = {"step": self.step_count, "order": order, "cursor": cursor, "history": history,
-                         "numpy_rng": rng.bit_generator.state, "fingerprint": fingerprint}  # fmt: skip
-                save_checkpoint(checkpoint_dir, self.policy, self.optimizer, None, state)
+                         "numpy_rng": rng.bit_generator.state}  # fmt: skip
+                checkpoints.save(self.policy, self.optimizer, state)
         return history
 
     def evaluate(self, triples: Sequence[tuple[str, str, str]], batch: int = 8) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from reclm.llm.rl.common import (
@@ -21,7 +20,7 @@ from reclm.llm.rl.common import (
     output_head,
     trainable_parameters,
 )
-from reclm.llm.sft import resume_checkpoint, save_checkpoint
+from reclm.llm.sft import Checkpointing
 
 # reward_fn(prompts, response texts, response token ids) -> one score per response
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
@@ -238,19 +237,18 @@ class PPOTrainer:
         prompts: Sequence[str],
         steps: int | None = None,
         log: Callable[[dict], None] | None = None,
-        checkpoint_dir: Path | None = None,
-        fingerprint: str = "",
-        save_every: int = 10,
+        checkpoints: Checkpointing | None = None,
     ) -> list[dict]:
         """``steps`` PPO steps over ``prompts`` in batches of ``batch_size`` (cycling); returns each step's stats.
         ``steps`` counts from the trainer's first step (a resumed or stepped trainer does what is left). With
-        ``checkpoint_dir`` the state is saved every ``save_every`` steps and a rerun resumes from it."""
+        ``checkpoints`` the state is saved as they say and a rerun resumes from it."""
         steps = self.config.steps if steps is None else steps
         history: list[dict] = []
         n = len(prompts)
         if n == 0:
             raise ValueError("PPO needs at least one prompt")
-        saved = resume_checkpoint(checkpoint_dir, self.policy, self.optimizer, fingerprint)
+        checkpoints = checkpoints or Checkpointing()
+        saved = checkpoints.resume(self.policy, self.optimizer)
         if saved is not None:
             history, self.step_count = saved["history"], saved["step"]
             self.generator.set_state(saved["generator"])
@@ -262,8 +260,8 @@ class PPOTrainer:
             history.append(stats)
             if log:
                 log(stats)
-            if checkpoint_dir is not None and save_every and self.step_count % save_every == 0:
+            if checkpoints.due(self.step_count):
                 state = {"step": self.step_count, "history": history, "generator": self.generator.get_state(),
-                         "value_head": self.value_head.state_dict(), "fingerprint": fingerprint}  # fmt: skip
-                save_checkpoint(checkpoint_dir, self.policy, self.optimizer, None, state)
+                         "value_head": self.value_head.state_dict()}  # fmt: skip
+                checkpoints.save(self.policy, self.optimizer, state)
         return history

@@ -28,7 +28,7 @@ from reclm.data.split import Split
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
 from reclm.llm.rl import METHODS
 from reclm.llm.rl.common import tensors_digest
-from reclm.llm.sft import before_training, fingerprint_of
+from reclm.llm.sft import Checkpointing, before_training, fingerprint_of
 from reclm.progress import step_progress
 
 PROMPTS_FILE = "prompts.jsonl"
@@ -217,7 +217,7 @@ def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, b
     with step_progress("ppo", config.steps) as update:
         history = trainer.train(
             prompts, log=lambda s: update(s["step"], f"score {s['score']} kl {s['kl']} reward {s['reward']}"),
-            checkpoint_dir=out, fingerprint=key,
+            checkpoints=Checkpointing(out, key),
         )  # fmt: skip
     import torch
 
@@ -255,7 +255,7 @@ def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, o
     with step_progress("dpo", config.steps) as update:
         history = trainer.train(
             triples, log=lambda s: update(s["step"], f"loss {s['loss']} margin {s['reward_margin']}"),
-            checkpoint_dir=out, fingerprint=key,
+            checkpoints=Checkpointing(out, key),
         )  # fmt: skip
     evaluation = trainer.evaluate(held_triples) if held_triples else {}
     return history, {
