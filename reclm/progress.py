@@ -40,14 +40,25 @@ def progress(
 @contextmanager
 def step_progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[..., None]]:
     """Progress of a training loop of ``total`` steps; yields ``update(step, info="")`` (steps done, a
-    short status such as the last loss)."""
+    short status such as the last loss). A loop resumed from a checkpoint reports its first step as the
+    saved one plus one: the bar starts there, so that its speed and time left count this process's steps
+    only (not the saved ones, done in no time as far as this process knows)."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
     bar = progress(*columns, TimeRemainingColumn(), disable=not enabled)
     with bar:
         task = bar.add_task(description, total=total, info="")
-        yield lambda step, info="": bar.update(task, completed=step, info=info)
+        started = False
+
+        def update(step: int, info: str = "") -> None:
+            nonlocal started
+            if not started and step > 1:
+                bar.reset(task, total=total, completed=step - 1, info=info)
+            started = True
+            bar.update(task, completed=step, info=info)
+
+        yield update
 
 
 def log_interval() -> float:
@@ -127,6 +138,16 @@ class LogProgress:
             self.emit(task_id)
         elif not done and self.clock() - task.printed_at >= self.interval:
             self.emit(task_id)
+
+    def reset(self, task_id: int, *, total: float | None = None, completed: float = 0, **fields: Any) -> None:
+        """Start the task again at ``completed`` (time and speed count from now), as ``Progress.reset``."""
+        task = self.tasks[task_id]
+        now = self.clock()
+        task.total = task.total if total is None else total
+        task.completed = task.start_completed = completed
+        task.started = task.printed_at = now
+        task.finished = False
+        task.fields.update(fields)
 
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)

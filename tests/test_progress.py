@@ -92,3 +92,31 @@ def test_step_progress_reports_a_training_loop_in_a_log(monkeypatch: pytest.Monk
         "reward: 2/3 (67%)  loss 0.4",
         "reward: 3/3 (100%)  loss 0.2",
     ]
+
+
+def test_reset_restarts_time_and_speed_at_the_given_step() -> None:
+    clock, stream = FakeClock(), io.StringIO()
+    with LogProgress(stream=stream, interval=0, clock=clock) as bar:
+        task = bar.add_task("reward", total=300)
+        clock.now = 5.0
+        bar.reset(task, completed=175)  # a loop resumed at its step-175 checkpoint
+        clock.now = 25.0
+        bar.update(task, completed=177)  # 2 steps in 20 s, 123 to go
+    assert stream.getvalue().splitlines()[0] == "reward: 177/300 (59%)  elapsed 0:00:20, about 0:20:30 left"
+
+
+def test_step_progress_of_a_resumed_loop_counts_only_its_own_steps(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import time
+
+    from reclm.progress import step_progress
+
+    monkeypatch.setenv("RECLM_PROGRESS_SECONDS", "0")
+    with step_progress("reward", 300) as update:
+        update(176, "loss 0.5")  # the first step after the checkpoint of step 175
+        time.sleep(0.25)
+        update(177, "loss 0.4")
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("reward: 177/300 (59%)  loss 0.4  elapsed 0:00:00, about ")
+    left = last.split("about ")[1].removesuffix(" left")
+    hours, minutes, seconds = (int(x) for x in left.split(":"))
+    assert hours * 3600 + minutes * 60 + seconds >= 10  # 2 steps in >= 0.25 s, 123 to go: >= 15 s (not 0)
