@@ -211,8 +211,8 @@ class Trainer:
             TextColumn("{task.fields[status]}"),
         ]
         with make_progress(*columns, disable=not self.show_progress) as progress:
-            bar = progress.add_task(f"{cfg.backbone}/{cfg.features}", total=cfg.epochs, status="")
-            progress.update(bar, completed=loop["epoch"])
+            name = f"{cfg.backbone}/{cfg.features}"
+            bar = progress.add_task(name, total=cfg.epochs, completed=loop["epoch"], status="")  # resumed: from there
             while loop["epoch"] < cfg.epochs and not loop["stopped"]:
                 loop["epoch"] += 1
                 status = self.run_epoch(loop)
