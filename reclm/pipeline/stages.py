@@ -593,13 +593,14 @@ def run_train_cf(ctx: StageContext) -> dict:
             continue
         pending.append(job)
         units[job.name] = unit
-    epochs_run, worker_peak = 0, 0.0
+    _, split = ctx.data()
+    nodes, work, worker_peak = split.n_users + split.n_items, 0.0, 0.0
     positions = {run["name"]: position for position, run in enumerate(runs, 1)}
 
     def finished(job: cf_jobs.CFJob, result: cf_jobs.JobResult) -> None:
-        nonlocal epochs_run, worker_peak
+        nonlocal work, worker_peak
         units[job.name].commit()
-        epochs_run += result.epochs_run
+        work += result.epochs_run * len(split.train) * est.cf_size_factor(job.params["backbone"], nodes)
         worker_peak = max(worker_peak, result.worker_peak_mb or 0.0)
         recall, ndcg = result.test.get("recall@20", float("nan")), result.test.get("ndcg@20", float("nan"))
         where = f"{positions[job.name]}/{len(runs)} {job.name}"
@@ -624,10 +625,9 @@ def run_train_cf(ctx: StageContext) -> dict:
         for job in pending:
             finished(job, cf_jobs.train_job(job, data, split, None, show_progress=True))
     write_json(ctx.out / "runs.json", runs)
-    _, split = ctx.data()
     return {
-        "units": max(epochs_run, 1) * len(split.train),
-        "unit": "epoch-interaction",
+        "units": work,
+        "unit": est.CF_WORK_UNIT,
         "runs": len(runs),
         "trained": len(pending),
         "jobs": workers,

@@ -536,6 +536,41 @@ def test_collab_estimate_counts_writing_the_dialogue_users_profiles():
     assert estimate.collab_profile_users(distilled, estimate.DataSize(100, 50, 900, 800, True)) == 100
 
 
+def test_cf_estimate_grows_with_users_and_items_and_carries_a_measured_speed_across_datasets(tmp_path):
+    """An epoch-pair costs more with more users + items (MIND's 60,955 against ml-100k's 2,625: 3.0x for
+    BiasMF, 11.5x for SimGCL, measured): same train pairs, other sizes, other estimates. A speed measured
+    on one dataset is kept per scaled unit and carries to another."""
+    import os
+
+    from reclm.pipeline import estimate
+    from reclm.pipeline.cache import SpeedBook
+
+    config = PipelineConfig.model_validate({"cf": {"backbones": ["bias-mf", "simgcl"], "features": ["text"]}})
+    small = estimate.DataSize(943, 1_682, 100_000, 80_000, True)
+    large = estimate.DataSize(57_128, 3_827, 100_000, 80_000, True)
+    assert estimate.cf_size_factor("lightgcn", estimate.CF_REFERENCE_NODES) == 1.0
+    assert estimate.cf_size_factor("bias-mf", 60_955) == pytest.approx(3.0, rel=0.1)
+    assert estimate.cf_size_factor("simgcl", 60_955) == pytest.approx(11.5, rel=0.1)
+    on_small, on_large = estimate.train_cf(config, small), estimate.train_cf(config, large)
+    epoch_pairs = estimate.cf_epoch_pairs(config, small, "bias-mf")  # the config's epochs x train pairs
+    assert on_small.units == on_large.units == 2 * epoch_pairs
+    assert on_small.seconds == pytest.approx(
+        epoch_pairs * (estimate.CF_SECONDS_PER_EPOCH_PAIR["bias-mf"] + estimate.CF_SECONDS_PER_EPOCH_PAIR["simgcl"])
+    )
+    assert on_large.seconds > 5 * on_small.seconds
+
+    book = SpeedBook(tmp_path / "speeds.json")  # a finished run on the small data took 10 minutes
+    work = sum(epoch_pairs * estimate.cf_size_factor(b, 2_625) for b in ("bias-mf", "simgcl"))
+    record = {"units": work, "unit": estimate.CF_WORK_UNIT, "seconds": 600.0}
+    book.record("train_cf", {**record, "host": {"cores": len(os.sched_getaffinity(0))}}, "cpu")
+    measured_small, measured_large = estimate.train_cf(config, small, book), estimate.train_cf(config, large, book)
+    assert measured_small.basis == measured_large.basis == "measured"
+    assert measured_small.seconds == pytest.approx(600.0)
+    growth = sum(estimate.cf_size_factor(b, 60_955) for b in ("bias-mf", "simgcl")) / (work / epoch_pairs)
+    assert measured_large.seconds / measured_small.seconds == pytest.approx(growth)
+    assert 5 < growth < 10  # between BiasMF's 3.0x and SimGCL's 11.5x
+
+
 def test_dry_run_estimates_what_is_left_of_an_interrupted_training_stage(tmp_path):
     import torch
 
