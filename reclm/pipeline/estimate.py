@@ -212,6 +212,8 @@ def generation_tokens_per_second(backend: str) -> float:
 
 def speed_setup(stage: str, cfg: PipelineConfig) -> str:
     """What sets a stage's speed besides its size: a speed measured in one setup is reused only in the same."""
+    if stage == "rl":  # a PPO step (rollouts, reward model, value head) costs several DPO steps
+        return f"{cfg.llm.base_model} {cfg.stages.rl} {current_device()}"
     if stage in LLM_STAGES:
         return f"{cfg.llm.base_model} {current_device()}"
     if stage == "profiles":

@@ -433,6 +433,23 @@ def test_measured_speeds_apply_to_the_same_setup_scaled_by_tokens(tmp_path):
     assert estimate.profiles(ct2, short, SpeedBook(tmp_path / "old.json")).basis == "default"
 
 
+def test_a_measured_dpo_speed_is_not_used_for_ppo(tmp_path):
+    """A PPO step (rollouts, reward model, value head) costs several DPO steps: their speeds are kept apart."""
+    import os
+
+    from reclm.pipeline import estimate
+    from reclm.pipeline.cache import SpeedBook
+
+    book = SpeedBook(tmp_path / "speeds.json")
+    dpo = PipelineConfig.model_validate({"stages": {"rl": "dpo"}})
+    ppo = PipelineConfig.model_validate({"stages": {"rl": "ppo", "reward": True}})
+    size = estimate.DataSize(100, 50, 1000, 800, True, user_prompts=100, prompt_tokens=200.0)
+    record = {"units": 10, "unit": "step", "seconds": 300.0, "host": {"cores": len(os.sched_getaffinity(0))}}
+    book.record("rl", record, estimate.speed_setup("rl", dpo))
+    assert estimate.rl(dpo, size, book).basis == "measured"
+    assert estimate.rl(ppo, size, book).basis == "default"
+
+
 def test_default_speeds_follow_the_device(monkeypatch):
     """Without a measurement, a GPU machine gets the GPU constants (and its own speed-book entries)."""
     from reclm.pipeline import estimate
