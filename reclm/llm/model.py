@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,21 @@ def adapter_identity(adapter: str | os.PathLike | None) -> str:
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
     return folder_fingerprint(folder)
+
+
+@contextmanager
+def without_load_report() -> Iterator[None]:
+    """Hide transformers' load report ("score.weight | MISSING ... Consider training on your downstream
+    task") while loading a causal LM into a model with a new head that reclm then sets itself (the
+    reward model's score head: seeded, or restored from the reward adapter). Warnings of level error stay."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, padding_side: str = "left") -> Any:

@@ -257,7 +257,7 @@ def load_reward_model(base_model: str, adapter: str | Path | None = None, config
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from reclm.llm.model import default_dtype, load_tokenizer, resolve_device, resolve_model_dir
+    from reclm.llm.model import default_dtype, load_tokenizer, resolve_device, resolve_model_dir, without_load_report
 
     config = config or RewardConfig()
     folder = resolve_model_dir(base_model)
@@ -265,9 +265,10 @@ def load_reward_model(base_model: str, adapter: str | Path | None = None, config
     tokenizer = load_tokenizer(folder, padding_side="right")
     pad = pad_token_for(tokenizer)
     torch.manual_seed(config.seed)  # the new score head's initial weights
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=1, dtype=default_dtype(device) if device != "cpu" else torch.float32
-    )
+    with without_load_report():  # the score head is new: seeded here, or restored from the adapter below
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, dtype=default_dtype(device) if device != "cpu" else torch.float32
+        )
     model.config.pad_token_id = pad
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)

@@ -23,6 +23,7 @@ from reclm.llm.reward import (
     make_negative,
     pairwise_loss,
     read_pairs,
+    score_texts,
     sft_user_ids,
     split_by_user,
     train_reward_model,
@@ -157,6 +158,20 @@ def test_reward_model_learns_an_easy_preference(tiny, tiny_model):
     assert after["margin_mean"] > before["margin_mean"] + 1.0
     assert np.mean(losses[-3:]) < losses[0]
     assert set(after["per_kind"]) == {"dot", "identity_empty"}
+
+
+def test_a_saved_reward_model_restores_its_score_head_and_loads_without_a_load_report(tiny_model, tmp_path, capfd):
+    """The base LM has no score head, so transformers reports it MISSING on every load ("Consider training
+    on your downstream task"): wrong for a trained reward model, whose head the adapter restores. Hidden."""
+    prompts, responses = ["Films watched: Action 1."] * 2, ["User identity: Fan; User interests: Action.", "."]
+    model, tok = load_reward_model(str(tiny_model), config=RewardConfig(seed=0))
+    model.save_pretrained(tmp_path / "adapter")
+    again, _ = load_reward_model(str(tiny_model), adapter=tmp_path / "adapter")
+    assert score_texts(again, tok, prompts, responses).tolist() == score_texts(model, tok, prompts, responses).tolist()
+    other, _ = load_reward_model(str(tiny_model), config=RewardConfig(seed=1))  # another seed, another head
+    assert score_texts(other, tok, prompts, responses).tolist() != score_texts(model, tok, prompts, responses).tolist()
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.out + printed.err and "MISSING" not in printed.out + printed.err
 
 
 def test_interrupted_reward_training_resumes_from_its_checkpoint(tiny, tiny_model, tmp_path):
