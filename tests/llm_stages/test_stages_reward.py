@@ -160,7 +160,7 @@ def test_reward_model_learns_an_easy_preference(tiny, tiny_model):
     assert set(after["per_kind"]) == {"dot", "identity_empty"}
 
 
-def test_a_saved_reward_model_restores_its_score_head_and_loads_without_a_load_report(tiny_model, tmp_path, capfd):
+def test_a_saved_reward_model_restores_its_score_head_and_loads_without_a_load_report(tiny_model, tmp_path, caplog):
     """The base LM has no score head, so transformers reports it MISSING on every load ("Consider training
     on your downstream task"): wrong for a trained reward model, whose head the adapter restores. Hidden."""
     prompts, responses = ["Films watched: Action 1."] * 2, ["User identity: Fan; User interests: Action.", "."]
@@ -170,8 +170,7 @@ def test_a_saved_reward_model_restores_its_score_head_and_loads_without_a_load_r
     assert score_texts(again, tok, prompts, responses).tolist() == score_texts(model, tok, prompts, responses).tolist()
     other, _ = load_reward_model(str(tiny_model), config=RewardConfig(seed=1))  # another seed, another head
     assert score_texts(other, tok, prompts, responses).tolist() != score_texts(model, tok, prompts, responses).tolist()
-    printed = capfd.readouterr()
-    assert "LOAD REPORT" not in printed.out + printed.err and "MISSING" not in printed.out + printed.err
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
 
 
 def test_interrupted_reward_training_resumes_from_its_checkpoint(tiny, tiny_model, tmp_path):
