@@ -36,6 +36,7 @@ from reclm.llm.model import (
     resolve_device,
     resolve_model_dir,
 )
+from reclm.progress import step_progress
 from reclm.utils import torch_threads
 
 
@@ -521,24 +522,6 @@ def run_steps(
     state["seconds"] += time.perf_counter() - started
 
 
-def progress_bar(description: str, total: int, done: int, enabled: bool) -> tuple[Any, Callable[[int, float], None]]:
-    """A rich progress bar for the steps and its update function ``(step, loss)``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-    from reclm.progress import progress as make_progress
-
-    bar = make_progress(
-        TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), disable=not enabled,
-    )  # fmt: skip
-    task = bar.add_task(description, total=total, completed=done, info="")
-
-    def update(step: int, loss: float) -> None:
-        bar.update(task, completed=step, info=f"loss {loss:.3f}")
-
-    return bar, update
-
-
 def train_lora(
     conversations: Sequence[Conversation],
     out_dir: str | Path,
@@ -582,9 +565,8 @@ def train_lora(
         state["heldout_loss_before"] = run.heldout_loss()
         state["eval_curve"].append((0, state["heldout_loss_before"]))
 
-    bar, update = progress_bar(description, total, state["step"], progress)
-    with bar:
-        run_steps(run, state, total, out_dir, on_step, update)
+    with step_progress(description, total, enabled=progress) as update:
+        run_steps(run, state, total, out_dir, on_step, lambda step, loss: update(step, f"loss {loss:.3f}"))
     save_checkpoint(out_dir, peft_model, optimizer, scheduler, state)
     adapter_dir = out_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
