@@ -74,6 +74,45 @@ def test_ppo_kl_penalty_holds_the_policy_back(yes_no_model):
     assert answer_probability(policy, tok, "Yes") < before + 0.1
 
 
+def ppo_run(model, micro_batch_tokens: int | None, steps: int = 3):
+    """A toy PPO run; returns its stats, how far its adapter weights moved, its adapter weights, and the row
+    counts of the forward passes that kept gradients."""
+    torch.manual_seed(0)
+    policy, tok = load_policy(model, lora={"r": 8, "alpha": 16})
+    reference = load_reference(model)
+    yes = tok("Yes", add_special_tokens=False)["input_ids"][0]
+    config = PPOConfig(batch_size=8, lr=1e-3, max_new_tokens=2, seed=0, micro_batch_tokens=micro_batch_tokens)
+    trainer = PPOTrainer(policy, reference, tok, lambda p, r, ids: [float(x[:1] == [yes]) for x in ids], config)
+    start = torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad])
+    rows: list[int] = []
+    decoder = policy.get_base_model().get_decoder()
+
+    def count_rows(module, args, kwargs, output):
+        if torch.is_grad_enabled():
+            rows.append(len(kwargs["input_ids"]))
+
+    hook = decoder.register_forward_hook(count_rows, with_kwargs=True)
+    history = [trainer.step(YES_NO_PROMPTS * 4) for _ in range(steps)]
+    hook.remove()
+    weights = torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad])
+    return history, float((weights - start).abs().max()), weights, rows
+
+
+def test_ppo_in_pieces_makes_the_same_updates_with_one_piece_in_memory(yes_no_model):
+    """``micro_batch_tokens`` bounds the rows a training pass holds; the gradients of the pieces add up to
+    the whole batch's: the same stats and weights, to float rounding."""
+    whole, moved, whole_weights, whole_rows = ppo_run(yes_no_model, None)
+    pieces, _, piece_weights, piece_rows = ppo_run(yes_no_model, 1)  # fewer tokens than a row: a row a piece
+    assert set(whole_rows) == {8} and len(whole_rows) == 3 * 2  # 3 steps x 2 PPO epochs
+    assert set(piece_rows) == {1} and len(piece_rows) == 3 * 2 * 8
+    for a, b in zip(whole, pieces):
+        assert a["example"] == b["example"]
+        for key in ("score", "kl", "reward", "pg_loss", "vf_loss", "approx_kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), key
+    assert moved > 1e-3  # the weights moved: the tolerance below can fail
+    assert torch.allclose(piece_weights, whole_weights, atol=1e-5)
+
+
 def test_dpo_loss_values():
     loss, chosen, rejected = dpo_loss(
         torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
@@ -100,6 +139,34 @@ def test_dpo_step_changes_weights_and_raises_the_chosen_answer(yes_no_model):
     assert answer_probability(policy, tok, "Yes") > before + 0.05
     assert answer_probability(policy, tok, "No") < answer_probability(reference, tok, "No")
     assert trainer.evaluate(triples)["accuracy"] == 1.0
+
+
+def test_dpo_in_pieces_makes_the_same_updates_with_one_piece_in_memory(yes_no_model):
+    def run(micro_batch_tokens):
+        torch.manual_seed(0)
+        policy, tok = load_policy(yes_no_model, lora={"r": 8, "alpha": 16})
+        config = DPOConfig(batch_size=4, lr=1e-3, beta=0.1, micro_batch_tokens=micro_batch_tokens)
+        trainer = DPOTrainer(policy, load_reference(yes_no_model), tok, config)
+        rows: list[int] = []
+
+        def count_rows(module, args, kwargs, output):
+            if torch.is_grad_enabled():
+                rows.append(len(kwargs["input_ids"]))
+
+        hook = policy.get_base_model().get_decoder().register_forward_hook(count_rows, with_kwargs=True)
+        triples = [(p, "Yes", "No") for p in YES_NO_PROMPTS] + [(p, "Sure", "Never") for p in YES_NO_PROMPTS]
+        history = trainer.train(triples, steps=3)
+        hook.remove()
+        return history, torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad]), rows
+
+    whole, whole_weights, whole_rows = run(None)
+    pieces, piece_weights, piece_rows = run(1)  # fewer tokens than a pair: a pair a piece
+    assert whole_rows == [8] * 3 and piece_rows == [2] * 12  # chosen + rejected of 4 pairs, or of one
+    for a, b in zip(whole, pieces):
+        for key in ("loss", "reward_margin", "kl_chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    assert whole[-1]["reward_margin"] > 0.01  # it learned: the agreement below is not of two idle runs
+    assert torch.allclose(piece_weights, whole_weights, atol=1e-5)
 
 
 def stop_at(step: int):

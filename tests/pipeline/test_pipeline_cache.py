@@ -611,3 +611,27 @@ def test_dry_run_estimates_what_is_left_of_an_interrupted_training_stage(tmp_pat
     assert collab_left.seconds < estimate.collab(config, size).seconds
     training = estimate.training("collab", config, size, config.llm.collab, None, turns=4)
     assert collab_left.seconds == pytest.approx(training.seconds)
+
+
+def vm_rss_mb() -> float:
+    from reclm.pipeline.cache import PeakMemory
+
+    return PeakMemory._status("VmRSS") or 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_a_stage_peak_does_not_count_memory_that_earlier_work_freed():
+    """glibc keeps freed heap for reuse: after PPO the next stage of the same process started at 16 GB it no
+    longer used. PeakMemory hands the free heap back first, so a block that allocates nothing reports
+    about the memory in use."""
+    from reclm.pipeline.cache import PeakMemory
+
+    before = vm_rss_mb()
+    blocks = [bytes(4000) + bytes([k % 256]) for k in range(250_000)]  # ~1 GB of heap chunks
+    keep = bytes(5000)  # allocated after them: the heap cannot shrink from its top
+    del blocks
+    assert vm_rss_mb() > before + 500  # freed, yet still resident
+    with PeakMemory() as peak:
+        pass
+    assert peak.rss_mb < before + 200
+    del keep

@@ -26,7 +26,13 @@ class DPOConfig:
     beta: float = 0.1
     max_seq_len: int = 512
     max_grad_norm: float = 1.0
+    # a step's pairs run in pieces of at most this many padded tokens (chosen + rejected), gradients summed:
+    # the same update (up to float rounding) with one piece's activations (None: the whole batch at once)
+    micro_batch_tokens: int | None = 2048
     seed: int = 0
+
+    # Settings that do not change what a step computes (not part of a checkpoint's fingerprint)
+    RESUMABLE = ("micro_batch_tokens",)
 
 
 def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_len: int, device) -> dict:
@@ -89,27 +95,47 @@ class DPOTrainer:
         logprobs = response_logprob(model, batch)
         return logprobs[:n], logprobs[n:]
 
+    def pieces(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> list[slice]:
+        """The step's pairs in pieces of at most ``micro_batch_tokens`` padded tokens (one pair at least)."""
+        n, budget = len(prompts), self.config.micro_batch_tokens
+        if not budget:
+            return [slice(0, n)]
+        width = encode_responses(
+            self.tokenizer, list(prompts) * 2, list(chosen) + list(rejected), self.config.max_seq_len, "cpu"
+        )["input_ids"].shape[1]
+        size = max(1, budget // (2 * width))
+        return [slice(k, k + size) for k in range(0, n, size)]
+
     def step(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> dict:
+        """One optimiser step on the pairs; each piece adds its share of the mean loss to the gradients."""
         import torch
 
-        with torch.no_grad():
-            ref_c, ref_r = self.batch_logprobs(self.reference, prompts, chosen, rejected)
-        pol_c, pol_r = self.batch_logprobs(self.policy, prompts, chosen, rejected)
-        loss, reward_c, reward_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, self.config.beta)
+        n = len(prompts)
         self.optimizer.zero_grad()
-        loss.backward()
+        loss, parts = 0.0, []
+        for piece in self.pieces(prompts, chosen, rejected):
+            triple = (prompts[piece], chosen[piece], rejected[piece])
+            with torch.no_grad():
+                ref_c, ref_r = self.batch_logprobs(self.reference, *triple)
+            pol_c, pol_r = self.batch_logprobs(self.policy, *triple)
+            piece_loss, reward_c, reward_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, self.config.beta)
+            share = piece_loss * (len(ref_c) / n)
+            share.backward()
+            loss += float(share.detach())
+            parts.append((reward_c, reward_r, pol_c.detach() - ref_c))
+        reward_c, reward_r, log_ratio = (torch.cat(column) for column in zip(*parts))
         torch.nn.utils.clip_grad_norm_(trainable_parameters(self.policy), self.config.max_grad_norm)
         self.optimizer.step()
         self.step_count += 1
         return {
             "step": self.step_count,
-            "loss": round(float(loss.detach()), 5),
+            "loss": round(loss, 5),
             "reward_chosen": round(float(reward_c.mean()), 5),
             "reward_rejected": round(float(reward_r.mean()), 5),
             "reward_margin": round(float((reward_c - reward_r).mean()), 5),
             "reward_accuracy": round(float((reward_c > reward_r).float().mean()), 4),
             # sequence-level log-ratio to the reference on the chosen responses (a KL proxy)
-            "kl_chosen": round(float((pol_c.detach() - ref_c).mean()), 5),
+            "kl_chosen": round(float(log_ratio.mean()), 5),
         }
 
     def train(

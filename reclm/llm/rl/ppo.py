@@ -31,6 +31,9 @@ class PPOConfig:
     steps: int = 10
     batch_size: int = 4  # rollouts per step
     mini_batch_size: int | None = None  # default: the whole batch
+    # a mini-batch's forward/backward runs in pieces of at most this many padded tokens, gradients summed:
+    # the same update (up to float rounding) with activations for a piece only (None: the whole mini-batch)
+    micro_batch_tokens: int | None = 2048
     ppo_epochs: int = 2
     lr: float = 1e-5
     value_lr: float | None = None  # default: 10 x lr
@@ -47,6 +50,9 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
 
+    # Settings that do not change what a step computes (not part of a checkpoint's fingerprint)
+    RESUMABLE = ("micro_batch_tokens",)
+
 
 @dataclass
 class Rollout:
@@ -56,6 +62,18 @@ class Rollout:
     prompt_len: int
     responses: list[str]
     response_ids: list[list[int]]
+
+
+@dataclass
+class Targets:
+    """What a step's updates compare against, per response token: the rollout's log-probabilities and values,
+    the advantages and returns, and the response mask."""
+
+    logprobs: Any
+    values: Any
+    advantages: Any
+    returns: Any
+    mask: Any
 
 
 def value_head(hidden: int, device=None):
@@ -70,6 +88,11 @@ def value_head(hidden: int, device=None):
 
 def masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def token_share(values, mask, tokens):
+    """This piece's share of a token mean over ``tokens`` tokens (one piece: ``masked_mean``)."""
+    return (values * mask).sum() / tokens
 
 
 def masked_whiten(values, mask, eps: float = 1e-8):
@@ -163,6 +186,49 @@ class PPOTrainer:
         values = self.value_head(hidden.float()).squeeze(-1)
         return logprobs, values
 
+    # ------------------------------------------------------------ one optimiser step
+    def pieces(self, rows, width: int) -> list:
+        """``rows`` in pieces of at most ``micro_batch_tokens`` padded tokens of ``width`` (one row at least)."""
+        budget = self.config.micro_batch_tokens
+        size = max(1, budget // width) if budget else len(rows)
+        return [rows[k : k + size] for k in range(0, len(rows), size)]
+
+    def update(self, rollout: Rollout, rows, targets: Targets) -> dict:
+        """One optimiser step on the mini-batch ``rows``: the clipped policy loss plus ``vf_coef`` x the clipped
+        value loss, token means over the mini-batch. Its pieces' gradients are summed (each piece's share of
+        the means), so the step is the mini-batch's whatever the piece size, with one piece's activations."""
+        import torch
+
+        cfg = self.config
+        tokens = targets.mask[rows].sum().clamp(min=1)
+        stats = dict.fromkeys(("pg_loss", "vf_loss", "clipfrac", "approx_kl"), 0.0)
+        self.optimizer.zero_grad()
+        for piece in self.pieces(rows, rollout.input_ids.shape[1]):
+            sub = Rollout(rollout.input_ids[piece], rollout.attention_mask[piece], rollout.response_mask[piece],
+                          rollout.prompt_len, [], [])  # fmt: skip
+            m = targets.mask[piece]
+            logprobs, values = self.response_logprobs(self.policy, sub, with_values=True)
+            old = targets.logprobs[piece]
+            ratio = torch.exp(logprobs - old)
+            adv = targets.advantages[piece]
+            pg = token_share(
+                torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)), m, tokens
+            )
+            v_old = targets.values[piece]
+            v_clip = v_old + (values - v_old).clamp(-cfg.clip_range_value, cfg.clip_range_value)
+            ret = targets.returns[piece]
+            vf = 0.5 * token_share(torch.max((values - ret) ** 2, (v_clip - ret) ** 2), m, tokens)
+            (pg + cfg.vf_coef * vf).backward()
+            with torch.no_grad():
+                stats["pg_loss"] += float(pg)
+                stats["vf_loss"] += float(vf)
+                stats["clipfrac"] += float(token_share(((ratio - 1).abs() > cfg.clip_range).float(), m, tokens))
+                stats["approx_kl"] += float(token_share(0.5 * (logprobs - old) ** 2, m, tokens))
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.optimizer.step()
+        return stats
+
     # ------------------------------------------------------------ one PPO step
     def step(self, prompts: Sequence[str]) -> dict:
         import torch
@@ -184,41 +250,15 @@ class PPOTrainer:
         advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages and mask.sum() > 1:
             advantages = masked_whiten(advantages, mask)
-        stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+        stats = dict.fromkeys(("pg_loss", "vf_loss", "clipfrac", "approx_kl"), 0.0)
         updates = 0
         size = cfg.mini_batch_size or len(prompts)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(prompts), generator=self.generator)
             for start in range(0, len(prompts), size):
                 rows = order[start : start + size].to(self.device)
-                sub = Rollout(
-                    rollout.input_ids[rows],
-                    rollout.attention_mask[rows],
-                    rollout.response_mask[rows],
-                    rollout.prompt_len,
-                    [],
-                    [],
-                )
-                m = mask[rows]
-                logprobs, values = self.response_logprobs(self.policy, sub, with_values=True)
-                ratio = torch.exp(logprobs - old_logprobs[rows])
-                adv = advantages[rows]
-                pg = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)), m)
-                v_old = old_values[rows]
-                v_clip = v_old + (values - v_old).clamp(-cfg.clip_range_value, cfg.clip_range_value)
-                ret = returns[rows]
-                vf = 0.5 * masked_mean(torch.max((values - ret) ** 2, (v_clip - ret) ** 2), m)
-                loss = pg + cfg.vf_coef * vf
-                self.optimizer.zero_grad()
-                loss.backward()
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.optimizer.step()
-                with torch.no_grad():
-                    stats["pg_loss"] += float(pg)
-                    stats["vf_loss"] += float(vf)
-                    stats["clipfrac"] += float(masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), m))
-                    stats["approx_kl"] += float(masked_mean(0.5 * (logprobs - old_logprobs[rows]) ** 2, m))
+                update = self.update(rollout, rows, Targets(old_logprobs, old_values, advantages, returns, mask))
+                stats = {k: stats[k] + update[k] for k in stats}
                 updates += 1
         self.step_count += 1
         seq_kl = kl.sum(dim=1)

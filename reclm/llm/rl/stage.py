@@ -204,6 +204,11 @@ def pick(options: dict, cls) -> dict:
     return {k: v for k, v in options.items() if k in names}
 
 
+def run_settings(config) -> dict:
+    """A PPO/DPO config's fields that define what its steps compute (a checkpoint's fingerprint)."""
+    return {k: v for k, v in asdict(config).items() if k not in type(config).RESUMABLE}
+
+
 def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget, exclude, out, max_new_tokens,
               start_point: str = ""):  # fmt: skip
     from reclm.llm.rl.ppo import PPOConfig, PPOTrainer
@@ -213,7 +218,7 @@ def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, b
     users, prompts, items = user_prompt_set(data, split, users, budget)
     write_prompt_records(out / PROMPTS_FILE, data, users, prompts, items, "train")
     trainer = PPOTrainer(policy, reference, tokenizer, scorer, config)
-    key = fingerprint_of("ppo", asdict(config), start_point, prompts)
+    key = fingerprint_of("ppo", run_settings(config), start_point, prompts)
     with step_progress("ppo", config.steps) as update:
         history = trainer.train(
             prompts, log=lambda s: update(s["step"], f"score {s['score']} kl {s['kl']} reward {s['reward']}"),
@@ -251,7 +256,7 @@ def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, o
     triples = [(p.prompt, p.chosen, p.rejected) for p in train]
     held_triples = [(p.prompt, p.chosen, p.rejected) for p in held][:64]
     trainer = DPOTrainer(policy, reference, tokenizer, config)
-    key = fingerprint_of("dpo", asdict(config), start_point, triples)
+    key = fingerprint_of("dpo", run_settings(config), start_point, triples)
     with step_progress("dpo", config.steps) as update:
         history = trainer.train(
             triples, log=lambda s: update(s["step"], f"loss {s['loss']} margin {s['reward_margin']}"),
