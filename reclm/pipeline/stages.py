@@ -407,11 +407,12 @@ def generate_profiles(ctx: StageContext) -> dict:
     variants = [(final, ctx.out)]
     if cfg.stages.ablation:
         variants += [(stage, ctx.out / "ablation" / stage) for stage in chain[:-1]]
-    for stage, folder in variants:
+    for number, (stage, folder) in enumerate(variants, 1):
         folder.mkdir(parents=True, exist_ok=True)
         generator = generator_for(adapters[stage])
         label = "users" if folder == ctx.out else f"users ({stage})"
-        result = generation.generate_records(generator, jobs, params, folder / "users.jsonl", cache, desc=label)
+        desc = f"{label}, pass {number} of {len(variants)}" if len(variants) > 1 else label  # the bar's
+        result = generation.generate_records(generator, jobs, params, folder / "users.jsonl", cache, desc=desc)
         stats[label] = result.to_dict()
         ctx.console.print(f"    {label}: {format_generation(result.to_dict())}", highlight=False)
 
