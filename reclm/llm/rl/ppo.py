@@ -253,11 +253,12 @@ class PPOTrainer:
         stats = dict.fromkeys(("pg_loss", "vf_loss", "clipfrac", "approx_kl"), 0.0)
         updates = 0
         size = cfg.mini_batch_size or len(prompts)
+        targets = Targets(old_logprobs, old_values, advantages, returns, mask)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(prompts), generator=self.generator)
             for start in range(0, len(prompts), size):
                 rows = order[start : start + size].to(self.device)
-                update = self.update(rollout, rows, Targets(old_logprobs, old_values, advantages, returns, mask))
+                update = self.update(rollout, rows, targets)
                 stats = {k: stats[k] + update[k] for k in stats}
                 updates += 1
         self.step_count += 1
