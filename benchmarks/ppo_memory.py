@@ -1,9 +1,9 @@
 """Peak memory and time of PPO steps with and without ``micro_batch_tokens`` (pieces of a mini-batch).
 
 Each setting runs in its own process (peak RSS is per process): the packaged SmolLM2-135M as policy (LoRA)
-and frozen reference, ``--batch`` prompts of about ``--prompt-tokens`` tokens (MIND's user prompts are
-~700), ``--new-tokens`` sampled tokens, a length reward. The RL stage also holds a reward model (one more
-135M model, no gradients): add its ~0.6 GB to compare with a pipeline run.
+and frozen reference, ``--batch`` prompts of about ``--prompt-tokens`` tokens (MIND's RL prompts: 208 on
+average, 938 at most), ``--new-tokens`` sampled tokens, a length reward. The RL stage also holds a reward
+model (one more 135M model, no gradients): add its ~0.6 GB to compare with a pipeline run.
 
     python benchmarks/ppo_memory.py --batch 8 --prompt-tokens 768 --new-tokens 64
 
@@ -33,14 +33,6 @@ def synthetic_prompts(tokenizer, count: int, tokens: int) -> list[str]:
     return prompts
 
 
-def rss_gb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1e6  # kB
-    return 0.0
-
-
 def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
@@ -51,6 +43,7 @@ def measure(args: argparse.Namespace, micro: int | None) -> dict:
 
     from reclm.llm.rl.common import load_policy, load_reference
     from reclm.llm.rl.ppo import PPOConfig, PPOTrainer
+    from reclm.pipeline.cache import process_status_mb
 
     torch.manual_seed(0)
     policy, tokenizer = load_policy(args.model, lora={"r": 8, "alpha": 16})
@@ -58,7 +51,7 @@ def measure(args: argparse.Namespace, micro: int | None) -> dict:
     prompts = synthetic_prompts(tokenizer, args.batch, args.prompt_tokens)
     config = PPOConfig(batch_size=args.batch, max_new_tokens=args.new_tokens, micro_batch_tokens=micro, seed=0, lr=1e-5)
     trainer = PPOTrainer(policy, reference, tokenizer, lambda p, r, ids: [len(x) / 64 for x in ids], config)
-    loaded = rss_gb()
+    loaded = (process_status_mb("VmRSS") or 0.0) * 1024 / 1e6  # KiB / 1e6, as peak_gb
     started = time.perf_counter()
     stats = [trainer.step(prompts) for _ in range(args.steps)]
     seconds = (time.perf_counter() - started) / args.steps

@@ -138,6 +138,17 @@ def package_versions() -> dict[str, str]:
 # ---------------------------------------------------------------- memory
 
 
+def process_status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere only a garbage collection).
     glibc keeps what a process frees for reuse: after PPO (21 GB) the next stage in the same process started
@@ -162,25 +173,15 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
         self._hwm = False
 
-    @staticmethod
-    def _status(key: str) -> float | None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
-
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
-            self.rss_mb = max(self.rss_mb, self._status("VmRSS") or 0.0)
+            self.rss_mb = max(self.rss_mb, process_status_mb("VmRSS") or 0.0)
 
     def __enter__(self) -> PeakMemory:
         release_free_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self._hwm = self._status("VmHWM") is not None
+            self._hwm = process_status_mb("VmHWM") is not None
         except OSError:
             self._hwm = False
         if not self._hwm:
@@ -202,7 +203,7 @@ class PeakMemory:
 
     def __exit__(self, *exc: object) -> None:
         if self._hwm:
-            self.rss_mb = self._status("VmHWM") or 0.0
+            self.rss_mb = process_status_mb("VmHWM") or 0.0
         else:
             self._stop.set()
             if self._thread:

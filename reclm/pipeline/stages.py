@@ -411,7 +411,7 @@ def generate_profiles(ctx: StageContext) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         generator = generator_for(adapters[stage])
         label = "users" if folder == ctx.out else f"users ({stage})"
-        desc = f"{label}, pass {number} of {len(variants)}" if len(variants) > 1 else label  # the bar's
+        desc = f"{label}, pass {number} of {len(variants)}" if len(variants) > 1 else label  # progress bar
         result = generation.generate_records(generator, jobs, params, folder / "users.jsonl", cache, desc=desc)
         stats[label] = result.to_dict()
         ctx.console.print(f"    {label}: {format_generation(result.to_dict())}", highlight=False)

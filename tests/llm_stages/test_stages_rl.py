@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -74,6 +76,26 @@ def test_ppo_kl_penalty_holds_the_policy_back(yes_no_model):
     assert answer_probability(policy, tok, "Yes") < before + 0.1
 
 
+def adapter_weights(policy) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad])
+
+
+@contextlib.contextmanager
+def rows_with_gradients(policy):
+    """The row counts of the policy's forward passes that keep gradients (the training passes)."""
+    rows: list[int] = []
+
+    def count_rows(module, args, kwargs, output):
+        if torch.is_grad_enabled():
+            rows.append(len(kwargs["input_ids"]))
+
+    hook = policy.get_base_model().get_decoder().register_forward_hook(count_rows, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        hook.remove()
+
+
 def ppo_run(model, micro_batch_tokens: int | None, steps: int = 3):
     """A toy PPO run; returns its stats, how far its adapter weights moved, its adapter weights, and the row
     counts of the forward passes that kept gradients."""
@@ -83,18 +105,10 @@ def ppo_run(model, micro_batch_tokens: int | None, steps: int = 3):
     yes = tok("Yes", add_special_tokens=False)["input_ids"][0]
     config = PPOConfig(batch_size=8, lr=1e-3, max_new_tokens=2, seed=0, micro_batch_tokens=micro_batch_tokens)
     trainer = PPOTrainer(policy, reference, tok, lambda p, r, ids: [float(x[:1] == [yes]) for x in ids], config)
-    start = torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad])
-    rows: list[int] = []
-    decoder = policy.get_base_model().get_decoder()
-
-    def count_rows(module, args, kwargs, output):
-        if torch.is_grad_enabled():
-            rows.append(len(kwargs["input_ids"]))
-
-    hook = decoder.register_forward_hook(count_rows, with_kwargs=True)
-    history = [trainer.step(YES_NO_PROMPTS * 4) for _ in range(steps)]
-    hook.remove()
-    weights = torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad])
+    start = adapter_weights(policy)
+    with rows_with_gradients(policy) as rows:
+        history = [trainer.step(YES_NO_PROMPTS * 4) for _ in range(steps)]
+    weights = adapter_weights(policy)
     return history, float((weights - start).abs().max()), weights, rows
 
 
@@ -147,17 +161,10 @@ def test_dpo_in_pieces_makes_the_same_updates_with_one_piece_in_memory(yes_no_mo
         policy, tok = load_policy(yes_no_model, lora={"r": 8, "alpha": 16})
         config = DPOConfig(batch_size=4, lr=1e-3, beta=0.1, micro_batch_tokens=micro_batch_tokens)
         trainer = DPOTrainer(policy, load_reference(yes_no_model), tok, config)
-        rows: list[int] = []
-
-        def count_rows(module, args, kwargs, output):
-            if torch.is_grad_enabled():
-                rows.append(len(kwargs["input_ids"]))
-
-        hook = policy.get_base_model().get_decoder().register_forward_hook(count_rows, with_kwargs=True)
         triples = [(p, "Yes", "No") for p in YES_NO_PROMPTS] + [(p, "Sure", "Never") for p in YES_NO_PROMPTS]
-        history = trainer.train(triples, steps=3)
-        hook.remove()
-        return history, torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad]), rows
+        with rows_with_gradients(policy) as rows:
+            history = trainer.train(triples, steps=3)
+        return history, adapter_weights(policy), rows
 
     whole, whole_weights, whole_rows = run(None)
     pieces, piece_weights, piece_rows = run(1)  # fewer tokens than a pair: a pair a piece

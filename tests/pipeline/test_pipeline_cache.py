@@ -614,9 +614,9 @@ def test_dry_run_estimates_what_is_left_of_an_interrupted_training_stage(tmp_pat
 
 
 def vm_rss_mb() -> float:
-    from reclm.pipeline.cache import PeakMemory
+    from reclm.pipeline.cache import process_status_mb
 
-    return PeakMemory._status("VmRSS") or 0.0
+    return process_status_mb("VmRSS") or 0.0
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
