@@ -123,7 +123,7 @@ def profile_command(
     max_history: int = typer.Option(10, help="Most recent train items in a user prompt (as the teacher)."),
     max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
     prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
-    quantization: str = typer.Option(None, help="ct2: int8 (CPU default) | int8_float32 | float32 | bfloat16..."),
+    quantization: str = typer.Option(None, help="ct2: int8 | float32... (CPU default: int8; float32 where it is off)"),
     threads: int = typer.Option(None, help="CPU threads (default: available cores)."),
     base_url: str = typer.Option("http://127.0.0.1:8000/v1", help="openai: endpoint base URL."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: environment variable with the key."),

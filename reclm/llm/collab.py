@@ -337,10 +337,12 @@ class ProfileWriter:
         max_new_tokens: int = 64,
         cache_path: str | Path | None = None,
         progress: bool = True,
+        quantization: str | None = None,
     ):
         from reclm.llm.generation import DecodeParams, make_generator
 
-        self.generator = make_generator(backend, base_model, adapter, batch_size)
+        options = {"quantization": quantization} if quantization else {}  # ct2 only: None = its default
+        self.generator = make_generator(backend, base_model, adapter, batch_size, **options)
         self.params = DecodeParams(max_new_tokens=max_new_tokens)
         self.cache_path, self.progress = cache_path, progress
 

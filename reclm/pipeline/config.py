@@ -239,7 +239,7 @@ class GenerationOptions(Section):
     seed: int = 0
     users: int | None = Field(None, ge=1)  # profile only the first N users (null = all)
     items: int | None = Field(None, ge=1)
-    quantization: str | None = None  # ctranslate2: int8 (CPU default), int8_float32, bfloat16...
+    quantization: str | None = None  # ctranslate2; null: int8 on CPU, float32 where int8 is off (ct2.py)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai: a server with the tuned model loaded
     served_model: str | None = None  # openai: the served model's name
     api_key_env: str = "OPENAI_API_KEY"

@@ -50,7 +50,8 @@ epochs each. Teacher tokens are counted only for the ``openai`` teacher (the oth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ class DataSize:
     user_prompts: int | None = None  # distinct user prompts, each generated once per writer
     prompt_tokens: float | None = None  # mean tokens of a distinct user prompt (a sample)
     teacher_pair_tokens: float | None = None  # mean tokens of a teacher's user prompt + profile (a sample)
+    user_prompt_keys: list[str] | None = None  # generation-cache keys of the distinct user prompts
 
 
 def data_size(cfg: PipelineConfig, root: Path) -> DataSize:
@@ -105,7 +107,9 @@ def data_size(cfg: PipelineConfig, root: Path) -> DataSize:
     stats = split.stats()
     size = DataSize(data.n_users, data.n_items, stats["train"] + stats["valid"] + stats["test"], stats["train"], saved)
     if cfg.stages.generators():
-        size.user_prompts, size.prompt_tokens = user_prompt_sample(cfg, data, split)
+        prompts = distinct_user_prompts(cfg, data, split)
+        size.user_prompts, size.prompt_tokens = len(prompts), prompt_sample_tokens(cfg, prompts)
+        size.user_prompt_keys = prompt_keys(prompts)
     if cfg.stages.sft and cfg.stages.teacher in FREE_TEACHERS:
         size.teacher_pair_tokens = teacher_pair_tokens(cfg, data, split)
     return size
@@ -150,18 +154,27 @@ def split_of(cfg: PipelineConfig, root: Path) -> tuple[Any, Any, bool]:
     return data, make_split(data, cfg.split.spec()), False
 
 
-def user_prompt_sample(cfg: PipelineConfig, data: Any, split: Any) -> tuple[int, float]:
-    """How many distinct user prompts the profiles stage will generate, and their mean length in tokens
-    (a seeded sample of ``PROMPT_SAMPLE``, the chat template not included)."""
+def distinct_user_prompts(cfg: PipelineConfig, data: Any, split: Any) -> list[str]:
+    """The user prompts the profiles stage will generate, each once."""
     from reclm.llm.prompts import user_prompts
     from reclm.pipeline.stages import prompt_budget
 
     users = range(min(cfg.generation.users, data.n_users)) if cfg.generation.users else None
-    prompts = sorted(set(user_prompts(data, split, users, prompt_budget(cfg)).values()))
+    return sorted(set(user_prompts(data, split, users, prompt_budget(cfg)).values()))
+
+
+def prompt_sample_tokens(cfg: PipelineConfig, prompts: Sequence[str]) -> float:
+    """Mean length in tokens of a seeded sample of ``PROMPT_SAMPLE`` prompts (the chat template not included)."""
     if not prompts:
-        return 0, float(prompt_tokens(cfg))
+        return float(prompt_tokens(cfg))
     picked = np.random.default_rng(0).choice(len(prompts), min(PROMPT_SAMPLE, len(prompts)), replace=False)
-    return len(prompts), mean_tokens([prompts[i] for i in picked], token_counter(cfg.llm.base_model))
+    return mean_tokens([prompts[i] for i in picked], token_counter(cfg.llm.base_model))
+
+
+def prompt_keys(prompts: Sequence[str]) -> list[str]:
+    from reclm.llm.generation.base import prompt_key
+
+    return [prompt_key(p) for p in prompts]
 
 
 def token_counter(model: str) -> Callable[[str], int] | None:
@@ -217,10 +230,10 @@ def speed_setup(stage: str, cfg: PipelineConfig) -> str:
     if stage in LLM_STAGES:
         return f"{cfg.llm.base_model} {current_device()}"
     if stage == "profiles":
-        from reclm.pipeline.stages import generation_backend, generation_batch_size
+        from reclm.pipeline.stages import generation_backend, generation_batch_size, generation_quantization
 
         backend, batch = generation_backend(cfg), generation_batch_size(cfg)
-        quantization = cfg.generation.quantization or "auto"
+        quantization = generation_quantization(cfg) or "-"
         return f"{cfg.llm.base_model} {backend} {quantization} batch {batch} {current_device()}"
     if stage == "encode":
         return f"{cfg.encoder.model} {current_device()}"
@@ -433,10 +446,49 @@ def profile_count(cfg: PipelineConfig, size: DataSize) -> int:
     return users * max(variants, 1) + items
 
 
-def profiles(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
+def profiles(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None, cached: int = 0) -> Estimate:
+    """Writing the profiles, less ``cached`` user profiles the generation cache already holds."""
     if not cfg.stages.generators():
         return Estimate(1.0, 0, 0, "profile", "default")
-    return generation(cfg, size, profile_count(cfg, size), speeds, overhead=MODEL_LOAD_SECONDS)
+    return generation(cfg, size, max(0, profile_count(cfg, size) - cached), speeds, overhead=MODEL_LOAD_SECONDS)
+
+
+def cached_user_profiles(cfg: PipelineConfig, root: Path, size: DataSize, rerun: Collection[str] = ()) -> int:
+    """User profiles the profiles stage will find in the generation cache, summed over its writers: for each
+    writer whose adapter is in the run directory and whose stage is not in ``rerun``, the distinct prompts
+    cached under that adapter's identity (an interrupted profiles stage; the collab stage's distilled
+    profiles). Opens the cache read-only and converts no model: a dry run writes nothing."""
+    from reclm.llm.generation import GenerationCache, cache_identity
+    from reclm.llm.model import model_dir_if_ready
+    from reclm.pipeline.rundir import RunDir
+    from reclm.pipeline.stages import (
+        adapter_of,
+        decode_params,
+        generation_backend,
+        generation_quantization,
+        user_writers,
+    )
+
+    if not size.user_prompt_keys or model_dir_if_ready(cfg.llm.base_model) is None:
+        return 0
+    cache = GenerationCache.existing()
+    if cache is None:
+        return 0
+    run, params, backend = RunDir(root), decode_params(cfg).key(), generation_backend(cfg)
+    found = 0
+    try:
+        for stage in user_writers(cfg):
+            adapter = adapter_of(run, stage)
+            if adapter is None or stage in rerun:
+                continue
+            identity = cache_identity(backend, cfg.llm.base_model, adapter, quantization=generation_quantization(cfg))
+            if identity is not None:
+                found += len(cache.get(identity, params, size.user_prompt_keys))
+    except sqlite3.Error:  # not a generation cache (yet): nothing is cached
+        return 0
+    finally:
+        cache.close()
+    return found
 
 
 def generation(cfg: PipelineConfig, size: DataSize, n: int, speeds: SpeedBook | None, overhead: float) -> Estimate:

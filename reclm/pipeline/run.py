@@ -77,6 +77,12 @@ def dry_run(
         if step is not None:
             guess = est.remaining(stage.name, pipeline.config, size, pipeline.speeds, step)
             reason += f", resumes at step {step}"
+        if stage.name == "profiles":
+            rerun = {p.stage.name for p in plans if p.action == "run"}
+            cached = est.cached_user_profiles(pipeline.config, pipeline.root, size, rerun)
+            if cached:
+                guess = est.profiles(pipeline.config, size, pipeline.speeds, cached=cached)
+                reason += f", {cached:,} cached"
         total_seconds += guess.seconds
         total_tokens += guess.tokens
         work = f"{guess.units:,.0f} {guess.unit}" if guess.unit else ""

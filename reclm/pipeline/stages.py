@@ -225,9 +225,13 @@ def run_collab(ctx: StageContext) -> dict:
     return {**summary, "tokens": {"train": train.get("train_tokens", 0)}, "units": opts.steps, "unit": "step"}
 
 
-def writer_options(cfg: PipelineConfig) -> dict[str, int]:
+def writer_options(cfg: PipelineConfig) -> dict[str, Any]:
     """ProfileWriter options of collaborative tuning's distilled profiles (also in its cache key)."""
-    return {"batch_size": generation_batch_size(cfg), "max_new_tokens": cfg.generation.max_new_tokens}
+    return {
+        "batch_size": generation_batch_size(cfg),
+        "max_new_tokens": cfg.generation.max_new_tokens,
+        **precision_key(cfg),
+    }
 
 
 def on_cuda() -> bool:
@@ -251,6 +255,22 @@ def generation_batch_size(cfg: PipelineConfig) -> int:
     if size is not None:
         return size
     return 256 if on_cuda() else 16
+
+
+def generation_quantization(cfg: PipelineConfig) -> str | None:
+    """The CTranslate2 precision the profiles are written at (``auto`` resolved: it depends on the CPU)."""
+    if generation_backend(cfg) != "ctranslate2":
+        return None
+    from reclm.llm.generation.ct2 import ct2_device, default_quantization
+
+    return cfg.generation.quantization or default_quantization(ct2_device(None))
+
+
+def precision_key(cfg: PipelineConfig) -> dict[str, str]:
+    """``{"quantization": q}`` for stage keys when CTranslate2 writes at ``q`` other than int8, else empty:
+    int8 was the only CPU precision before it came to depend on the CPU, so runs made at int8 keep their keys."""
+    quantization = generation_quantization(cfg)
+    return {} if quantization in (None, "int8") else {"quantization": quantization}
 
 
 def writer_backend(cfg: PipelineConfig) -> str:
@@ -387,7 +407,7 @@ def generate_profiles(ctx: StageContext) -> dict:
     missing = [stage for stage, path in adapters.items() if path is None]
     if missing:
         raise StageUnavailable(f"stage 'profiles': no adapter from {', '.join(missing)} (expected <stage>/adapter)")
-    params = generation.DecodeParams(gen.max_new_tokens, gen.temperature, gen.top_p, 0, gen.seed)
+    params = decode_params(cfg)
     budget = prompt_budget(cfg)
     cache = generation.GenerationCache()
     generators: dict[str, Any] = {}
@@ -404,9 +424,7 @@ def generate_profiles(ctx: StageContext) -> dict:
     user_prompts = prompts_mod.user_prompts(data, split, users, budget)
     jobs = [generation.Job("user", data.user_ids[u], p) for u, p in user_prompts.items()]
     final = chain[-1]
-    variants = [(final, ctx.out)]
-    if cfg.stages.ablation:
-        variants += [(stage, ctx.out / "ablation" / stage) for stage in chain[:-1]]
+    variants = [(stage, ctx.out if stage == final else ctx.out / "ablation" / stage) for stage in user_writers(cfg)]
     for number, (stage, folder) in enumerate(variants, 1):
         folder.mkdir(parents=True, exist_ok=True)
         generator = generator_for(adapters[stage])
@@ -446,6 +464,21 @@ def generate_profiles(ctx: StageContext) -> dict:
         {"params": params.key(), "adapters": adapters_json(adapters, item_adapter), **stats},
     )
     return {"tokens": tokens, "units": generated, "unit": "profile", "generation": stats}
+
+
+def user_writers(cfg: PipelineConfig) -> list[str]:
+    """The stages whose adapters write the user profiles, in the order the profiles stage runs them: the
+    last generator, then (with ``stages.ablation``) each earlier one."""
+    chain = cfg.stages.generators()
+    return [chain[-1], *chain[:-1]] if chain and cfg.stages.ablation else chain[-1:]
+
+
+def decode_params(cfg: PipelineConfig) -> Any:
+    """The profiles stage's decoding parameters (part of every generation-cache key)."""
+    from reclm.llm.generation import DecodeParams
+
+    gen = cfg.generation
+    return DecodeParams(gen.max_new_tokens, gen.temperature, gen.top_p, 0, gen.seed)
 
 
 def make_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None) -> Any:
@@ -802,7 +835,11 @@ def build_stages() -> list[Stage]:
             needs=("prepare", "teacher", "sft", "neighbours", "collab", "rl", "item_side"),
             config=lambda c: {
                 **c.section("generation", "prompt"),
-                "resolved": {"backend": generation_backend(c), "batch_size": generation_batch_size(c)},
+                "resolved": {
+                    "backend": generation_backend(c),
+                    "batch_size": generation_batch_size(c),
+                    **precision_key(c),
+                },
                 "base": c.llm.base_model,
                 "chain": c.stages.generators(),
                 "ablation": c.stages.ablation,

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from reclm.llm.generation import DecodeParams, make_generator
 from reclm.llm.generation.base import finish, stop_token_ids
-from reclm.llm.generation.ct2 import CT2Generator, common_prefix_length
+from reclm.llm.generation.ct2 import (
+    CT2Generator,
+    common_prefix_length,
+    cpu_vendor_and_flags,
+    default_quantization,
+    int8_tracks_float32,
+)
 from reclm.llm.generation.hf import TransformersGenerator
 from reclm.llm.model import load_tokenizer
 
@@ -39,15 +47,37 @@ def test_ct2_matches_transformers_with_a_merged_adapter(tiny_model, tiny_adapter
     assert tuned.identity.split("adapter=")[1] == fast.identity.split("adapter=")[1] != "none"
 
 
-def test_int8_stays_close_to_float32_and_outputs_one_line(tiny_model, prompts):
+def test_the_cpu_default_precision_stays_close_to_float32_and_outputs_one_line(tiny_model, prompts):
+    """int8 where this CPU's int8 kernels track float32 (it keeps at least the first token), else float32."""
     exact = CT2Generator(tiny_model, quantization="float32", device="cpu").generate(prompts, GREEDY)
-    fast = make_generator("ct2", tiny_model, batch_size=8)  # CPU default: int8
-    assert fast.quantization == "int8" and fast.identity.startswith("ct2-int8|")
+    fast = make_generator("ct2", tiny_model, batch_size=8)  # the CPU default
+    int8 = int8_tracks_float32(*cpu_vendor_and_flags(), os.environ.get("CT2_USE_MKL"))
+    expected = "int8" if int8 else "float32"
+    assert fast.quantization == expected and fast.identity.startswith(f"ct2-{expected}|")
     approx = fast.generate(prompts, GREEDY)
     tokenizer = load_tokenizer(tiny_model)
     first = [tokenizer(t, add_special_tokens=False)["input_ids"][:1] for t in (*exact, *approx)]
-    assert first[: len(prompts)] == first[len(prompts) :]  # quantisation keeps at least the first token
+    assert first[: len(prompts)] == first[len(prompts) :]
+    if not int8:
+        assert approx == exact
     assert all("\n" not in t for t in fast.generate(prompts, DecodeParams(max_new_tokens=12)))
+
+
+def test_int8_is_the_cpu_default_only_where_its_kernels_track_float32(tmp_path):
+    """CTranslate2 runs int8 with MKL on Intel CPUs and with oneDNN elsewhere, whose AVX2 path (no VNNI)
+    is far off float32 (measured on an AMD EPYC, Zen 1)."""
+    assert int8_tracks_float32("GenuineIntel", {"avx2", "avx512f"})
+    assert not int8_tracks_float32("AuthenticAMD", {"avx2", "fma"})
+    assert int8_tracks_float32("AuthenticAMD", {"avx2", "avx512_vnni"})
+    assert int8_tracks_float32("AuthenticAMD", {"avx2"}, use_mkl="1")
+    assert not int8_tracks_float32("GenuineIntel", {"avx2"}, use_mkl="0")  # oneDNN forced, no VNNI
+    assert int8_tracks_float32("", set())  # not x86: int8 as before
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2{extra}\n\n"
+    cpuinfo.write_text(block.format(n=0, extra="") + block.format(n=1, extra=" avx512_vnni"))
+    assert cpu_vendor_and_flags(cpuinfo) == ("AuthenticAMD", {"fpu", "sse", "avx2"})
+    assert cpu_vendor_and_flags(tmp_path / "missing") == ("", set())
+    assert default_quantization("cuda") == "int8_bfloat16"
 
 
 def test_seeded_sampling_is_reproducible(tiny_model, reference, prompts):
@@ -78,3 +108,17 @@ def test_decode_params_and_helpers():
     assert tokenizer("User", add_special_tokens=False)["input_ids"][0] not in stops
     with pytest.raises(ValueError, match="unknown generation backend"):
         make_generator("llamacpp")
+
+
+def test_cache_identity_is_the_identity_the_loaded_generator_files_its_outputs_under(tiny_model, tiny_adapter):
+    """The dry run counts cached profiles under ``cache_identity`` without loading a model: it must be the
+    string the generator itself uses, for each local backend, precision and adapter."""
+    from reclm.llm.generation import cache_identity
+
+    for backend, options in (("ct2", {}), ("ct2", {"quantization": "float32"}), ("transformers", {})):
+        for adapter in (None, tiny_adapter):
+            with make_generator(backend, tiny_model, adapter, threads=1, **options) as generator:
+                assert cache_identity(backend, tiny_model, adapter, **options) == generator.identity
+    assert cache_identity("ctranslate2", tiny_model) == cache_identity("ct2", tiny_model)
+    assert cache_identity("ct2", tiny_model, tiny_adapter) != cache_identity("ct2", tiny_model)
+    assert cache_identity("openai", "served-model") is None  # reclm cannot fingerprint a served model

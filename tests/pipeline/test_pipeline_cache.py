@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from reclm.llm.generation import DecodeParams
 from reclm.pipeline.cache import Pipeline, Stage, StageContext, StageError
 from reclm.pipeline.config import PipelineConfig
 
@@ -403,6 +404,55 @@ def test_dry_run_counts_distinct_user_prompts_and_measures_their_length(tmp_path
     assert plan.tokens == int(plan.units * (size.prompt_tokens + estimate.TEMPLATE_TOKENS + 48))
 
 
+def save_lora(model: Path, folder: Path, seed: int) -> Path:
+    """A real (untrained) LoRA adapter of ``model``: what a writer stage leaves in ``<stage>/adapter``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(folder)
+    return folder
+
+
+def test_dry_run_prices_only_the_user_profiles_the_generation_cache_lacks(tmp_path):
+    """An interrupted profiles stage resumes from the generation cache (MIND: hours of profiles): the dry
+    run counts, per writer whose adapter is in the run directory, the run's prompts cached under that
+    adapter's identity and these decoding parameters, and leaves them out of the estimate."""
+    from reclm.llm.generation import GenerationCache, cache_identity
+    from reclm.llm.model import build_tiny_model
+    from reclm.pipeline import estimate
+    from reclm.pipeline.stages import decode_params, generation_backend, user_writers
+
+    model = build_tiny_model(tmp_path / "model")
+    base = two_history_config(tmp_path)
+    config = PipelineConfig.model_validate(
+        {**base.model_dump(), "llm": {**base.llm.model_dump(), "base_model": str(model)}}
+    )
+    root = tmp_path / "run"
+    assert user_writers(config) == ["rl", "sft", "collab"]  # the last writer first, then the ablation's
+    adapters = {stage: save_lora(model, root / stage / "adapter", seed) for seed, stage in enumerate(("sft", "rl"))}
+    size = estimate.data_size(config, root)
+    first, second = size.user_prompt_keys
+    assert estimate.cached_user_profiles(config, root, size) == 0, "no generation cache yet"
+
+    identity = {s: cache_identity(generation_backend(config), str(model), a) for s, a in adapters.items()}
+    params = decode_params(config).key()
+    cache = GenerationCache()
+    cache.put(identity["rl"], params, [(first, "User identity: a; User interests: b.")])
+    cache.put(identity["sft"], params, [(first, "x"), (second, "y")])
+    cache.put(identity["rl"], DecodeParams(max_new_tokens=7).key(), [(second, "other decoding")])
+    cache.put(identity["rl"], params, [("another run's prompt", "z")])
+    cache.close()
+
+    assert estimate.cached_user_profiles(config, root, size) == 3  # collab has no adapter: nothing of it
+    assert estimate.cached_user_profiles(config, root, size, rerun={"sft"}) == 1, "a retrained sft is new"
+    whole, left = estimate.profiles(config, size), estimate.profiles(config, size, cached=3)
+    assert whole.units == 2 * 3 + 6 and left.units == whole.units - 3
+    assert left.seconds < whole.seconds
+
+
 def test_measured_speeds_apply_to_the_same_setup_scaled_by_tokens(tmp_path):
     """A speed measured with CTranslate2 says nothing about transformers; within one setup, longer
     prompts cost proportionally more."""
@@ -491,6 +541,7 @@ SLOW_STAGE_SCRIPT = """
 import sys, time
 from pathlib import Path
 from rich.console import Console
+from reclm.llm.generation import DecodeParams
 from reclm.pipeline.cache import Pipeline, Stage
 from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.run import terminate_as_interrupt

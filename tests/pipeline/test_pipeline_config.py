@@ -125,7 +125,7 @@ def test_cli_rejects_an_unknown_stage_name():
 
 
 def test_auto_generation_backend_follows_the_device(monkeypatch):
-    """`auto`: CTranslate2 int8 on CPU (faster there), transformers on CUDA; the MIND and Netflix configs use it."""
+    """`auto`: CTranslate2 on CPU (faster there), transformers on CUDA; the MIND and Netflix configs use it."""
     import reclm.llm.model as model
     from reclm.pipeline.stages import generation_backend, writer_backend
 

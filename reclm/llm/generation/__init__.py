@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from reclm.llm.generation.base import DecodeParams, Generator, prompt_key
+from reclm.llm.generation.base import DecodeParams, Generator, local_identity, prompt_key
 from reclm.llm.generation.runner import GenerationCache, GenerationStats, Job, generate_records, generate_texts
 
 BACKENDS = ("ct2", "transformers", "openai")
+ALIASES = {"ctranslate2": "ct2", "hf": "transformers"}
 
 
 def make_generator(
@@ -27,7 +28,7 @@ def make_generator(
     ``openai`` takes endpoint options (``base_url``, ``model`` = the served model name, ``concurrency``...)."""
     from reclm.llm.model import DEFAULT_MODEL
 
-    backend = {"ctranslate2": "ct2", "hf": "transformers"}.get(backend, backend)
+    backend = ALIASES.get(backend, backend)
     if backend == "ct2":
         from reclm.llm.generation.ct2 import CT2Generator
 
@@ -47,6 +48,28 @@ def make_generator(
     raise ValueError(f"unknown generation backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
+def cache_identity(
+    backend: str,
+    model: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = None,
+    device: str | None = None,
+    quantization: str | None = None,
+) -> str | None:
+    """The identity a local generator would file its outputs under in the generation cache, computed
+    without loading it (a dry run counts what a resumed run finds cached); None for ``openai``."""
+    from reclm.llm.model import DEFAULT_MODEL, default_dtype, resolve_device
+
+    backend, model = ALIASES.get(backend, backend), model or DEFAULT_MODEL
+    if backend == "ct2":
+        from reclm.llm.generation.ct2 import ct2_device, default_quantization
+
+        return local_identity(f"ct2-{quantization or default_quantization(ct2_device(device))}", model, adapter)
+    if backend == "transformers":
+        dtype = str(default_dtype(resolve_device(device))).replace("torch.", "")
+        return local_identity(f"transformers-{dtype}", model, adapter)
+    return None
+
+
 __all__ = [
     "BACKENDS",
     "DecodeParams",
@@ -54,6 +77,7 @@ __all__ = [
     "GenerationStats",
     "Generator",
     "Job",
+    "cache_identity",
     "generate_records",
     "generate_texts",
     "make_generator",

@@ -53,6 +53,14 @@ def prompt_key(prompt: Prompt, system: str | None = SYSTEM_PROMPT) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def local_identity(engine: str, model: Any, adapter: Any) -> str:
+    """``<engine>|<model>@<fingerprint>|adapter=<fingerprint>``: what the generation cache files a local
+    backend's outputs under (``engine`` names the backend and its precision, e.g. ``ct2-int8``)."""
+    from reclm.llm.model import adapter_identity, model_identity
+
+    return f"{engine}|{model_identity(model)}|adapter={adapter_identity(adapter)}"
+
+
 def finish(text: str, params: DecodeParams) -> str:
     """A generated text cut at the first newline (single-line outputs) and stripped."""
     if params.single_line:

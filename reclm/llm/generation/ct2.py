@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from reclm.llm.chat import SYSTEM_PROMPT, Prompt, prompt_ids
-from reclm.llm.generation.base import DecodeParams, Generator, finish, sorted_batches, stop_token_ids
+from reclm.llm.generation.base import (
+    DecodeParams,
+    Generator,
+    finish,
+    local_identity,
+    sorted_batches,
+    stop_token_ids,
+)
 from reclm.llm.model import (
     DEFAULT_MODEL,
     adapter_identity,
@@ -41,6 +48,46 @@ def ct2_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
     return device
+
+
+def default_quantization(device: str) -> str:
+    """int8 on a GPU (with bf16) and on CPUs whose int8 kernels track float32; float32 on the others."""
+    if device != "cpu":
+        return "int8_bfloat16"
+    return "int8" if int8_tracks_float32(*cpu_vendor_and_flags(), os.environ.get("CT2_USE_MKL")) else "float32"
+
+
+def cpu_vendor_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """``(vendor_id, flags)`` of the first CPU in ``cpuinfo`` (empty where there is no such file)."""
+    vendor, flags = "", set()
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return vendor, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id" and not vendor:
+            vendor = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return vendor, flags
+
+
+def int8_tracks_float32(vendor: str, flags: set[str], use_mkl: str | None = None) -> bool:
+    """Whether CTranslate2's int8 CPU kernels give about float32's outputs here.
+
+    CTranslate2 runs int8 with Intel MKL on Intel CPUs (or where ``CT2_USE_MKL=1``) and with oneDNN on the
+    others, whose AVX2 int8 path (no VNNI: AMD before Zen 4) is far off. Measured on an AMD EPYC (Zen 1,
+    AVX2): int8 kept float32's first greedy token on 2 of 24 prompts of the test model (23 of 24 with
+    MKL) and wrote 20 of 48 SmolLM2 profiles as float32 did, some with words repeated ("Drama, Drama"),
+    while float32 ran at 0.95x int8's speed. With VNNI (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 is
+    expected to be exact like MKL's (not measured here). CPUs that are not x86 (no ``flags``) keep int8.
+    """
+    if use_mkl is not None:
+        return use_mkl.strip() == "1" or bool({"avx512_vnni", "avx_vnni"} & flags)
+    if not flags:
+        return True
+    return vendor == "GenuineIntel" or bool({"avx512_vnni", "avx_vnni"} & flags)
 
 
 def convert_to_ct2(
@@ -107,7 +154,7 @@ class CT2Generator(Generator):
     ):
         super().__init__()
         self.device = ct2_device(device)
-        self.quantization = quantization or ("int8" if self.device == "cpu" else "int8_bfloat16")
+        self.quantization = quantization or default_quantization(self.device)
         self.path = convert_to_ct2(model, adapter, self.quantization)
         self.threads = threads or int(os.environ.get("RECLM_THREADS", 0)) or available_cores()
         self.compute_type = compute_type
@@ -118,7 +165,7 @@ class CT2Generator(Generator):
         self.static_prefix = static_prefix
         self.system = system
         self._static: list[int] | None = None
-        self._identity = f"ct2-{self.quantization}|{model_identity(model)}|adapter={adapter_identity(adapter)}"
+        self._identity = local_identity(f"ct2-{self.quantization}", model, adapter)
 
     def load(self, workers: int = 1) -> Any:
         """A CTranslate2 generator: ``workers`` batches at a time, the cores shared among them."""

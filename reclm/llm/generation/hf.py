@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from reclm.llm.chat import SYSTEM_PROMPT, Prompt, prompt_ids
-from reclm.llm.generation.base import DecodeParams, Generator, finish, sorted_batches, stop_token_ids
-from reclm.llm.model import DEFAULT_MODEL, adapter_identity, load_base, model_identity
+from reclm.llm.generation.base import DecodeParams, Generator, finish, local_identity, sorted_batches, stop_token_ids
+from reclm.llm.model import DEFAULT_MODEL, load_base
 from reclm.utils import torch_threads
 
 
@@ -33,7 +33,7 @@ class TransformersGenerator(Generator):
         self.batch_size = batch_size
         self.system = system
         dtype_name = str(self.model.dtype).replace("torch.", "")
-        self._identity = f"transformers-{dtype_name}|{model_identity(model)}|adapter={adapter_identity(adapter)}"
+        self._identity = local_identity(f"transformers-{dtype_name}", model, adapter)
 
     @property
     def identity(self) -> str:

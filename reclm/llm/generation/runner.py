@@ -31,19 +31,37 @@ class Job:
     prompt: Prompt
 
 
+def default_cache_path() -> Path:
+    return cache_root() / "generations.sqlite"
+
+
 class GenerationCache:
     """``(generator identity, decoding params, prompt hash) -> text`` in SQLite (thread-safe in one process)."""
 
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else cache_root() / "generations.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path | None = None, readonly: bool = False):
+        self.path = Path(path) if path else default_cache_path()
         self.lock = threading.Lock()
+        if readonly:  # a dry run looks, and creates nothing
+            self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS gen (generator TEXT, params TEXT, prompt TEXT, text TEXT, "
             "PRIMARY KEY (generator, params, prompt))"
         )
         self.db.commit()
+
+    @classmethod
+    def existing(cls, path: str | Path | None = None) -> GenerationCache | None:
+        """The cache opened read-only, or None when there is none yet."""
+        path = Path(path) if path else default_cache_path()
+        if not path.is_file():
+            return None
+        try:
+            return cls(path, readonly=True)
+        except sqlite3.Error:
+            return None
 
     def get(self, generator: str, params: str, keys: Sequence[str]) -> dict[str, str]:
         found: dict[str, str] = {}
