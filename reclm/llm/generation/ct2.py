@@ -40,6 +40,7 @@ from reclm.llm.model import (
 from reclm.utils import available_cores, cache_root
 
 MIN_STATIC_PREFIX = 8  # shorter shared prefixes are not worth a cached state
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})  # CPUs with int8 dot-product instructions
 
 
 def ct2_device(device: str | None) -> str:
@@ -83,11 +84,10 @@ def int8_tracks_float32(vendor: str, flags: set[str], use_mkl: str | None = None
     while float32 ran at 0.95x int8's speed. With VNNI (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 is
     expected to be exact like MKL's (not measured here). CPUs that are not x86 (no ``flags``) keep int8.
     """
+    vnni = bool(VNNI_FLAGS & flags)
     if use_mkl is not None:
-        return use_mkl.strip() == "1" or bool({"avx512_vnni", "avx_vnni"} & flags)
-    if not flags:
-        return True
-    return vendor == "GenuineIntel" or bool({"avx512_vnni", "avx_vnni"} & flags)
+        return use_mkl.strip() == "1" or vnni
+    return not flags or vendor == "GenuineIntel" or vnni
 
 
 def convert_to_ct2(
