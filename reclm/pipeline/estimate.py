@@ -442,8 +442,9 @@ def profile_count(cfg: PipelineConfig, size: DataSize) -> int:
     the chain), plus the items."""
     users = size.user_prompts if size.user_prompts is not None else min(cfg.generation.users or size.users, size.users)
     items = min(cfg.generation.items or size.items, size.items)
-    variants = len(cfg.stages.generators()) if cfg.stages.ablation else 1
-    return users * max(variants, 1) + items
+    from reclm.pipeline.stages import user_writers
+
+    return users * max(len(user_writers(cfg)), 1) + items
 
 
 def profiles(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None, cached: int = 0) -> Estimate:
@@ -475,13 +476,14 @@ def cached_user_profiles(cfg: PipelineConfig, root: Path, size: DataSize, rerun:
     if cache is None:
         return 0
     run, params, backend = RunDir(root), decode_params(cfg).key(), generation_backend(cfg)
+    quantization = generation_quantization(cfg)
     found = 0
     try:
         for stage in user_writers(cfg):
             adapter = adapter_of(run, stage)
             if adapter is None or stage in rerun:
                 continue
-            identity = cache_identity(backend, cfg.llm.base_model, adapter, quantization=generation_quantization(cfg))
+            identity = cache_identity(backend, cfg.llm.base_model, adapter, quantization=quantization)
             if identity is not None:
                 found += len(cache.get(identity, params, size.user_prompt_keys))
     except sqlite3.Error:  # not a generation cache (yet): nothing is cached

@@ -13,10 +13,12 @@ Sampling keeps one worker, so that its random stream (seeded per worker) gives t
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +60,11 @@ def default_quantization(device: str) -> str:
     return "int8" if int8_tracks_float32(*cpu_vendor_and_flags(), os.environ.get("CT2_USE_MKL")) else "float32"
 
 
-def cpu_vendor_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
-    """``(vendor_id, flags)`` of the first CPU in ``cpuinfo`` (empty where there is no such file)."""
-    vendor, flags = "", set()
+@functools.cache
+def cpu_vendor_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """``(vendor_id, flags)`` of the first CPU in ``cpuinfo`` (empty where there is no such file); read once
+    per process (stage keys ask for the default precision several times a run)."""
+    vendor, flags = "", frozenset()
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
@@ -70,19 +74,20 @@ def cpu_vendor_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]
         if key.strip() == "vendor_id" and not vendor:
             vendor = value.strip()
         elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
+            flags = frozenset(value.split())
     return vendor, flags
 
 
-def int8_tracks_float32(vendor: str, flags: set[str], use_mkl: str | None = None) -> bool:
+def int8_tracks_float32(vendor: str, flags: AbstractSet[str], use_mkl: str | None = None) -> bool:
     """Whether CTranslate2's int8 CPU kernels give about float32's outputs here.
 
     CTranslate2 runs int8 with Intel MKL on Intel CPUs (or where ``CT2_USE_MKL=1``) and with oneDNN on the
     others, whose AVX2 int8 path (no VNNI: AMD before Zen 4) is far off. Measured on an AMD EPYC (Zen 1,
     AVX2): int8 kept float32's first greedy token on 2 of 24 prompts of the test model (23 of 24 with
     MKL) and wrote 20 of 48 SmolLM2 profiles as float32 did, some with words repeated ("Drama, Drama"),
-    while float32 ran at 0.95x int8's speed. With VNNI (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 is
-    expected to be exact like MKL's (not measured here). CPUs that are not x86 (no ``flags``) keep int8.
+    while float32 ran at 0.95x int8's speed (0.87x over ml-100k's profiles stage). With VNNI
+    (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 is expected to be exact like MKL's (not measured here).
+    CPUs that are not x86 (no ``flags``) keep int8.
     """
     vnni = bool(VNNI_FLAGS & flags)
     if use_mkl is not None:
