@@ -86,7 +86,9 @@ def int8_tracks_float32(vendor: str, flags: AbstractSet[str], use_mkl: str | Non
     AVX2): int8 kept float32's first greedy token on 2 of 24 prompts of the test model (23 of 24 with
     MKL) and wrote 20 of 48 SmolLM2 profiles as float32 did, some with words repeated ("Drama, Drama"),
     while float32 ran at 0.95x int8's speed (0.87x over ml-100k's profiles stage). With VNNI
-    (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 is expected to be exact like MKL's (not measured here).
+    (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 tracks float32: measured on an AMD EPYC (Zen 4), the
+    test model's first tokens all matched and the writer kept the first three words of all 192 profiles
+    (101 identical, 192 in the format against float32's 191) at 1.8x float32's speed.
     CPUs that are not x86 (no ``flags``) keep int8.
     """
     vnni = bool(VNNI_FLAGS & flags)
