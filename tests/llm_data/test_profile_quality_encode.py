@@ -106,3 +106,16 @@ def test_encode_from_teacher_and_missing_inputs(tmp_path, encoder):
     assert list(metas) == ["item"] and metas["item"]["source"] == "teacher/items.jsonl"
     with pytest.raises(ValueError, match="source"):
         encode_run(tmp_path, source="elsewhere", encoder=encoder)
+
+
+def test_encoding_in_chunks_matches_one_call_and_logs_progress(tmp_path, encoder, capsys):
+    """Chunks of CHUNK_BATCHES batches, each a progress step (a line in a log, not a tqdm flood)."""
+    chunked = TextEncoder(cache_dir=tmp_path, batch_size=2, show_progress=True)
+    texts = [f"User identity: reader {i}; User interests: topic {i % 7}, genre {i % 3}." for i in range(70)]
+    vectors = chunked.encode(texts, desc="profiles")  # 70 texts in chunks of 32: 32, 32, 6
+    whole = encoder.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    assert vectors.shape == (70, encoder.dim) and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, whole, atol=1e-5)
+    out = capsys.readouterr()
+    assert out.out.splitlines()[-1].startswith("profiles: 70/70 (100%)")
+    assert "Batches" not in out.err + out.out
