@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
-from typing import Any
+import sys
+from collections.abc import Callable, Mapping
+from typing import IO, Any
 
 import typer
 from rich.console import Console
@@ -19,8 +20,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+LOG_WIDTH = 160  # columns of tables and lines written to a file or a pipe (rich would wrap them at 80)
+
+
+def log_width(stream: IO[str], environ: Mapping[str, str] | None = None) -> int | None:
+    """``None`` (rich sizes to the terminal, or honours ``COLUMNS``) on a terminal or where ``COLUMNS`` is
+    set; else :data:`LOG_WIDTH`, so a log or CI output keeps each plan row and stage line on one line."""
+    environ = os.environ if environ is None else environ
+    isatty = getattr(stream, "isatty", None)
+    if environ.get("COLUMNS") or (isatty is not None and isatty()):
+        return None
+    return LOG_WIDTH
+
+
+console = Console(stderr=False, width=log_width(sys.stdout))
+err_console = Console(stderr=True, width=log_width(sys.stderr))
 
 # Errors a user can fix from the message alone: printed as one line, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, ValueError)

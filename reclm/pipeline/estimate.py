@@ -44,13 +44,27 @@ Default constants (reference machine, measured with the pipeline's own stages un
   (a packaged model not yet converted: ml-100k prompts 3.1, MIND's 4.0 characters per token).
 - TEMPLATE_TOKENS: the chat template and system prompt around a prompt (ml-100k: 205 vs 185 tokens).
 
+On another CPU the defaults are scaled by :func:`speed_factor`: ``(REFERENCE_MATMUL_GFLOPS / this
+CPU's fp32 matmul GFLOPS) ** SPEED_EXPONENT``, from a 0.1-0.3 s matrix product at the dry run (not on
+CUDA, whose constants are their own, nor for an endpoint: the ``openai`` teacher and backend).
+REFERENCE_MATMUL_GFLOPS is inferred, not measured: the Xeon was gone when this was added. A 2-core AMD
+EPYC Zen 4 measured 165 GFLOPS (1024 x 1024, 2 threads) and ran ml-100k's torch stages in about 1.2x the
+Xeon's time (SFT 3.2 against 2.8 min, CF 5.9 against 4.8); a Zen 1 measured 53 and took 2.2-2.3x the Zen
+4's time (SFT, DPO, item side, CF: 7.3, 3.7, 5.4, 13.3 min against 3.2, 1.7, 2.4, 5.9), hence the
+exponent log(2.25) / log(165 / 53) = 0.72 and the reference 165 x 1.2 ** (1 / 0.72) = 212. Generation
+follows less: CTranslate2 int8 on the Zen 4 (VNNI) was 1.3x *faster* than on the Xeon. ``RECLM_SPEED_FACTOR``
+sets the factor (1: the reference machine's speeds). A measured speed is never scaled.
+
 The CF runs stop early (``patience``), so their estimate is an upper bound: ``cf.params.epochs``
 epochs each. Teacher tokens are counted only for the ``openai`` teacher (the others are free).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +98,9 @@ CHARS_PER_TOKEN = 3.5
 TEMPLATE_TOKENS = 20
 COMPARABLE_TOKENS = 2.0  # a measured speed is scaled to at most 2x (or 1/2) its tokens per unit
 PROMPT_SAMPLE = 128  # distinct user prompts tokenized for the mean prompt length
+REFERENCE_MATMUL_GFLOPS = 212.0  # the reference machine's matmul_gflops(), inferred (module docstring)
+SPEED_EXPONENT = 0.72
+SPEED_FACTOR_BOUNDS = (0.25, 8.0)
 LLM_STAGES = ("sft", "collab", "reward", "rl", "item_side")
 FREE_TEACHERS = ("file", "offline")  # run by the dry-run to measure the SFT pairs (openai would cost money)
 
@@ -223,6 +240,46 @@ def generation_tokens_per_second(backend: str) -> float:
     return GENERATION_TOKENS_PER_SECOND[backend]
 
 
+@functools.cache
+def matmul_gflops(size: int = 1024, repeats: int = 3, rounds: int = 3) -> float:
+    """fp32 GFLOPS of ``size`` x ``size`` matrix products on torch's threads, the fastest of ``rounds``
+    (once per process; other work on the machine lowers it, as it slows the run)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: thread pool and caches
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * repeats / best / 1e9
+
+
+def speed_factor_for(gflops: float) -> float:
+    """How many times the reference machine's time a CPU-bound stage takes where matmul runs at ``gflops``."""
+    low, high = SPEED_FACTOR_BOUNDS
+    return float(min(high, max(low, (REFERENCE_MATMUL_GFLOPS / gflops) ** SPEED_EXPONENT)))
+
+
+def speed_factor() -> float:
+    """The factor on the default (reference machine) speeds here: ``RECLM_SPEED_FACTOR`` when set, 1 on
+    CUDA (its constants were measured on one), else :func:`speed_factor_for` this CPU's matmul speed."""
+    raw = os.environ.get("RECLM_SPEED_FACTOR", "")
+    if raw:
+        try:
+            factor = float(raw)
+        except ValueError:
+            factor = 0.0
+        if factor <= 0:
+            raise ValueError(f"RECLM_SPEED_FACTOR={raw!r}: expected a positive number (1: the reference speeds)")
+        return factor
+    if current_device().startswith("cuda"):
+        return 1.0
+    return speed_factor_for(matmul_gflops())
+
+
 def speed_setup(stage: str, cfg: PipelineConfig) -> str:
     """What sets a stage's speed besides its size: a speed measured in one setup is reused only in the same."""
     if stage == "rl":  # a PPO step (rollouts, reward model, value head) costs several DPO steps
@@ -251,6 +308,7 @@ def calibrated(
     overhead: float = 0.0,
     setup: str = "",
     tokens_per_unit: float | None = None,
+    local: bool = True,
 ) -> tuple[float, str]:
     """``(seconds, basis)``: the measured speed of this stage and setup when there is one (scaled by
     ``tokens_per_unit`` against the measured run's tokens per unit), else ``default_spu``.
@@ -258,16 +316,18 @@ def calibrated(
     A measurement is used only when its tokens per unit are within ``COMPARABLE_TOKENS`` of the
     estimate's: a stage's time includes fixed costs (loading, held-out evaluation, optimizer steps)
     that do not grow with tokens, so a tiny run's speed scaled up to long sequences overestimates
-    (ml-100k's SFT at 461 tokens per step, 10.4 s, would put MIND's 1,870 at 42 s; it took about 9 s)."""
+    (ml-100k's SFT at 461 tokens per step, 10.4 s, would put MIND's 1,870 at 42 s; it took about 9 s).
+    The default is scaled by :func:`speed_factor` when the work runs on this machine (``local``)."""
+    default = overhead + units * default_spu * (speed_factor() if local else 1.0), "default"
     entry = speeds.lookup(stage, unit, setup) if speeds else None
     if entry is None:
-        return overhead + units * default_spu, "default"
+        return default
     spu = float(entry["seconds_per_unit"])
     measured_tokens = float(entry.get("tokens_per_unit") or 0)
     if tokens_per_unit and measured_tokens:
         ratio = tokens_per_unit / measured_tokens
         if not 1 / COMPARABLE_TOKENS <= ratio <= COMPARABLE_TOKENS:
-            return overhead + units * default_spu, "default"
+            return default
         spu *= ratio
     return overhead + units * spu, "measured"
 
@@ -303,7 +363,7 @@ def teacher(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None
     else:
         per = TEACHER_OFFLINE_PER_PROFILE if kind == "offline" else TEACHER_FILE_PER_PROFILE
         tokens = 0
-    seconds, basis = calibrated("teacher", "profile", n, per, speeds)
+    seconds, basis = calibrated("teacher", "profile", n, per, speeds, local=kind != "openai")
     return Estimate(seconds, tokens, n, "profile", basis)
 
 
@@ -421,7 +481,9 @@ def cf_estimate(
     """``(seconds, basis)`` of the train_cf stage's runs: ``epoch_pairs`` per backbone, scaled by the data's size."""
     nodes = size.users + size.items
     work = sum(pairs * cf_size_factor(b, nodes) for b, pairs in epoch_pairs.items())
-    default = sum(pairs * cf_size_factor(b, nodes) * CF_SECONDS_PER_EPOCH_PAIR[b] for b, pairs in epoch_pairs.items())
+    default = speed_factor() * sum(
+        pairs * cf_size_factor(b, nodes) * CF_SECONDS_PER_EPOCH_PAIR[b] for b, pairs in epoch_pairs.items()
+    )
     measured = speeds.seconds_per_unit(stage, CF_WORK_UNIT, speed_setup(stage, cfg)) if speeds else None
     return (work * measured, "measured") if measured is not None else (default, "default")
 
@@ -502,7 +564,8 @@ def generation(cfg: PipelineConfig, size: DataSize, n: int, speeds: SpeedBook | 
 
     spu = new / generation_tokens_per_second(generation_backend(cfg))
     setup = speed_setup("profiles", cfg)
-    seconds, basis = calibrated("profiles", "profile", n, spu, speeds, overhead, setup, per_profile)
+    local = generation_backend(cfg) != "openai"
+    seconds, basis = calibrated("profiles", "profile", n, spu, speeds, overhead, setup, per_profile, local)
     return Estimate(seconds, int(n * per_profile), n, "profile", basis)
 
 

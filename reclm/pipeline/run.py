@@ -66,6 +66,7 @@ def dry_run(
     for column in ("#", "stage", "action", "why", "work", "est. time", "est. tokens", "basis"):
         table.add_column(column, justify="right" if column in ("#", "est. time", "est. tokens") else "left")
     total_seconds = total_tokens = 0.0
+    defaults = False
     for index, plan in enumerate(plans, 1):
         stage = plan.stage
         if plan.action != "run" or stage.estimate is None:
@@ -85,6 +86,7 @@ def dry_run(
                 reason += f", {cached:,} cached"
         total_seconds += guess.seconds
         total_tokens += guess.tokens
+        defaults = defaults or guess.basis == "default"
         work = f"{guess.units:,.0f} {guess.unit}" if guess.unit else ""
         tokens = f"{guess.tokens:,}" if guess.tokens else "-"
         table.add_row(str(index), stage.name, "run", reason, work, format_seconds(guess.seconds), tokens, guess.basis)
@@ -97,7 +99,22 @@ def dry_run(
         f"constants in reclm/pipeline/estimate.py)",
         highlight=False,
     )
+    if defaults:
+        console.print(speed_note(), highlight=False)
     return plans
+
+
+def speed_note() -> str:
+    """What the ``default`` basis means on this machine: the reference speeds times :func:`est.speed_factor`."""
+    factor = est.speed_factor()
+    if os.environ.get("RECLM_SPEED_FACTOR"):
+        why = "RECLM_SPEED_FACTOR"
+    elif est.current_device().startswith("cuda"):
+        why = "CUDA constants"
+    else:
+        here, reference = est.matmul_gflops(), est.REFERENCE_MATMUL_GFLOPS
+        why = f"fp32 matmul at {here:.0f} GFLOPS here, {reference:.0f} on the reference CPU"
+    return f"default speeds: the reference machine's x{factor:.2f} ({why}); a finished stage measures its own"
 
 
 @contextlib.contextmanager

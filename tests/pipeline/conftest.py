@@ -37,6 +37,13 @@ def write_tiny_dataset(folder: Path, users: int = 40, items: int = 60, per_user:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def reference_speeds(monkeypatch):
+    """Estimates at the reference machine's speeds, so that tests can state them exactly (the factor
+    for this CPU is tested in test_pipeline_cache.py)."""
+    monkeypatch.setenv("RECLM_SPEED_FACTOR", "1")
+
+
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))

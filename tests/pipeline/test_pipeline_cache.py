@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -333,14 +334,49 @@ def test_dry_run_estimates_use_speeds_measured_on_this_machine(tmp_path):
     assert default.seconds == pytest.approx(10_000 * estimate.PREPARE_PER_INTERACTION)
     book.record("prepare", {"units": 1000, "unit": "interaction", "seconds": 5.0, "host": {"cores": 2}})
     assert estimate.prepare(config, size, book).basis == "default", "short stages are not recorded"
-    import os
-
     cores = len(os.sched_getaffinity(0))
     book.record("prepare", {"units": 1000, "unit": "interaction", "seconds": 40.0, "host": {"cores": cores}})
     measured = estimate.prepare(config, size, book)
     assert measured.basis == "measured" and measured.seconds == pytest.approx(400.0)
     sft = estimate.sft(config, size, book)
     assert sft.units == config.llm.sft.steps and sft.tokens > 0
+
+
+def test_default_speeds_scale_with_this_cpus_matmul_speed(tmp_path, monkeypatch):
+    """The reference machine's speeds times (reference GFLOPS / this CPU's) ** SPEED_EXPONENT; measured
+    speeds and an endpoint's are not scaled (conftest pins RECLM_SPEED_FACTOR=1 for the other tests)."""
+    from reclm.pipeline import estimate
+    from reclm.pipeline.cache import SpeedBook
+    from reclm.pipeline.run import speed_note
+
+    assert estimate.speed_factor_for(estimate.REFERENCE_MATMUL_GFLOPS) == pytest.approx(1.0)
+    assert estimate.speed_factor_for(53.0) == pytest.approx(2.71, abs=0.01)  # a Zen 1: 2.5-3.3x the Xeon's time
+    assert estimate.speed_factor_for(165.0) == pytest.approx(1.2, abs=0.01)  # the Zen 4: about 1.2x
+    assert estimate.speed_factor_for(1e9) == estimate.SPEED_FACTOR_BOUNDS[0]
+    monkeypatch.delenv("RECLM_SPEED_FACTOR")
+    assert estimate.matmul_gflops() > 1.0
+    assert estimate.speed_factor() == estimate.speed_factor_for(estimate.matmul_gflops())
+    assert "GFLOPS here" in speed_note()
+
+    size = estimate.DataSize(users=100, items=50, interactions=10_000, train=8_000, measured=True)
+    config, book = PipelineConfig(), SpeedBook(tmp_path / "speeds.json")
+    monkeypatch.setenv("RECLM_SPEED_FACTOR", "2.5")
+    scaled = estimate.prepare(config, size, book).seconds
+    assert scaled == pytest.approx(2.5 * 10_000 * estimate.PREPARE_PER_INTERACTION)
+    cf = estimate.train_cf(config, size)
+    monkeypatch.setenv("RECLM_SPEED_FACTOR", "1")
+    assert cf.seconds == pytest.approx(2.5 * estimate.train_cf(config, size).seconds)
+    endpoint = config.model_copy(update={"stages": config.stages.model_copy(update={"teacher": "openai"})})
+    remote = estimate.teacher(endpoint, size).seconds
+    monkeypatch.setenv("RECLM_SPEED_FACTOR", "2.5")
+    assert estimate.teacher(endpoint, size).seconds == remote, "an endpoint's speed is not this CPU's"
+    cores = len(os.sched_getaffinity(0))
+    book.record("prepare", {"units": 1000, "unit": "interaction", "seconds": 40.0, "host": {"cores": cores}})
+    assert estimate.prepare(config, size, book).seconds == pytest.approx(400.0), "a measured speed stays"
+    assert speed_note().startswith("default speeds: the reference machine's x2.50 (RECLM_SPEED_FACTOR)")
+    monkeypatch.setenv("RECLM_SPEED_FACTOR", "fast")
+    with pytest.raises(ValueError, match="RECLM_SPEED_FACTOR='fast'"):
+        estimate.speed_factor()
 
 
 def two_history_config(tmp_path: Path) -> PipelineConfig:

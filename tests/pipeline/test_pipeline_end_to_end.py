@@ -4,7 +4,10 @@ profiles (no generator), encode, train-cf (two backbones, with and without profi
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from reclm.cli.common import LOG_WIDTH, log_width
 from reclm.cli.main import app
 
 FAST_CF = {"epochs": 4, "patience": 3, "dim": 16, "batch_size": 128, "eval_batch_size": 64, "feature_hidden": [32]}
@@ -169,7 +173,35 @@ def test_dry_run_prints_the_plan_with_estimates(finished_run):
     assert re.search(r"train_cf\s+│\s+run", output)
     assert re.search(r"encode\s+│\s+cached", output)
     assert "estimated total" in output
+    assert "default speeds: the reference machine's x1.00 (RECLM_SPEED_FACTOR)" in output
     assert manifest.read_bytes() == before, "a dry run runs nothing"
+
+
+def test_a_plan_written_to_a_pipe_keeps_each_row_on_one_line(finished_run):
+    """rich wraps at 80 columns off a terminal; a log or CI output gets LOG_WIDTH, unless COLUMNS says."""
+    config, _, _, _ = finished_run
+    data = yaml.safe_load(config.read_text())
+    data["cf"]["params"] = {**FAST_CF, "dim": 8}  # train_cf and report would run: their rows have estimates
+    changed = config.with_name("wider.yaml")
+    changed.write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-c", "from reclm.cli.main import app; app()", "run", str(changed), "--dry-run"]
+    environ = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    piped = subprocess.run(command, capture_output=True, text=True, env=environ, check=True).stdout
+    assert re.search(r"│ train_cf +│ run +│ changed: config[^\n]*\(upper bound\) │[^\n]*│ (measured|default) +│", piped)
+    assert re.search(r"estimated total: [^\n]*constants in reclm/pipeline/estimate.py", piped), piped
+    assert max(map(len, piped.splitlines())) <= LOG_WIDTH
+    narrow = subprocess.run(command, capture_output=True, text=True, env={**environ, "COLUMNS": "80"}, check=True)
+    assert max(map(len, narrow.stdout.splitlines())) <= 80 and "…" in narrow.stdout
+
+
+def test_log_width_leaves_terminals_and_columns_to_rich(tmp_path):
+    with (tmp_path / "log.txt").open("w") as log:
+        assert log_width(log, {}) == LOG_WIDTH
+        assert log_width(log, {"COLUMNS": "100"}) is None
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        assert log_width(terminal, {}) is None
+    os.close(leader)
 
 
 def test_adding_a_feature_mode_trains_only_the_new_runs(finished_run):
