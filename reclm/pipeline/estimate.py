@@ -48,10 +48,11 @@ On another CPU the defaults are scaled by :func:`speed_factor`: ``(REFERENCE_MAT
 CPU's fp32 matmul GFLOPS) ** SPEED_EXPONENT``, from a 0.1-0.3 s matrix product at the dry run (not on
 CUDA, whose constants are their own, nor for an endpoint: the ``openai`` teacher and backend).
 REFERENCE_MATMUL_GFLOPS is inferred, not measured: the Xeon was gone when this was added. A 2-core AMD
-EPYC Zen 4 measured 165 GFLOPS (1024 x 1024, 2 threads) and ran ml-100k's torch stages in about 1.2x the
-Xeon's time (SFT 3.2 against 2.8 min, CF 5.9 against 4.8); a Zen 1 measured 53 and took 2.2-2.3x the Zen
-4's time (SFT, DPO, item side, CF: 7.3, 3.7, 5.4, 13.3 min against 3.2, 1.7, 2.4, 5.9), hence the
-exponent log(2.25) / log(165 / 53) = 0.72 and the reference 165 x 1.2 ** (1 / 0.72) = 212. Generation
+EPYC Zen 4 measures 176-191 GFLOPS here (184 typical; 2 threads, idle) and ran ml-100k's torch stages in
+about 1.2x the Xeon's time (SFT 3.2 against 2.8 min, CF 5.9 against 4.8); a Zen 1 measured 57 (2048 x
+2048, one timing; about 59 by this measurement) and took 2.2-2.3x the Zen 4's time (SFT, DPO, item side,
+CF: 7.3, 3.7, 5.4, 13.3 min against 3.2, 1.7, 2.4, 5.9), hence the exponent log(2.25) / log(184 / 59) =
+0.72 and the reference 184 x 1.2 ** (1 / 0.72) = 237. Generation
 follows less: CTranslate2 int8 on the Zen 4 (VNNI) was 1.3x *faster* than on the Xeon. ``RECLM_SPEED_FACTOR``
 sets the factor (1: the reference machine's speeds). A measured speed is never scaled.
 
@@ -98,7 +99,7 @@ CHARS_PER_TOKEN = 3.5
 TEMPLATE_TOKENS = 20
 COMPARABLE_TOKENS = 2.0  # a measured speed is scaled to at most 2x (or 1/2) its tokens per unit
 PROMPT_SAMPLE = 128  # distinct user prompts tokenized for the mean prompt length
-REFERENCE_MATMUL_GFLOPS = 212.0  # the reference machine's matmul_gflops(), inferred (module docstring)
+REFERENCE_MATMUL_GFLOPS = 237.0  # the reference machine's matmul_gflops(), inferred (module docstring)
 SPEED_EXPONENT = 0.72
 SPEED_FACTOR_BOUNDS = (0.25, 8.0)
 LLM_STAGES = ("sft", "collab", "reward", "rl", "item_side")

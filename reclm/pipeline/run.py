@@ -98,9 +98,10 @@ def dry_run(
         f"({size.users:,} users, {size.items:,} items, {size.train:,} train pairs{prompts}, from {where}; "
         f"constants in reclm/pipeline/estimate.py)",
         highlight=False,
+        soft_wrap=True,
     )
     if defaults:
-        console.print(speed_note(), highlight=False)
+        console.print(speed_note(), highlight=False, soft_wrap=True)
     return plans
 
 

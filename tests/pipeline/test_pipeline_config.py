@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from reclm.cli.main import app
 from reclm.pipeline.config import ConfigError, PipelineConfig, default_config, load_config
+from reclm.pipeline.stages import generators_on
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -93,7 +94,10 @@ def test_shipped_configs_load(tmp_path):
     distill = load_config(CONFIGS / "mind-distill.yaml")
     assert distill.dataset == mind.dataset and distill.split == mind.split
     assert distill.stages.sft and not distill.stages.collab and distill.stages.rl == "none"
-    for config in (mind, netflix):
+    teacher = load_config(CONFIGS / "mind-teacher.yaml")
+    assert teacher.dataset == mind.dataset and teacher.split == mind.split and teacher.cf == mind.cf
+    assert not teacher.stages.sft and not generators_on(teacher)  # profiles are the teacher's, copied
+    for config in (mind, netflix, teacher):
         assert set(config.cf.backbones) == {"bias-mf", "ncf", "lightgcn", "sgl", "simgcl"}
 
 
