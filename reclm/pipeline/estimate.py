@@ -319,16 +319,19 @@ def calibrated(
     that do not grow with tokens, so a tiny run's speed scaled up to long sequences overestimates
     (ml-100k's SFT at 461 tokens per step, 10.4 s, would put MIND's 1,870 at 42 s; it took about 9 s).
     The default is scaled by :func:`speed_factor` when the work runs on this machine (``local``)."""
-    default = overhead + units * default_spu * (speed_factor() if local else 1.0), "default"
+
+    def default() -> tuple[float, str]:  # measures this CPU only when a default is used
+        return overhead + units * default_spu * (speed_factor() if local else 1.0), "default"
+
     entry = speeds.lookup(stage, unit, setup) if speeds else None
     if entry is None:
-        return default
+        return default()
     spu = float(entry["seconds_per_unit"])
     measured_tokens = float(entry.get("tokens_per_unit") or 0)
     if tokens_per_unit and measured_tokens:
         ratio = tokens_per_unit / measured_tokens
         if not 1 / COMPARABLE_TOKENS <= ratio <= COMPARABLE_TOKENS:
-            return default
+            return default()
         spu *= ratio
     return overhead + units * spu, "measured"
 
@@ -482,11 +485,11 @@ def cf_estimate(
     """``(seconds, basis)`` of the train_cf stage's runs: ``epoch_pairs`` per backbone, scaled by the data's size."""
     nodes = size.users + size.items
     work = sum(pairs * cf_size_factor(b, nodes) for b, pairs in epoch_pairs.items())
-    default = speed_factor() * sum(
-        pairs * cf_size_factor(b, nodes) * CF_SECONDS_PER_EPOCH_PAIR[b] for b, pairs in epoch_pairs.items()
-    )
     measured = speeds.seconds_per_unit(stage, CF_WORK_UNIT, speed_setup(stage, cfg)) if speeds else None
-    return (work * measured, "measured") if measured is not None else (default, "default")
+    if measured is not None:
+        return work * measured, "measured"
+    default = sum(pairs * cf_size_factor(b, nodes) * CF_SECONDS_PER_EPOCH_PAIR[b] for b, pairs in epoch_pairs.items())
+    return speed_factor() * default, "default"
 
 
 def neighbours(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
