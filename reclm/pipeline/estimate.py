@@ -265,8 +265,13 @@ def speed_factor_for(gflops: float) -> float:
 
 
 def speed_factor() -> float:
-    """The factor on the default (reference machine) speeds here: ``RECLM_SPEED_FACTOR`` when set, 1 on
-    CUDA (its constants were measured on one), else :func:`speed_factor_for` this CPU's matmul speed."""
+    """The factor on the default (reference machine) speeds here (:func:`speed_basis`)."""
+    return speed_basis()[0]
+
+
+def speed_basis() -> tuple[float, str]:
+    """``(factor, why)``: ``RECLM_SPEED_FACTOR`` when set, 1 on CUDA (its constants were measured on one),
+    else :func:`speed_factor_for` this CPU's matmul speed."""
     raw = os.environ.get("RECLM_SPEED_FACTOR", "")
     if raw:
         try:
@@ -275,10 +280,13 @@ def speed_factor() -> float:
             factor = 0.0
         if factor <= 0:
             raise ValueError(f"RECLM_SPEED_FACTOR={raw!r}: expected a positive number (1: the reference speeds)")
-        return factor
+        return factor, "RECLM_SPEED_FACTOR"
     if current_device().startswith("cuda"):
-        return 1.0
-    return speed_factor_for(matmul_gflops())
+        return 1.0, "CUDA constants"
+    here = matmul_gflops()
+    return speed_factor_for(
+        here
+    ), f"fp32 matmul at {here:.0f} GFLOPS here, {REFERENCE_MATMUL_GFLOPS:.0f} on the reference CPU"
 
 
 def speed_setup(stage: str, cfg: PipelineConfig) -> str:
@@ -566,9 +574,10 @@ def generation(cfg: PipelineConfig, size: DataSize, n: int, speeds: SpeedBook | 
     per_profile = prompt_tokens(cfg, size) + TEMPLATE_TOKENS + new
     from reclm.pipeline.stages import generation_backend
 
-    spu = new / generation_tokens_per_second(generation_backend(cfg))
+    backend = generation_backend(cfg)
+    spu = new / generation_tokens_per_second(backend)
     setup = speed_setup("profiles", cfg)
-    local = generation_backend(cfg) != "openai"
+    local = backend != "openai"
     seconds, basis = calibrated("profiles", "profile", n, spu, speeds, overhead, setup, per_profile, local)
     return Estimate(seconds, int(n * per_profile), n, "profile", basis)
 

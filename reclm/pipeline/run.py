@@ -107,14 +107,7 @@ def dry_run(
 
 def speed_note() -> str:
     """What the ``default`` basis means on this machine: the reference speeds times :func:`est.speed_factor`."""
-    factor = est.speed_factor()
-    if os.environ.get("RECLM_SPEED_FACTOR"):
-        why = "RECLM_SPEED_FACTOR"
-    elif est.current_device().startswith("cuda"):
-        why = "CUDA constants"
-    else:
-        here, reference = est.matmul_gflops(), est.REFERENCE_MATMUL_GFLOPS
-        why = f"fp32 matmul at {here:.0f} GFLOPS here, {reference:.0f} on the reference CPU"
+    factor, why = est.speed_basis()
     return f"default speeds: the reference machine's x{factor:.2f} ({why}); a finished stage measures its own"
 
 
