@@ -1,7 +1,26 @@
-"""Collaborative-filtering backbones with text/profile fusion, one trainer and one evaluator."""
+"""Collaborative-filtering backbones with text/profile fusion, one trainer and one evaluator.
 
-from reclm.cf.config import CFConfig
-from reclm.cf.features import SideFeatures, load_side_features
-from reclm.cf.trainer import CFResult, load_model, train_cf
+The names below are loaded on first use, so reading ``reclm.cf.config`` or ``reclm.cf.features`` (the
+pipeline's config does) does not import torch."""
 
-__all__ = ["CFConfig", "CFResult", "SideFeatures", "load_model", "load_side_features", "train_cf"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CFConfig": "reclm.cf.config",
+    "SideFeatures": "reclm.cf.features",
+    "load_side_features": "reclm.cf.features",
+    "CFResult": "reclm.cf.trainer",
+    "load_model": "reclm.cf.trainer",
+    "train_cf": "reclm.cf.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'reclm.cf' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -20,9 +20,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Backbone = Literal["bias-mf", "ncf", "lightgcn", "sgl", "simgcl"]
-FeatureMode = Literal["none", "text", "text+profiles"]
+FeatureMode = Literal["none", "text", "text+profiles", "text+user-profiles", "text+item-profiles"]
 BACKBONES: tuple[str, ...] = ("bias-mf", "ncf", "lightgcn", "sgl", "simgcl")
-FEATURE_MODES: tuple[str, ...] = ("none", "text", "text+profiles")
+FEATURE_MODES: tuple[str, ...] = ("none", "text", "text+profiles", "text+user-profiles", "text+item-profiles")
+FUSION_NAMES: tuple[str, ...] = ("concat", "paper", "residual")  # the strategies of reclm.cf.fusion.FUSIONS
 METRIC_PATTERN = re.compile(r"^(recall|ndcg)@(\d+)$")
 
 
@@ -33,7 +34,10 @@ class CFConfig(BaseModel):
 
     backbone: Backbone = "lightgcn"
     features: FeatureMode = "none"
-    fusion: str = Field("concat", description="fusion strategy (registry in reclm.cf.fusion.FUSIONS)")
+    fusion: str = Field("residual", description="fusion strategy (registry in reclm.cf.fusion.FUSIONS)")
+    profile_dropout: float = Field(
+        0.0, ge=0, lt=1, description="training: share of profiles replaced by the learned 'no profile' vector"
+    )
 
     dim: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -1,9 +1,12 @@
 """Full-ranking evaluation shared by every backbone.
 
-Three tasks come from a split:
-- ``valid``: candidates = all non-zero-shot items, the user's train items masked, truth = valid items;
+Four tasks come from a split:
+- ``valid``: candidates = all items but the zero-shot and cold-validation ones, the user's train items
+  masked, truth = valid items;
 - ``test`` (full-shot): same candidates, train and valid items masked, truth = full-shot test items;
-- ``zero_shot``: candidates = only the zero-shot items, truth = the user's zero-shot test items.
+- ``zero_shot``: candidates = only the zero-shot items, truth = the user's zero-shot test items;
+- ``cold_valid``: candidates = only the cold-validation items, truth = the user's cold-validation pairs
+  (the zero-shot task's validation: it reads no test pair).
 Only users with at least one ground-truth item are evaluated. Users are scored in batches; the
 top-K comes from ``torch.topk`` over the (masked) score matrix.
 """
@@ -21,7 +24,7 @@ from reclm.cf.backbones.base import CFModel
 from reclm.cf.metrics import topk_metrics
 from reclm.data.split import Split
 
-TASKS = ("valid", "test", "zero_shot")
+TASKS = ("valid", "test", "zero_shot", "cold_valid")
 
 
 @dataclass
@@ -58,7 +61,7 @@ class EvalResult:
 
 
 def build_tasks(split: Split) -> dict[str, EvalTask]:
-    zero = split.zero_shot_mask
+    zero, cold = split.zero_shot_mask, split.cold_valid_mask
     train = split.train_matrix()
     seen = split.matrix(np.concatenate([split.train, split.valid]))
 
@@ -68,9 +71,10 @@ def build_tasks(split: Split) -> dict[str, EvalTask]:
         return EvalTask(name, users, truth, mask, candidates)
 
     return {
-        "valid": task("valid", split.valid, train, ~zero),
-        "test": task("test", split.full_shot_test(), seen, ~zero),
-        "zero_shot": task("zero_shot", split.zero_shot_test(), seen, zero.copy()),
+        "valid": task("valid", split.valid, train, ~(zero | cold)),
+        "test": task("test", split.full_shot_test(), seen, ~(zero | cold)),
+        "zero_shot": task("zero_shot", split.zero_shot_test(), seen, zero),
+        "cold_valid": task("cold_valid", split.cold_valid, train, cold),
     }
 
 
@@ -116,6 +120,12 @@ class Evaluator:
         finally:
             model.train(was_training)
         return task.candidate_ids[top.cpu().numpy()]
+
+    def rank_all(self, model: CFModel, task_name: str, k: int) -> np.ndarray:
+        """The top-``k`` lists of every user ``task_name`` evaluates, scored ``batch_size`` users at a time."""
+        users = self.tasks[task_name].users
+        size = self.batch_size
+        return np.concatenate([self.rank(model, task_name, users[s : s + size], k) for s in range(0, len(users), size)])
 
     def _top(self, scorer, task: EvalTask, users: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k positions among the task's candidates (after masking) and the candidate score matrix.

@@ -1,8 +1,12 @@
 """Side features for the fusion encoders: item text embeddings and LLM-profile embeddings.
 
 Profile embeddings live in ``RUN_DIR/embeddings/{users,items}.npz`` (arrays ``ids``: raw-id strings,
-``vectors``: float32 ``(n, d)``); they are aligned to the dataset's indices by raw id, with a zero
-vector for an id that has no profile (coverage is reported).
+``vectors``: float32 ``(n, d)``); they are aligned to the dataset's indices by raw id. An id without a
+profile gets a zero row and ``False`` in the presence mask; the fusion module then uses its learned
+"no profile" vector for it (coverage is reported).
+
+Feature modes: ``none`` (IDs), ``text`` (items from text), ``text+profiles`` (both sides' profiles) and
+the ablations ``text+user-profiles`` / ``text+item-profiles`` (one side's profiles only).
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ class SideFeatures:
     item_text: np.ndarray | None = None
     user_profiles: np.ndarray | None = None
     item_profiles: np.ndarray | None = None
+    user_present: np.ndarray | None = None  # bool (n_users,): has a profile (None: every row)
+    item_present: np.ndarray | None = None
     coverage: dict[str, float] = field(default_factory=dict)
 
-    def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        return self.item_text, self.user_profiles, self.item_profiles
+    def arrays(self) -> tuple[np.ndarray | None, ...]:
+        """Every array a trained model depends on (resume fingerprints hash them)."""
+        return self.item_text, self.user_profiles, self.item_profiles, self.user_present, self.item_present
 
     def dims(self) -> dict[str, int | None]:
         return {
@@ -40,16 +47,37 @@ class SideFeatures:
 
     def require(self, mode: str, n_users: int, n_items: int) -> None:
         """Check that ``mode`` has what it needs, with shapes matching the split."""
-        needed = {"none": [], "text": ["item_text"], "text+profiles": ["item_text", "user_profiles", "item_profiles"]}
-        if mode not in needed:
-            raise ValueError(f"unknown feature mode {mode!r}: expected none, text or text+profiles")
         rows = {"item_text": n_items, "user_profiles": n_users, "item_profiles": n_items}
-        for name in needed[mode]:
+        for name in needed_features(mode):
             array = getattr(self, name)
             if array is None:
                 raise ValueError(f"feature mode {mode!r} needs {name.replace('_', ' ')} embeddings, which are missing")
             if array.ndim != 2 or array.shape[0] != rows[name]:
                 raise ValueError(f"{name} embeddings have shape {array.shape}; expected ({rows[name]}, d)")
+
+
+MODE_FEATURES: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "text": ("item_text",),
+    "text+profiles": ("item_text", "user_profiles", "item_profiles"),
+    "text+user-profiles": ("item_text", "user_profiles"),
+    "text+item-profiles": ("item_text", "item_profiles"),
+}
+
+
+def needed_features(mode: str) -> tuple[str, ...]:
+    """The feature matrices a mode reads."""
+    if mode not in MODE_FEATURES:
+        raise ValueError(f"unknown feature mode {mode!r}: expected one of {', '.join(MODE_FEATURES)}")
+    return MODE_FEATURES[mode]
+
+
+def uses_user_profiles(mode: str) -> bool:
+    return "user_profiles" in needed_features(mode)
+
+
+def uses_item_profiles(mode: str) -> bool:
+    return "item_profiles" in needed_features(mode)
 
 
 def item_text_embeddings(data: RecDataset, encoder=None) -> np.ndarray:
@@ -74,6 +102,13 @@ def load_profile_embeddings(path: Path, raw_ids: list[str]) -> tuple[np.ndarray,
     """Align ``path`` (npz with ``ids`` and ``vectors``) to ``raw_ids``; missing ids get zeros.
 
     Returns the ``(len(raw_ids), d)`` matrix and the share of ``raw_ids`` that had a vector."""
+    aligned, present = load_profiles(path, raw_ids)
+    return aligned, float(present.mean()) if len(raw_ids) else 0.0
+
+
+def load_profiles(path: Path, raw_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Align ``path`` to ``raw_ids``: the ``(len(raw_ids), d)`` matrix (zeros where an id has no
+    profile) and the boolean presence mask."""
     if not path.is_file():
         raise DataError("missing profile embeddings (run `reclm encode` to write them)", path)
     try:
@@ -91,32 +126,40 @@ def load_profile_embeddings(path: Path, raw_ids: list[str]) -> tuple[np.ndarray,
     found = rows >= 0
     aligned = np.zeros((len(raw_ids), vectors.shape[1]), dtype=np.float32)
     aligned[found] = vectors[rows[found]]
-    return aligned, float(found.mean()) if len(raw_ids) else 0.0
+    return aligned, found
 
 
 def load_side_features(data: RecDataset, mode: str, profiles: str | Path | None = None, encoder=None) -> SideFeatures:
     """What ``mode`` needs: nothing, item text, or item text plus the run's profile embeddings."""
-    if mode == "none":
+    needed = needed_features(mode)
+    if not needed:
         return SideFeatures()
-    if mode not in ("text", "text+profiles"):
-        raise ValueError(f"unknown feature mode {mode!r}: expected none, text or text+profiles")
+    files = [name for side, name in (("user_profiles", "users.npz"), ("item_profiles", "items.npz")) if side in needed]
     folder = None
-    if mode == "text+profiles":  # check the profile files before spending time on text
+    if files:  # check the profile files before spending time on text
         if profiles is None:
-            raise ValueError("--features text+profiles needs --profiles RUN_DIR (with embeddings/users.npz, items.npz)")
+            raise ValueError(f"--features {mode} needs --profiles RUN_DIR (with embeddings/{', '.join(files)})")
         folder = Path(profiles) / "embeddings"
-        missing = [str(folder / n) for n in ("users.npz", "items.npz") if not (folder / n).is_file()]
+        missing = [str(folder / n) for n in files if not (folder / n).is_file()]
         if missing:
             raise DataError(
-                f"text+profiles needs profile embeddings; missing {', '.join(missing)} (run `reclm encode`)", folder
+                f"{mode} needs profile embeddings; missing {', '.join(missing)} (run `reclm encode`)", folder
             )
     features = SideFeatures(item_text=item_text_embeddings(data, encoder))
     features.coverage["item_text"] = float(np.mean([bool(t) for t in data.item_texts()]))
     if folder is not None:
-        features.user_profiles, features.coverage["user_profiles"] = load_profile_embeddings(
-            folder / "users.npz", data.user_ids
-        )
-        features.item_profiles, features.coverage["item_profiles"] = load_profile_embeddings(
-            folder / "items.npz", data.item_ids
-        )
+        attach_profiles(features, mode, folder / "users.npz", folder / "items.npz", data.user_ids, data.item_ids)
+    return features
+
+
+def attach_profiles(
+    features: SideFeatures, mode: str, users: Path, items: Path, user_ids: list[str], item_ids: list[str]
+) -> SideFeatures:
+    """Load the profile matrices (and presence masks, coverage) that ``mode`` reads into ``features``."""
+    if uses_user_profiles(mode):
+        features.user_profiles, features.user_present = load_profiles(users, user_ids)
+        features.coverage["user_profiles"] = float(features.user_present.mean()) if len(user_ids) else 0.0
+    if uses_item_profiles(mode):
+        features.item_profiles, features.item_present = load_profiles(items, item_ids)
+        features.coverage["item_profiles"] = float(features.item_present.mean()) if len(item_ids) else 0.0
     return features

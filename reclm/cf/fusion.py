@@ -3,23 +3,32 @@
 - ``none``: ID embeddings for users and items (the RecBole-comparable baseline).
 - ``text``: item = MLP(item text embedding), no item ID embedding (unseen items can be scored);
   user = ID embedding.
-- ``text+profiles``: item = ReLU(Linear(concat(MLP(text), MLP(item profile)))); user =
-  ReLU(Linear(concat(ID embedding, MLP(user profile)))).
+- ``text+profiles``: the profile embeddings of both sides fused in; ``text+user-profiles`` and
+  ``text+item-profiles`` fuse one side only (ablations).
 
-Backbones read ``users(index)`` / ``items(index)`` (or ``all()``) and never touch features directly.
-Fusion strategies are registered in ``FUSIONS``; a new one (e.g. RLMRec-style contrastive alignment
-between CF and profile spaces) subclasses :class:`Fusion` and may add a training term through
-``extra_loss``, which the trainer adds to the backbone's loss.
+Two strategies (``FUSIONS``):
+- ``concat``: item = ReLU(Linear([MLP(text), MLP(item profile)])), user = ReLU(Linear([ID, MLP(user
+  profile)])), separate MLPs and merge layers; graph backbones propagate items.
+- ``paper``: the released RecLM code's towers: one profile MLP and one merge layer shared by users and
+  items, L2-normalised items and user-profile part, and items NOT propagated through the graph, so a
+  trained item and a new item get their final representation from the same content tower.
+
+Every strategy replaces a missing profile by a learned "no profile" vector (:class:`ProfileInput`),
+and in training drops a row's profile to that vector with probability ``profile_dropout``
+(DropoutNet-style), so the model learns to rank ids whose profile is missing or uninformative.
+Backbones read ``users(index)`` / ``items(index)`` (or ``all()``) and never touch features directly; a
+new strategy subclasses :class:`Fusion` and may add a training term through ``extra_loss``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reclm.cf.config import CFConfig
-from reclm.cf.features import SideFeatures
+from reclm.cf.features import SideFeatures, uses_item_profiles, uses_user_profiles
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -46,11 +55,51 @@ def as_buffer(array: np.ndarray | None) -> torch.Tensor | None:
     return None if array is None else torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
 
 
+class ProfileInput(nn.Module):
+    """One side's profile embeddings (buffers) with a learned "no profile" vector in the same space.
+
+    The vector starts at the mean of the present profiles (mean imputation) and is trained; it stands
+    for every id without a profile and, in training, for a ``dropout`` share of the others."""
+
+    def __init__(self, vectors: np.ndarray, present: np.ndarray | None, dropout: float):
+        super().__init__()
+        self.register_buffer("vectors", as_buffer(vectors))
+        mask = np.ones(len(vectors), dtype=bool) if present is None else np.asarray(present, dtype=bool)
+        self.register_buffer("present", torch.as_tensor(mask))
+        start = vectors[mask].mean(axis=0) if mask.any() else np.zeros(vectors.shape[1], np.float32)
+        self.missing = nn.Parameter(torch.as_tensor(np.asarray(start, np.float32)))
+        self.dropout = dropout
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def forward(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Profile rows ``index`` (all when None), the missing vector where a row has none or is dropped."""
+        rows = self.vectors if index is None else self.vectors[index]
+        present = self.present if index is None else self.present[index]
+        if self.training and self.dropout > 0:
+            present = present & (torch.rand(present.shape, device=present.device) >= self.dropout)
+        return torch.where(present.unsqueeze(-1), rows, self.missing)
+
+    def given(self, profile: torch.Tensor | None, count: int) -> torch.Tensor:
+        """Profile rows of new ids: ``profile`` where given, else the missing vector for each of ``count``."""
+        if profile is not None:
+            return profile
+        return self.missing.unsqueeze(0).expand(count, -1)
+
+
+def profile_input(features: SideFeatures, side: str, config: CFConfig) -> ProfileInput:
+    vectors = getattr(features, f"{side}_profiles")
+    return ProfileInput(vectors, getattr(features, f"{side}_present"), config.profile_dropout)
+
+
 class Fusion(nn.Module):
     """Interface every fusion strategy implements (see module docstring)."""
 
     mode: str
     out_dim: int
+    propagates_items: bool = True  # graph backbones: final item = mean over layers (False: layer 0 as it is)
 
     def users(self, index: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -99,7 +148,7 @@ class Fusion(nn.Module):
 
 
 class ConcatFusion(Fusion):
-    """The paper's fusion: MLP-encoded features concatenated (with the user ID embedding) and projected."""
+    """Separate MLPs for text and each side's profile, concatenated (with the user ID embedding) and projected."""
 
     def __init__(self, n_users: int, n_items: int, out_dim: int, mode: str, features: SideFeatures, config: CFConfig):
         super().__init__()
@@ -114,65 +163,140 @@ class ConcatFusion(Fusion):
         else:
             self.register_buffer("item_text", as_buffer(features.item_text))
             self.text_mlp = mlp([features.item_text.shape[1], *hidden, out_dim])
-        if mode == "text+profiles":
-            self.register_buffer("user_profiles", as_buffer(features.user_profiles))
-            self.register_buffer("item_profiles", as_buffer(features.item_profiles))
-            self.user_profile_mlp = mlp([features.user_profiles.shape[1], *hidden, out_dim])
-            self.item_profile_mlp = mlp([features.item_profiles.shape[1], *hidden, out_dim])
-            self.user_merge = nn.Linear(2 * out_dim, out_dim)
-            self.item_merge = nn.Linear(2 * out_dim, out_dim)
-        self.apply(xavier_init)
+        self.apply(xavier_init)  # first: a seed starts the text part as in the `text` mode
+        self.user_profile = profile_input(features, "user", config) if uses_user_profiles(mode) else None
+        self.item_profile = profile_input(features, "item", config) if uses_item_profiles(mode) else None
+        with torch.random.fork_rng(devices=[]):  # the profile layers leave the random stream as `text` has it
+            for side, branch in (("user", self.user_profile), ("item", self.item_profile)):
+                if branch is not None:
+                    setattr(self, f"{side}_profile_mlp", mlp([branch.dim, *hidden, out_dim]).apply(xavier_init))
+                    setattr(self, f"{side}_merge", nn.Linear(2 * out_dim, out_dim).apply(xavier_init))
 
     # ------------------------------------------------------------ representations of known ids
     def users(self, index: torch.Tensor | None = None) -> torch.Tensor:
         ids = self.user_id.weight if index is None else self.user_id(index)
-        if self.mode != "text+profiles":
+        if self.user_profile is None:
             return ids
-        profile = self.user_profiles if index is None else self.user_profiles[index]
-        return self.merge_user(ids, profile)
+        return self.merge_user(ids, self.user_profile(index))
 
     def items(self, index: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "none":
             return self.item_id.weight if index is None else self.item_id(index)
         text = self.item_text if index is None else self.item_text[index]
-        profile = None
-        if self.mode == "text+profiles":
-            profile = self.item_profiles if index is None else self.item_profiles[index]
-        return self.encode_new_items(text, profile)
+        if self.item_profile is None:
+            return self.text_mlp(text)
+        return self.merge_item(self.text_mlp(text), self.item_profile(index))
 
-    # ------------------------------------------------------------ new users / items (serving)
     def merge_user(self, id_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.user_merge(torch.cat([id_part, self.user_profile_mlp(profile)], dim=-1)))
 
+    def merge_item(self, text_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.item_merge(torch.cat([text_part, self.item_profile_mlp(profile)], dim=-1)))
+
+    # ------------------------------------------------------------ new users / items (serving)
     def encode_new_items(self, text: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
-        """Layer-0 representation of items from their text (and profile) embeddings; no ID needed."""
+        """Layer-0 representation of items from their text (and profile) embeddings; no ID needed (a
+        missing profile is the learned "no profile" vector)."""
         if self.mode == "none":
             raise ValueError("feature mode 'none' has only item ID embeddings: new items cannot be encoded")
-        encoded = self.text_mlp(text)
-        if self.mode == "text":
-            return encoded
-        if profile is None:
-            profile = torch.zeros(text.shape[0], self.item_profiles.shape[1], device=text.device)
-        return torch.relu(self.item_merge(torch.cat([encoded, self.item_profile_mlp(profile)], dim=-1)))
+        if self.item_profile is None:
+            return self.text_mlp(text)
+        return self.merge_item(self.text_mlp(text), self.item_profile.given(profile, text.shape[0]))
 
     def encode_new_users(
         self, id_part: torch.Tensor | None = None, profile: torch.Tensor | None = None, n: int | None = None
     ) -> torch.Tensor:
         """Layer-0 representation of users without a trained ID: ``id_part`` stands in for the ID
-        embedding (e.g. the mean of their items' ID-space vectors; zeros when None), and in
-        ``text+profiles`` mode the profile embedding is fused in."""
+        embedding (e.g. the mean of their items' ID-space vectors; zeros when None), and where the mode
+        uses user profiles the profile embedding is fused in (the "no profile" vector when None)."""
         count = n or (id_part.shape[0] if id_part is not None else profile.shape[0])
-        device = self.user_id.weight.device
         if id_part is None:
-            id_part = torch.zeros(count, self.out_dim, device=device)
-        if self.mode != "text+profiles":
+            id_part = torch.zeros(count, self.out_dim, device=self.user_id.weight.device)
+        if self.user_profile is None:
             return id_part
-        if profile is None:
-            profile = torch.zeros(count, self.user_profiles.shape[1], device=device)
-        return self.merge_user(id_part, profile)
+        return self.merge_user(id_part, self.user_profile.given(profile, count))
 
 
-FUSIONS: dict[str, type[Fusion]] = {"concat": ConcatFusion}
+class PaperFusion(ConcatFusion):
+    """The released RecLM code's towers (see module docstring): a shared profile MLP and merge layer,
+    normalised items and user-profile part, items not propagated by graph backbones."""
+
+    propagates_items = False
+
+    def __init__(self, n_users: int, n_items: int, out_dim: int, mode: str, features: SideFeatures, config: CFConfig):
+        Fusion.__init__(self)
+        features.require(mode, n_users, n_items)
+        self.mode = mode
+        self.out_dim = out_dim
+        self.n_users, self.n_items = n_users, n_items
+        hidden = list(config.feature_hidden)
+        self.user_id = nn.Embedding(n_users, out_dim)
+        if mode == "none":
+            self.item_id = nn.Embedding(n_items, out_dim)
+        else:
+            self.register_buffer("item_text", as_buffer(features.item_text))
+            self.text_mlp = mlp([features.item_text.shape[1], *hidden, out_dim])
+        self.apply(xavier_init)  # first: a seed starts the text part as in the `text` mode
+        self.user_profile = profile_input(features, "user", config) if uses_user_profiles(mode) else None
+        self.item_profile = profile_input(features, "item", config) if uses_item_profiles(mode) else None
+        dims = {p.dim for p in (self.user_profile, self.item_profile) if p is not None}
+        if len(dims) > 1:
+            raise ValueError(f"fusion 'paper' shares one profile MLP: user and item profile sizes differ ({dims})")
+        if dims:
+            with torch.random.fork_rng(devices=[]):
+                self.profile_mlp = mlp([dims.pop(), *hidden, out_dim]).apply(xavier_init)
+                self.merge = nn.Linear(2 * out_dim, out_dim).apply(xavier_init)
+
+    def items(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        items = super().items(index)
+        return items if self.mode == "none" else F.normalize(items, dim=-1)
+
+    def encode_new_items(self, text: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(super().encode_new_items(text, profile), dim=-1)
+
+    def merge_user(self, id_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        profile_part = F.normalize(self.profile_mlp(profile), dim=-1)
+        return torch.relu(self.merge(torch.cat([id_part, profile_part], dim=-1)))
+
+    def merge_item(self, text_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.merge(torch.cat([text_part, self.profile_mlp(profile)], dim=-1)))
+
+
+def centred(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` minus their mean: a branch that gives every row the same output adds nothing."""
+    return rows - rows.mean(dim=0, keepdim=True)
+
+
+class ResidualFusion(ConcatFusion):
+    """Profiles as a centred correction added to the ``text`` model's representations: user = ID +
+    c(MLP(user profile)), item = MLP(text) + c(MLP(item profile)), where c subtracts the mean over the
+    rows at hand (every id in a full pass, the batch's rows in BiasMF / NCF training) and each profile
+    MLP's last layer starts at zero.
+
+    Training starts from the ``text`` model, and where every profile is the same (all missing, all
+    zero) the branch adds exactly nothing: the model is the ``text`` model, step for step. Profiles
+    can only move ids relative to each other, never shift all of them (a shift of every user is an
+    item-popularity bias learned on trained items, which misranks new ones)."""
+
+    def merge_user(self, id_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        return id_part + centred(self.user_profile_mlp(profile))
+
+    def merge_item(self, text_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        return text_part + centred(self.item_profile_mlp(profile))
+
+    def __init__(self, n_users: int, n_items: int, out_dim: int, mode: str, features: SideFeatures, config: CFConfig):
+        super().__init__(n_users, n_items, out_dim, mode, features, config)
+        for name in ("user_merge", "item_merge"):  # unused here: the branches are added
+            if hasattr(self, name):
+                delattr(self, name)
+        for name in ("user_profile_mlp", "item_profile_mlp"):
+            if hasattr(self, name):
+                last = getattr(self, name)[-1]
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+
+
+FUSIONS: dict[str, type[Fusion]] = {"concat": ConcatFusion, "paper": PaperFusion, "residual": ResidualFusion}
 
 
 def build_fusion(

@@ -9,8 +9,8 @@ import numpy as np
 
 class BPRSampler:
     def __init__(self, train: np.ndarray, n_items: int, candidates: np.ndarray | None = None):
-        """``candidates``: items a negative may be (default all; the trainer passes the non-zero-shot
-        items so that held-out items stay unseen)."""
+        """``candidates``: items a negative may be (default all; the trainer passes the items that are
+        neither zero-shot nor cold-validation, so that held-out items stay unseen)."""
         self.users = np.ascontiguousarray(train[:, 0], dtype=np.int64)
         self.items = np.ascontiguousarray(train[:, 1], dtype=np.int64)
         self.n_items = n_items

@@ -2,6 +2,12 @@
 every ``eval_every`` epochs, early stopping with patience, the best-validation checkpoint kept in
 memory and restored, and test / zero-shot evaluated once, at that epoch.
 
+When the split has cold-validation items, a second selection runs beside the first: the best epoch by
+the same metric on the ``cold_valid`` task, at which zero-shot is evaluated again
+(``zero_shot_cold_selected``). Each selection stops on its own patience and then keeps its best epoch;
+training goes on until both have stopped. Training never reads validation, so each selection is the
+one it would make alone.
+
 A run with an output folder also saves its whole state there (``checkpoint.pt``: weights, optimizer,
 the best epoch so far, history, random states) at the end of an epoch at most every
 ``checkpoint_seconds``; a run started again on the same folder, config and split resumes from it and
@@ -32,9 +38,11 @@ from reclm.data.split import Split
 from reclm.progress import progress as make_progress
 from reclm.utils import seed_everything, torch_threads
 
-CHECKPOINT_FORMAT = "reclm-cf/1"
-RESUME_FORMAT = "reclm-cf-resume/1"
+CHECKPOINT_FORMAT = "reclm-cf/2"  # /2: profile inputs with presence masks and a "no profile" vector
+RESUME_FORMAT = "reclm-cf-resume/2"
 CHECKPOINT_SECONDS = 60.0
+POPULARITY_K = 20  # the list length of the popularity-concentration measures
+SELECTIONS = ("valid", "cold_valid")  # the validation tasks an epoch is selected on
 
 
 @dataclass
@@ -49,6 +57,10 @@ class CFResult:
     history: list[dict] = field(default_factory=list)
     model: CFModel | None = None
     out_dir: Path | None = None
+    cold_valid: dict[str, float] = field(default_factory=dict)  # at the cold-selected epoch
+    zero_shot_cold_selected: dict[str, float] = field(default_factory=dict)
+    best_epoch_cold: int | None = None  # None: the split has no cold-validation users
+    popularity: dict[str, float] = field(default_factory=dict)
 
     def metrics_json(self) -> dict:
         return {
@@ -56,6 +68,10 @@ class CFResult:
             "test": self.test,
             "zero_shot": self.zero_shot,
             "best_epoch": self.best_epoch,
+            "cold_valid": self.cold_valid,
+            "zero_shot_cold_selected": self.zero_shot_cold_selected,
+            "best_epoch_cold": self.best_epoch_cold,
+            "popularity": self.popularity,
             "epoch_seconds": self.epoch_seconds,
             "eval_seconds": self.eval_seconds,
             "epochs_run": self.epochs_run,
@@ -73,6 +89,28 @@ def resolve_device(name: str) -> torch.device:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def new_selection() -> dict:
+    """The best epoch so far on one validation task; ``done`` once its patience ran out."""
+    return {"score": -np.inf, "epoch": 0, "metrics": {}, "state": None, "since": 0, "done": False}
+
+
+def new_loop(selections: tuple[str, ...]) -> dict:
+    return {"epoch": 0, "stopped": False, "best": {name: new_selection() for name in selections}}
+
+
+def popularity_concentration(lists: np.ndarray, counts: np.ndarray, candidates: np.ndarray) -> dict[str, float]:
+    """Share of the slots of the top-k ``lists`` taken by the k most popular ``candidates`` (by train
+    interaction ``counts``), and coverage: distinct listed items / candidates."""
+    k = lists.shape[1]
+    popular = candidates[np.argsort(-counts[candidates], kind="stable")[:k]]
+    return {
+        "k": k,
+        "users": len(lists),
+        "popular_share": float(np.isin(lists, popular).mean()),
+        "coverage": float(len(np.unique(lists)) / len(candidates)),
+    }
 
 
 class Trainer:
@@ -98,9 +136,11 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed)
         self.model = build_model(config, split.n_users, split.n_items, split.train, features, self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        candidates = np.flatnonzero(~split.zero_shot_mask)
+        candidates = np.flatnonzero(~split.held_out_mask)  # zero-shot and cold-validation items stay unseen
         self.sampler = BPRSampler(split.train, split.n_items, candidates)
         self.evaluator = Evaluator(split, config.topks, config.eval_batch_size, self.device)
+        self.selections = tuple(name for name in SELECTIONS if name == "valid" or self.evaluator.has(name))
+        self.cold_selection: dict | None = None  # the cold-valid best epoch, set by fit()
         self.history: list[dict] = []
         self.history_path = history_path  # rewritten after every epoch, so a long run can be followed
         self.checkpoint_path = checkpoint_path
@@ -142,7 +182,9 @@ class Trainer:
         """What a saved state must match to be resumed: the run's settings (not threads or device), its
         split's train and validation pairs, and its feature values."""
         digest = hashlib.sha256()
-        arrays = (self.split.train, self.split.valid, self.split.zero_shot_items, *self.features.arrays())
+        split = self.split
+        held_out = (split.zero_shot_items, split.cold_valid_items, split.cold_valid)
+        arrays = (split.train, split.valid, *held_out, *self.features.arrays())
         for array in arrays:
             digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
         return {
@@ -195,12 +237,10 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
     def fit(self) -> tuple[int, dict[str, float]]:
-        """Train until early stopping; restore and return the best validation epoch and its metrics."""
+        """Train until early stopping; restore and return the best validation epoch and its metrics (the
+        best cold-validation epoch is left in ``self.cold_selection``)."""
         cfg = self.config
-        loop = self.restore_state() or {
-            "epoch": 0, "best_score": -np.inf, "best_epoch": 0, "best_valid": {}, "best_state": None,
-            "since_best": 0, "stopped": False,
-        }  # fmt: skip
+        loop = self.restore_state() or new_loop(self.selections)
         last_saved = time.perf_counter()
         columns = [
             SpinnerColumn(),
@@ -217,13 +257,15 @@ class Trainer:
                 loop["epoch"] += 1
                 status = self.run_epoch(loop)
                 progress.update(bar, advance=1, status=status)
-                loop["stopped"] = loop["since_best"] > cfg.patience  # as RecBole's stopping_step
+                loop["stopped"] = all(best["done"] for best in loop["best"].values())
                 if self.checkpoint_path is not None and time.perf_counter() - last_saved >= self.checkpoint_seconds:
                     self.save_state(loop)
                     last_saved = time.perf_counter()
-        if loop["best_state"] is not None:
-            self.model.load_state_dict(loop["best_state"])
-        return loop["best_epoch"], loop["best_valid"]
+        self.cold_selection = loop["best"].get("cold_valid")
+        best = loop["best"]["valid"]
+        if best["state"] is not None:
+            self.model.load_state_dict(best["state"])
+        return best["epoch"], best["metrics"]
 
     def run_epoch(self, loop: dict) -> str:
         """Train epoch ``loop["epoch"]``, validate when due and update the best so far; the status line."""
@@ -234,22 +276,58 @@ class Trainer:
         record: dict = {"epoch": epoch, **losses, "train_seconds": time.perf_counter() - start}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             start = time.perf_counter()
-            valid = self.evaluate("valid").metrics
+            for name in self.selections:
+                record[name] = self.evaluate(name).metrics
+                self.update_selection(loop["best"][name], record[name], epoch)
             record["eval_seconds"] = time.perf_counter() - start
-            record["valid"] = valid
-            score = valid.get(metric, float("nan"))
-            if score > loop["best_score"]:
-                loop.update(best_score=score, best_epoch=epoch, best_valid=valid, since_best=0)
-                loop["best_state"] = copy.deepcopy(self.model.state_dict())
-            else:
-                loop["since_best"] += 1
         self.history.append(record)
         if self.history_path is not None:
             self.history_path.write_text(json.dumps(self.history, indent=1))
         status = f"loss {losses['loss']:.4f}"
-        if loop["best_epoch"]:
-            status += f"  best {metric} {loop['best_score']:.4f} @ {loop['best_epoch']}"
+        for name, best in loop["best"].items():
+            if best["epoch"]:
+                status += f"  best {name} {metric} {best['score']:.4f} @ {best['epoch']}"
         return status
+
+    def update_selection(self, best: dict, metrics: dict[str, float], epoch: int) -> None:
+        """Keep ``epoch`` if it beats the best so far (weights copied); count a miss otherwise. A selection
+        whose patience ran out (more than ``patience`` misses, as RecBole's stopping_step) is final."""
+        if best["done"]:
+            return
+        score = metrics.get(self.config.valid_metric, float("nan"))
+        if score > best["score"]:
+            best.update(score=score, epoch=epoch, metrics=metrics, since=0)
+            best["state"] = copy.deepcopy(self.model.state_dict())
+        else:
+            best["since"] += 1
+        best["done"] = best["since"] > self.config.patience
+
+    # ------------------------------------------------------------ after training
+    def evaluate_cold_selected(self) -> dict[str, EvalResult]:
+        """``cold_valid`` and ``zero_shot`` at the best cold-validation epoch (empty without one); the
+        model is left at the full-shot selection."""
+        best = self.cold_selection
+        if best is None or best["state"] is None:
+            return {}
+        current = copy.deepcopy(self.model.state_dict())
+        self.model.load_state_dict(best["state"])
+        try:
+            out = {"cold_valid": self.evaluate("cold_valid", per_user=True)}
+            zero = self.evaluate("zero_shot", per_user=True)
+        finally:
+            self.model.load_state_dict(current)
+        name = "zero_shot_cold_selected"
+        frame = zero.per_user.assign(task=name) if zero.per_user is not None else None
+        out[name] = EvalResult(name, zero.metrics, zero.n_users, frame)
+        return out
+
+    def popularity(self, k: int = POPULARITY_K) -> dict[str, float]:
+        """Popularity concentration of the full-shot top-``k`` lists of every user with a full-shot test item."""
+        if not self.evaluator.has("test"):
+            return {}
+        lists = self.evaluator.rank_all(self.model, "test", k)
+        counts = np.bincount(self.split.train[:, 1], minlength=self.split.n_items)
+        return popularity_concentration(lists, counts, self.evaluator.tasks["test"].candidate_ids)
 
 
 def train_cf(
@@ -263,9 +341,10 @@ def train_cf(
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> CFResult:
     """Train ``config.backbone`` on ``split``, select on validation, evaluate test and zero-shot at the
-    best validation epoch, and (when ``out_dir`` is given) write metrics.json, history.json,
-    per_user.csv, config.yaml, model.pt and, for dot-product models, embeddings.npz. With ``out_dir``
-    the run saves its state there as it goes and resumes from it when started again."""
+    best validation epoch (zero-shot again at the best cold-validation epoch), and (when ``out_dir`` is
+    given) write metrics.json, history.json, per_user.csv, config.yaml, model.pt (the full-shot selection)
+    and, for dot-product models, embeddings.npz. With ``out_dir`` the run saves its state there as it goes
+    and resumes from it when started again."""
     features = features or SideFeatures()
     history_path = checkpoint_path = None
     if out_dir is not None:
@@ -277,6 +356,7 @@ def train_cf(
     )  # fmt: skip
     best_epoch, _ = trainer.fit()
     results = {task: trainer.evaluate(task, per_user=True) for task in ("valid", "test", "zero_shot")}
+    cold = trainer.evaluate_cold_selected()
     history = trainer.history
     evals = [h["eval_seconds"] for h in history if "eval_seconds" in h]
     result = CFResult(
@@ -289,10 +369,14 @@ def train_cf(
         epochs_run=len(history),
         history=history,
         model=trainer.model,
+        cold_valid=cold["cold_valid"].metrics if cold else {},
+        zero_shot_cold_selected=cold["zero_shot_cold_selected"].metrics if cold else {},
+        best_epoch_cold=trainer.cold_selection["epoch"] if cold else None,
+        popularity=trainer.popularity(),
     )
     if out_dir is not None:
         extra = {**(extra_info or {}), "resumed_from_epoch": trainer.resumed_from}
-        result.out_dir = write_outputs(Path(out_dir), result, trainer, results, user_ids, extra)
+        result.out_dir = write_outputs(Path(out_dir), result, trainer, {**results, **cold}, user_ids, extra)
         trainer.remove_state()
     return result
 

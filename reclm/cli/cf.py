@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from reclm.cf.config import BACKBONES, FEATURE_MODES, CFConfig
+from reclm.cf.config import BACKBONES, FEATURE_MODES, FUSION_NAMES, CFConfig
 from reclm.cli.common import app, console, friendly_errors
 from reclm.cli.data import parse_ratios
 from reclm.data.loaders import load_dataset
@@ -42,7 +42,11 @@ def train_cf_command(
     run: Path = typer.Option(None, help="Prepared run directory: use its saved split (and its profiles)."),
     backbone: str = typer.Option(None, help=f"{' | '.join(BACKBONES)} (default: lightgcn)"),
     features: str = typer.Option(None, help=f"{' | '.join(FEATURE_MODES)} (default: none)"),
-    profiles: Path = typer.Option(None, help="Run directory holding embeddings/{users,items}.npz (text+profiles)."),
+    fusion: str = typer.Option(None, help=f"{' | '.join(FUSION_NAMES)}: how profiles join (default: residual)."),
+    profile_dropout: float = typer.Option(
+        None, help="Share of training profiles replaced by the learned 'no profile' vector (default: 0)."
+    ),
+    profiles: Path = typer.Option(None, help="Run directory holding embeddings/{users,items}.npz (text+*profiles)."),
     seed: int = typer.Option(None, help="Model seed (init, sampling) (default: 2020)."),
     config: Path = typer.Option(None, help="YAML file of CF settings (flags override it)."),
     split: str = typer.Option("auto", help="auto | random | temporal | snapshot (ignored with --run)"),
@@ -72,6 +76,8 @@ def train_cf_command(
     overrides = {
         "backbone": choice("backbone", backbone, BACKBONES),
         "features": choice("features", features, FEATURE_MODES),
+        "fusion": choice("fusion", fusion, FUSION_NAMES),
+        "profile_dropout": profile_dropout,
         "seed": seed,
         "epochs": epochs,
         "dim": dim,
@@ -95,7 +101,7 @@ def train_cf_command(
         data, the_split = rundir.load()
         info["split_source"] = str(rundir.data)
         out = out or rundir.cf / cfg.run_name()
-        profiles = profiles or (run if cfg.features == "text+profiles" else None)
+        profiles = profiles or (run if cfg.features.startswith("text+") else None)
     else:
         if out is None:
             raise ValueError("--out DIR is required (or give --run RUN_DIR)")

@@ -2,6 +2,9 @@
 
 Zero-shot items never appear in train or validation: their interactions are test-only, and the
 zero-shot evaluation ranks only them. Full-shot evaluation uses the test pairs on the other items.
+Cold-validation items (``cold_valid_fraction``) are held out the same way, but their interactions form
+the ``cold_valid`` pairs: the zero-shot counterpart of validation, so that the epoch for zero-shot ranking
+is chosen without reading test (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -18,18 +21,25 @@ from reclm.data.dataset import RecDataset
 from reclm.data.errors import DataError
 
 SplitMethod = Literal["auto", "random", "temporal", "snapshot"]
+ZeroShotChoice = Literal["random", "latest"]
+COLD_VALID_STREAM = 1  # the cold-validation draw has its own random stream: the rest of the split is unchanged
 
 
 @dataclass
 class SplitSpec:
     """How to split. ``auto``: the source's own split when it has one (MIND snapshots, Netflix new
     items), else per-user random. ``zero_shot_fraction`` holds out that share of items entirely
-    (ignored where the source defines its new items)."""
+    (ignored where the source defines its new items): a seeded ``random`` sample, or the ``latest`` items
+    (those whose first interaction comes last; needs timestamps). ``cold_valid_fraction`` holds out that
+    share of the other items (interacted with, in the train snapshot for ``snapshot``) as cold-validation
+    items: random, or the latest ones before the zero-shot items when ``zero_shot`` is ``latest``."""
 
     method: SplitMethod = "auto"
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     zero_shot_fraction: float = 0.1
     seed: int = 2020
+    cold_valid_fraction: float = 0.0
+    zero_shot: ZeroShotChoice = "random"
 
     def __post_init__(self) -> None:
         self.ratios = tuple(float(r) for r in self.ratios)  # type: ignore[assignment]
@@ -37,11 +47,26 @@ class SplitSpec:
             raise ValueError(f"split ratios {self.ratios}: expected three non-negative numbers summing to 1")
         if not 0 <= self.zero_shot_fraction < 1:
             raise ValueError(f"zero_shot_fraction {self.zero_shot_fraction}: expected a value in [0, 1)")
+        if not 0 <= self.cold_valid_fraction < 1 - self.zero_shot_fraction:
+            raise ValueError(
+                f"cold_valid_fraction {self.cold_valid_fraction}: expected a value in [0, 1 - zero_shot_fraction)"
+            )
+        if self.zero_shot not in ("random", "latest"):
+            raise ValueError(f"zero_shot {self.zero_shot!r}: expected 'random' or 'latest'")
+
+
+def no_items() -> np.ndarray:
+    return np.zeros(0, np.int64)
+
+
+def no_pairs() -> np.ndarray:
+    return np.zeros((0, 2), np.int64)
 
 
 @dataclass
 class Split:
-    """Pairs as ``(n, 2)`` int64 arrays of (user index, item index)."""
+    """Pairs as ``(n, 2)`` int64 arrays of (user index, item index). ``cold_valid`` holds the pairs of the
+    ``cold_valid_items`` (which are in no other array) by users with a train pair."""
 
     n_users: int
     n_items: int
@@ -50,14 +75,28 @@ class Split:
     test: np.ndarray
     zero_shot_items: np.ndarray
     meta: dict = field(default_factory=dict)
+    cold_valid_items: np.ndarray = field(default_factory=no_items)
+    cold_valid: np.ndarray = field(default_factory=no_pairs)
 
     # ------------------------------------------------------------ views
 
+    def item_mask(self, items: np.ndarray) -> np.ndarray:
+        mask = np.zeros(self.n_items, dtype=bool)
+        mask[items] = True
+        return mask
+
     @property
     def zero_shot_mask(self) -> np.ndarray:
-        mask = np.zeros(self.n_items, dtype=bool)
-        mask[self.zero_shot_items] = True
-        return mask
+        return self.item_mask(self.zero_shot_items)
+
+    @property
+    def cold_valid_mask(self) -> np.ndarray:
+        return self.item_mask(self.cold_valid_items)
+
+    @property
+    def held_out_mask(self) -> np.ndarray:
+        """Items never trained on: zero-shot and cold-validation items."""
+        return self.zero_shot_mask | self.cold_valid_mask
 
     def matrix(self, pairs: np.ndarray) -> sp.csr_matrix:
         data = np.ones(len(pairs), dtype=np.float32)
@@ -90,6 +129,9 @@ class Split:
             "test_full_shot": len(self.full_shot_test()),
             "test_zero_shot": len(self.zero_shot_test()),
             "zero_shot_items": len(self.zero_shot_items),
+            "cold_valid": len(self.cold_valid),
+            "cold_valid_items": len(self.cold_valid_items),
+            "cold_valid_users": int(len(np.unique(self.cold_valid[:, 0]))),
             "users_with_train": int(len(np.unique(self.train[:, 0]))),
         }
 
@@ -104,6 +146,8 @@ class Split:
             valid=self.valid,
             test=self.test,
             zero_shot_items=self.zero_shot_items,
+            cold_valid_items=self.cold_valid_items,
+            cold_valid=self.cold_valid,
         )
         info = {"n_users": self.n_users, "n_items": self.n_items, "meta": self.meta, "stats": self.stats()}
         (folder / "split.json").write_text(json.dumps(info, indent=2))
@@ -117,6 +161,7 @@ class Split:
             raise DataError("no saved split here (expected split.json and split.npz)", folder)
         info = json.loads(info_path.read_text())
         arrays = np.load(folder / "split.npz")
+        saved = set(arrays.files)  # splits saved before cold validation have no cold_valid arrays
         return cls(
             n_users=info["n_users"],
             n_items=info["n_items"],
@@ -125,6 +170,8 @@ class Split:
             test=arrays["test"],
             zero_shot_items=arrays["zero_shot_items"],
             meta=info["meta"],
+            cold_valid_items=arrays["cold_valid_items"] if "cold_valid_items" in saved else no_items(),
+            cold_valid=arrays["cold_valid"] if "cold_valid" in saved else no_pairs(),
         )
 
 
@@ -172,11 +219,50 @@ def pairs(users: np.ndarray, items: np.ndarray) -> np.ndarray:
     return np.stack([users, items], axis=1).astype(np.int64) if len(users) else np.zeros((0, 2), np.int64)
 
 
-def choose_zero_shot_items(data: RecDataset, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def by_users_with_train(cold_valid: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """The cold-validation pairs of users with a train pair: a user whose only interactions were with
+    cold-validation items has no history to rank them from (every zero-shot test user has one)."""
+    return cold_valid[np.isin(cold_valid[:, 0], np.unique(train[:, 0]))]
+
+
+def items_by_first_interaction(data: RecDataset, items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``items`` ordered by the time of their first interaction, earliest first (ties in a seeded order)."""
+    if data.timestamps is None:
+        raise DataError(f"dataset {data.name!r} has no timestamps: zero_shot 'latest' needs them")
+    first = np.full(data.n_items, np.inf)
+    np.minimum.at(first, data.inter_item, np.asarray(data.timestamps, dtype=float))
+    items = np.asarray(items, dtype=np.int64)
+    return items[np.lexsort((rng.permutation(len(items)), first[items]))]
+
+
+def choose_zero_shot_items(data: RecDataset, spec: SplitSpec, rng: np.random.Generator) -> np.ndarray:
+    """The source's new items, else ``zero_shot_fraction`` of all items: a random or the latest set."""
     if data.new_items is not None:
         return np.flatnonzero(data.new_items)
-    n = int(round(fraction * data.n_items))
-    return np.sort(rng.choice(data.n_items, size=n, replace=False)) if n else np.zeros(0, np.int64)
+    n = int(round(spec.zero_shot_fraction * data.n_items))
+    if not n:
+        return no_items()
+    if spec.zero_shot == "latest":
+        interacted = np.unique(data.inter_item)
+        return np.sort(items_by_first_interaction(data, interacted, rng)[-n:])
+    return np.sort(rng.choice(data.n_items, size=n, replace=False))
+
+
+def choose_cold_valid_items(data: RecDataset, spec: SplitSpec, pool: np.ndarray, latest: bool) -> np.ndarray:
+    """``cold_valid_fraction`` of all items, drawn from ``pool``: the latest-appearing ones when ``latest``,
+    else a seeded sample (from a stream of its own, so the rest of the split does not move)."""
+    n = int(round(spec.cold_valid_fraction * data.n_items))
+    if not n:
+        return no_items()
+    if n >= len(pool):
+        raise DataError(
+            f"cold_valid_fraction {spec.cold_valid_fraction} asks for {n} cold-validation items "
+            f"but only {len(pool)} items can be held out"
+        )
+    rng = np.random.default_rng([spec.seed, COLD_VALID_STREAM])
+    if latest:
+        return np.sort(items_by_first_interaction(data, pool, rng)[-n:])
+    return np.sort(rng.choice(pool, size=n, replace=False)).astype(np.int64)
 
 
 def make_split(data: RecDataset, spec: SplitSpec | None = None) -> Split:
@@ -206,10 +292,14 @@ def ratio_split(data: RecDataset, spec: SplitSpec, temporal: bool) -> Split:
     if temporal and data.timestamps is None:
         raise DataError(f"dataset {data.name!r} has no timestamps: a temporal split needs them")
     rng = np.random.default_rng(spec.seed)
-    zero_shot = choose_zero_shot_items(data, spec.zero_shot_fraction, rng)
+    zero_shot = choose_zero_shot_items(data, spec, rng)
     is_zero = np.isin(data.inter_item, zero_shot)
-    users, items = data.inter_user[~is_zero], data.inter_item[~is_zero]
-    key = data.timestamps[~is_zero] if temporal else rng.permutation(len(users))
+    pool = np.unique(data.inter_item[~is_zero])
+    cold = choose_cold_valid_items(data, spec, pool, latest=spec.zero_shot == "latest" and data.new_items is None)
+    is_cold = np.isin(data.inter_item, cold)
+    keep = ~is_zero & ~is_cold
+    users, items = data.inter_user[keep], data.inter_item[keep]
+    key = data.timestamps[keep] if temporal else rng.permutation(len(users))
     if temporal:
         # ties in time are broken by a seeded shuffle, not by file order
         key = np.lexsort((rng.permutation(len(users)), key))
@@ -218,31 +308,40 @@ def ratio_split(data: RecDataset, spec: SplitSpec, temporal: bool) -> Split:
     test = np.concatenate(
         [pairs(users[part == 2], items[part == 2]), pairs(data.inter_user[is_zero], data.inter_item[is_zero])]
     )
+    train = pairs(users[part == 0], items[part == 0])
     return Split(
         n_users=data.n_users,
         n_items=data.n_items,
-        train=pairs(users[part == 0], items[part == 0]),
+        train=train,
         valid=pairs(users[part == 1], items[part == 1]),
         test=test,
         zero_shot_items=zero_shot.astype(np.int64),
+        cold_valid_items=cold,
+        cold_valid=by_users_with_train(pairs(data.inter_user[is_cold], data.inter_item[is_cold]), train),
     )
 
 
 def snapshot_split(data: RecDataset, spec: SplitSpec) -> Split:
     """MIND-style train/test snapshots. Validation is a seeded ``ratios[1] / (ratios[0] + ratios[1])``
     share of each user's train pairs (every user keeps at least one in train); test pairs that
-    repeat a train pair are dropped; zero-shot items are the test items never seen in train."""
+    repeat a train pair are dropped; zero-shot items are the test items never seen in train. Cold-validation
+    items are a seeded sample of the train snapshot's items: their train-snapshot pairs become ``cold_valid``
+    and their test pairs are dropped (they are no full-shot candidates)."""
     if data.snapshot is None:
         raise DataError(f"dataset {data.name!r} has no train/test snapshot column: use a random or temporal split")
     rng = np.random.default_rng(spec.seed)
     is_train = data.snapshot == "train"
-    train_users, train_items = data.inter_user[is_train], data.inter_item[is_train]
+    seen_items = np.unique(data.inter_item[is_train])
+    cold = choose_cold_valid_items(data, spec, seen_items, latest=False)
+    is_cold = np.isin(data.inter_item, cold)
+    cold_valid = pairs(data.inter_user[is_train & is_cold], data.inter_item[is_train & is_cold])
+    train_users, train_items = data.inter_user[is_train & ~is_cold], data.inter_item[is_train & ~is_cold]
     valid_share = spec.ratios[1] / max(1e-12, spec.ratios[0] + spec.ratios[1])
     key = rng.permutation(len(train_users))
     part = split_rows_per_user(train_users, key, stochastic_valid_counts(valid_share, rng))
     train = pairs(train_users[part == 0], train_items[part == 0])
     valid = pairs(train_users[part == 1], train_items[part == 1])
-    test_users, test_items = data.inter_user[~is_train], data.inter_item[~is_train]
+    test_users, test_items = data.inter_user[~is_train & ~is_cold], data.inter_item[~is_train & ~is_cold]
     train_keys = set((train_users * data.n_items + train_items).tolist())
     fresh = np.fromiter(
         (k not in train_keys for k in (test_users * data.n_items + test_items).tolist()),
@@ -250,5 +349,8 @@ def snapshot_split(data: RecDataset, spec: SplitSpec) -> Split:
         count=len(test_users),
     )
     test = pairs(test_users[fresh], test_items[fresh])
-    zero_shot = np.setdiff1d(np.unique(test[:, 1]), np.unique(train_items))
-    return Split(data.n_users, data.n_items, train, valid, test, zero_shot.astype(np.int64))
+    zero_shot = np.setdiff1d(np.unique(test[:, 1]), seen_items)
+    return Split(
+        data.n_users, data.n_items, train, valid, test, zero_shot.astype(np.int64),
+        cold_valid_items=cold, cold_valid=by_users_with_train(cold_valid, train),
+    )  # fmt: skip

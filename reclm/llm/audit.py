@@ -84,7 +84,7 @@ class HeldOut:
             self.train[u].add(i)
         self.held: dict[int, set[int]] = defaultdict(set)
         self.by_item: dict[int, set[int]] = defaultdict(set)
-        for pairs in (split.valid, split.test):
+        for pairs in (split.valid, split.cold_valid, split.test):
             for u, i in pairs.tolist():
                 if i not in self.train[u]:
                     self.held[u].add(i)

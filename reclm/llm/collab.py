@@ -159,9 +159,9 @@ class DialogueSet:
 
 
 def held_out_items(split: Split) -> list[set[int]]:
-    """Per user, the items of their validation and test pairs (never to be shown with that user)."""
+    """Per user, the items of their validation, cold-validation and test pairs (never to be shown with that user)."""
     out: list[set[int]] = [set() for _ in range(split.n_users)]
-    for pairs in (split.valid, split.test):
+    for pairs in (split.valid, split.cold_valid, split.test):
         for u, i in pairs.tolist():
             out[u].add(i)
     return out

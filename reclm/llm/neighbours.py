@@ -1,14 +1,14 @@
-"""Similar users and related items, from TRAIN interactions only (or the dataset's shipped lists).
+"""Similar users and related items, from TRAIN interactions and item text only (or the dataset's shipped lists).
 
 Users: cosine top-k of the user embeddings of a CF model trained on the run's train pairs (a
 ``RUN/cf/<backbone>-none-s<seed>/embeddings.npz`` already there, or one trained for the purpose under
-``RUN/neighbours/cf-<backbone>``). Items: cosine top-k of CF item embeddings, or of train co-occurrence,
-for items with train interactions; items with none (zero-shot) get neighbours by TEXT similarity,
-since nothing else is known about them. Neighbours are always drawn among items seen in train (those
-are the ones that can have a profile).
+``RUN/neighbours/cf-<backbone>``), or the dataset's shipped lists. Items: ONE rule for every item, seen in
+train or new (zero-shot): cosine top-k of item-text embeddings among a pool of items seen in train, never the
+item itself. A trained item's interactions never choose its neighbours, since a new item has none.
 
 Written to ``RUN/neighbours/{users,items}.npz`` (``neighbours``: ``(n, k)`` int64 indices, -1 where fewer
-than k exist; ``scores``: float32 cosine) with ``neighbours.json`` saying where they came from.
+than k exist; ``scores``: float32 cosine), ``item_text.npz`` (the item-text embeddings, so the item side can
+pick neighbours among its own pool) and ``neighbours.json`` saying where they came from.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from reclm.data.dataset import RecDataset
 from reclm.data.errors import DataError
@@ -200,68 +199,52 @@ def user_neighbours_from_vectors(vectors: np.ndarray, split: Split, k: int) -> N
     return NeighbourTable(idx, score)
 
 
-# ---------------------------------------------------------------- items
+# ---------------------------------------------------------------- items: one rule for every item
+
+ITEM_TEXT_FILE = "item_text.npz"
 
 
-def cooccurrence_vectors(split: Split) -> sp.csr_matrix:
-    """Items as rows of the (items x users) train matrix: cosine of rows = co-occurrence cosine."""
-    return split.train_matrix().T.tocsr()
+def item_text_vectors(data: RecDataset, encoder=None) -> np.ndarray:
+    """Embeddings of every item's text (``encoder``, default the project's TextEncoder)."""
+    if encoder is None:
+        from reclm.text.encoder import TextEncoder
+
+        encoder = TextEncoder()
+    return np.asarray(encoder.encode(data.item_texts(), desc="item text (neighbours)"), dtype=np.float32)
 
 
-def sparse_cosine_top_k(rows: sp.csr_matrix, k: int, candidates: np.ndarray, batch: int = 1024):
-    norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
-    normed = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ rows
-    normed = normed.tocsr().astype(np.float32)
-    n = normed.shape[0]
-    out_idx = np.full((n, k), -1, dtype=np.int64)
-    out_score = np.zeros((n, k), dtype=np.float32)
-    keep = min(k, int(candidates.sum()) - 1)
-    if keep <= 0:
-        return out_idx, out_score
-    for start in range(0, n, batch):
-        sims = (normed[start : start + batch] @ normed.T).toarray()
-        sims[:, ~candidates] = -np.inf
-        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
-        part = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
-        part_scores = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-part_scores, axis=1, kind="stable")
-        idx, score = np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
-        ok = np.isfinite(score) & (score > 0)
-        out_idx[start : start + len(sims), :keep] = np.where(ok, idx, -1)
-        out_score[start : start + len(sims), :keep] = np.where(ok, score, 0.0)
-    return out_idx, out_score
+def text_neighbours(vectors: np.ndarray, k: int, pool: np.ndarray) -> NeighbourTable:
+    """Every item's ``k`` text-nearest items among ``pool`` (a bool mask), never itself: the same rule for an
+    item seen in train and a new one."""
+    idx, score = cosine_top_k(vectors, k, candidates=pool)
+    return NeighbourTable(idx, score, {"items": "item text similarity", "pool": int(np.sum(pool))})
 
 
 def item_neighbours(
-    data: RecDataset,
-    split: Split,
-    k: int,
-    item_vectors: np.ndarray | None = None,
-    text_vectors: np.ndarray | None = None,
-    encoder=None,
+    data: RecDataset, split: Split, k: int, text_vectors: np.ndarray | None = None, encoder=None
 ) -> NeighbourTable:
-    """Neighbours of every item among the items seen in train: by CF item embeddings (``item_vectors``) or
-    train co-occurrence for items with train interactions; by item-text embeddings for the others
-    (zero-shot items), which ``text_vectors`` gives or ``encoder`` (default the project's TextEncoder) computes."""
-    seen = items_with_train(split)
-    if item_vectors is not None:
-        idx, score = cosine_top_k(item_vectors, k, candidates=seen)
-        how = "cf item embeddings"
-    else:
-        idx, score = sparse_cosine_top_k(cooccurrence_vectors(split), k, seen)
-        how = "train co-occurrence"
-    unseen = np.flatnonzero(~seen)
-    if len(unseen):
-        if text_vectors is None:
-            if encoder is None:
-                from reclm.text.encoder import TextEncoder
+    """Every item's text neighbours among the items seen in train (``text_vectors``, or computed by ``encoder``)."""
+    vectors = text_vectors if text_vectors is not None else item_text_vectors(data, encoder)
+    table = text_neighbours(vectors, k, items_with_train(split))
+    table.meta["pool"] = f"{table.meta['pool']} items seen in train"
+    return table
 
-                encoder = TextEncoder()
-            text_vectors = encoder.encode(data.item_texts(), desc="item text (neighbours)")
-        t_idx, t_score = cosine_top_k(text_vectors, k, candidates=seen, queries=unseen)
-        idx[unseen], score[unseen] = t_idx, t_score
-    meta = {"seen_items": how, "unseen_items": "item text similarity", "unseen": int(len(unseen))}
-    return NeighbourTable(idx, score, meta)
+
+def save_item_text(path: Path, data: RecDataset, vectors: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, ids=np.asarray(data.item_ids, dtype=str), vectors=np.asarray(vectors, dtype=np.float32))
+    return path
+
+
+def load_item_text(folder: Path, data: RecDataset) -> np.ndarray | None:
+    """``folder/item_text.npz`` when it holds this dataset's items in order, else None."""
+    path = folder / ITEM_TEXT_FILE
+    if not path.is_file():
+        return None
+    arrays = np.load(path)
+    if arrays["ids"].tolist() != list(data.item_ids):
+        return None
+    return arrays["vectors"]
 
 
 # ---------------------------------------------------------------- shipped lists (Netflix, MIND)
@@ -313,42 +296,54 @@ def build_neighbours(
     embeddings: Path | None = None,
     items: bool = True,
     encoder=None,
+    users: bool = True,
 ) -> dict:
-    """Write ``RUN/neighbours/users.npz`` (and ``items.npz``); returns the summary also saved as
-    ``neighbours.json``. ``source``: ``cf`` (embeddings of a train-only CF model: ``embeddings`` if given,
-    else one found in ``RUN/cf``, else one trained now) or ``shipped`` (the dataset's lists; items
-    without a shipped list, e.g. zero-shot ones, fall back to text similarity)."""
+    """Write ``RUN/neighbours/users.npz`` (when ``users``) and ``items.npz`` + ``item_text.npz`` (when
+    ``items``); returns the summary also saved as ``neighbours.json``. ``source`` is where user neighbours come
+    from: ``cf`` (embeddings of a train-only CF model: ``embeddings`` if given, else one found in ``RUN/cf``,
+    else one trained now) or ``shipped`` (the dataset's lists). Items always get text neighbours among the
+    items seen in train (:func:`item_neighbours`)."""
     if source not in SOURCES:
         raise ValueError(f"neighbour source {source!r}: expected one of {', '.join(SOURCES)}")
     if k < 1:
         raise ValueError(f"k={k}: expected at least one neighbour")
     folder = run.stage("neighbours")
     summary: dict = {"k": k, "source": source}
-    item_vectors = None
-    if source == "cf":
-        path = embeddings or find_cf_embeddings(run, backbone) or train_neighbour_cf(run, split, backbone, epochs)
-        user_vectors, item_vectors = read_cf_embeddings(Path(path), split)
-        users = user_neighbours_from_vectors(user_vectors, split, k)
-        summary["cf_embeddings"] = str(path)
-    else:
-        users = drop_unseen(shipped_neighbours(data, "user", k), users_with_train(split))
-    users.meta.update(summary)
-    users.save(folder / "users.npz")
-    summary["users_with_neighbours"] = int((users.neighbours[:, 0] >= 0).sum())
+    if users:
+        summary.update(write_user_neighbours(run, data, split, k, source, backbone, epochs, embeddings))
     if items:
-        if source == "shipped" and "item_neighbours" in data.resources:
-            table = drop_unseen(shipped_neighbours(data, "item", k), items_with_train(split))
-            fallback = item_neighbours(data, split, k, encoder=encoder)
-            missing = table.neighbours[:, 0] < 0
-            table.neighbours[missing], table.scores[missing] = fallback.neighbours[missing], fallback.scores[missing]
-            table.meta["fallback"] = f"{int(missing.sum())} items without a shipped list: {fallback.meta}"
-        else:
-            table = item_neighbours(data, split, k, item_vectors=item_vectors, encoder=encoder)
+        vectors = item_text_vectors(data, encoder)
+        save_item_text(folder / ITEM_TEXT_FILE, data, vectors)
+        table = item_neighbours(data, split, k, text_vectors=vectors)
         table.save(folder / "items.npz")
         summary["items"] = table.meta
         summary["items_with_neighbours"] = int((table.neighbours[:, 0] >= 0).sum())
     (folder / "neighbours.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def write_user_neighbours(
+    run: RunDir,
+    data: RecDataset,
+    split: Split,
+    k: int,
+    source: str,
+    backbone: str,
+    epochs: int,
+    embeddings: Path | None,
+) -> dict:
+    """``RUN/neighbours/users.npz`` from CF user embeddings or the shipped lists; returns its summary entries."""
+    summary: dict = {"k": k, "source": source}
+    if source == "cf":
+        path = embeddings or find_cf_embeddings(run, backbone) or train_neighbour_cf(run, split, backbone, epochs)
+        vectors, _ = read_cf_embeddings(Path(path), split)
+        table = user_neighbours_from_vectors(vectors, split, k)
+        summary["cf_embeddings"] = str(path)
+    else:
+        table = drop_unseen(shipped_neighbours(data, "user", k), users_with_train(split))
+    table.meta.update(summary)
+    table.save(run.stage("neighbours") / "users.npz")
+    return {**summary, "users_with_neighbours": int((table.neighbours[:, 0] >= 0).sum())}
 
 
 def read_neighbour_lists(path: Path, side: str, index: dict[str, int], n: int) -> NeighbourTable:

@@ -2,8 +2,9 @@
 
 User side: the user's train history rendered as item text (``['cate': ..., 'title': ...]``, the
 paper's rendering), the most recent ``max_items`` only, long fields cut to ``max_words`` words.
-Item side: the item's text plus the profiles of users who interacted with it in train, and/or
-related (neighbour) items with their profiles (what zero-shot items have).
+Item side: the item's text and related (neighbour) items with their profiles. The item writer's prompts
+(:mod:`reclm.llm.item_side`) show nothing else, for trained and new items alike; a teacher's item prompt may
+also show the profiles of users who interacted with the item in train (``max_profiles``).
 
 The wording is the paper's (see ``../shared/datasets/*/teacher_*_profiles.jsonl``) with its
 redundant sentences dropped, because CPU generation time grows with prompt length. Two styles:
@@ -303,9 +304,10 @@ def count_tokens(tokenizer: object, text: str) -> int:
 @dataclass
 class PromptBudget:
     """Length limits for prompts: the most recent ``max_items`` history items, fields cut to
-    ``max_words`` words; per item prompt at most ``max_profiles`` user profiles and ``max_neighbours``
-    related items (fields cut to ``neighbour_words``); optionally ``max_tokens`` for user prompts
-    (the raw prompt, before the chat template) given a tokenizer."""
+    ``max_words`` words; per item prompt at most ``max_neighbours`` related items (fields cut to
+    ``neighbour_words``) and, in teachers' item prompts only, ``max_profiles`` user profiles (the item
+    writer never shows an item's users); optionally ``max_tokens`` for user prompts (the raw prompt,
+    before the chat template) given a tokenizer."""
 
     max_items: int | None = DEFAULT_MAX_ITEMS
     max_words: int | None = DEFAULT_MAX_WORDS

@@ -57,16 +57,13 @@ def job_features(job: CFJob, user_ids: Sequence[str], item_ids: Sequence[str]) -
     import numpy as np
 
     from reclm.cf import SideFeatures
-    from reclm.cf.features import load_profile_embeddings
+    from reclm.cf.features import attach_profiles
 
     features = SideFeatures()
     if job.item_text is not None:
         features.item_text = np.load(job.item_text)["vectors"]
-    if job.user_profiles is not None:
-        features.user_profiles, _ = load_profile_embeddings(job.user_profiles, list(user_ids))
-    if job.item_profiles is not None:
-        features.item_profiles, _ = load_profile_embeddings(job.item_profiles, list(item_ids))
-    return features
+    mode = job.params.get("features", "none")
+    return attach_profiles(features, mode, job.user_profiles, job.item_profiles, list(user_ids), list(item_ids))
 
 
 def train_job(job: CFJob, data: Any, split: Any, threads: int | None, show_progress: bool) -> JobResult:

@@ -17,14 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from reclm.cf.config import BACKBONES, Backbone, FeatureMode
 from reclm.data.split import SplitSpec
-
-BACKBONES = ("bias-mf", "ncf", "lightgcn", "sgl", "simgcl")
-FEATURE_MODES = ("none", "text", "text+profiles")
-
-Backbone = Literal["bias-mf", "ncf", "lightgcn", "sgl", "simgcl"]
-FeatureMode = Literal["none", "text", "text+profiles"]
-
 
 # The pipeline's stages in the order they run (reclm.pipeline.stages.build_stages); the report needs all others.
 STAGE_ORDER = (
@@ -48,6 +42,9 @@ class SplitOptions(Section):
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     zero_shot_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 2020
+    # items held out to select the zero-shot epoch without test (docs/evaluation.md); 0 turns it off
+    cold_valid_fraction: float = Field(0.05, ge=0, lt=1)
+    zero_shot: Literal["random", "latest"] = "random"  # latest: the items first interacted with last
 
     @field_validator("ratios")
     @classmethod
@@ -56,8 +53,16 @@ class SplitOptions(Section):
             raise ValueError(f"{list(value)} must be three non-negative numbers summing to 1")
         return value
 
+    @model_validator(mode="after")
+    def items_left_to_train(self) -> SplitOptions:
+        if self.zero_shot_fraction + self.cold_valid_fraction >= 1:
+            raise ValueError("zero_shot_fraction + cold_valid_fraction must be below 1 (items are left to train on)")
+        return self
+
     def spec(self) -> SplitSpec:
-        return SplitSpec(self.method, self.ratios, self.zero_shot_fraction, self.seed)
+        return SplitSpec(
+            self.method, self.ratios, self.zero_shot_fraction, self.seed, self.cold_valid_fraction, self.zero_shot
+        )
 
 
 class StageSwitches(Section):
@@ -132,7 +137,9 @@ class PromptOptions(Section):
     # a further 1.4x). The paper's MIND setting (configs/mind-paper.yaml) shows more.
     max_items: int = Field(6, ge=1)  # keep the most recent N history items
     max_words: int = Field(30, ge=1)  # cut long item text (abstracts) to M words
-    max_profiles: int = Field(0, ge=0)  # user profiles shown in an item prompt (its most recent train users)
+    # user profiles shown in a TEACHER's item prompt; the item writer ignores it (a new item has no users, so no
+    # item writer prompt shows an item's users: reclm.llm.item_side)
+    max_profiles: int = Field(0, ge=0)
     max_neighbours: int = Field(1, ge=0)  # related items (with their profiles) shown in an item prompt
     style: Literal["paper", "compact"] = "compact"  # compact: half the tokens (reclm.llm.prompts)
 
@@ -259,7 +266,8 @@ class CFOptions(Section):
     features: list[FeatureMode] = ["text", "text+profiles"]
     seeds: list[int] = [2020]
     ablation_backbones: list[Backbone] = ["lightgcn"]
-    params: dict[str, Any] = {"epochs": 40, "patience": 5}  # bounded for the CPU default
+    side_ablation: bool = True  # also train ablation_backbones with one side's profiles (user only, item only)
+    params: dict[str, Any] = {"epochs": 100, "patience": 5, "lr": 0.003}  # converges in ~50-70 epochs on ml-100k
     per_backbone: dict[Backbone, dict[str, Any]] = {}
     # runs trained at once (null: one single-threaded run per core on CPU, one on CUDA; reclm.pipeline.cf_jobs)
     jobs: int | None = Field(None, ge=1)

@@ -7,6 +7,12 @@ plots (validation curves; metrics by user-activity bucket) and example profiles 
 history. "Base" is the paper's base: item text features (``text``); "with profiles" adds the user
 and item profile embeddings (``text+profiles``).
 
+Zero-shot is shown twice when the split has cold-validation items: at the epoch selected on full-shot
+validation (``zero_shot``) and at the epoch selected on cold validation (``zero_shot_cold_selected``,
+docs/evaluation.md), with the cold-validation curves beside the validation curves. Runs whose best epoch
+is near the epoch cap, or that stopped at it, are flagged; the popularity concentration of each run's
+full-shot top-20 lists (written by the trainer in metrics.json) has its own table.
+
 Significance: for each backbone and setting, the per-user metric (``report.metric``, NDCG@20 by
 default) of the two models is averaged over seeds and compared with the Wilcoxon signed-rank test,
 paired by user, two-sided (scipy.stats.wilcoxon). With two seeds or more, a paired t-test over
@@ -30,7 +36,13 @@ import pandas as pd
 from reclm.data.errors import DataError
 from reclm.pipeline.config import STAGE_ORDER
 
-SETTINGS = (("test", "full-shot"), ("zero_shot", "zero-shot"))
+SETTINGS = (("test", "full-shot"), ("zero_shot", "zero-shot"), ("zero_shot_cold_selected", "zero-shot cold-sel."))
+SETTING_CAPTIONS = {
+    "test": "full-shot test",
+    "zero_shot": "zero-shot test, epoch selected on full-shot validation",
+    "zero_shot_cold_selected": "zero-shot test, epoch selected on cold validation",
+}
+CAP_MARGIN = 3  # a best epoch this close to the epoch cap suggests more epochs would help
 TABLE_METRICS = ("recall@20", "ndcg@20", "recall@40", "ndcg@40")
 BUCKETS = ((0, 5, "0-5"), (6, 20, "6-20"), (21, None, "21+"))
 BACKBONE_ORDER = ("bias-mf", "ncf", "lightgcn", "sgl", "simgcl")
@@ -201,6 +213,12 @@ def select(runs: list[CFRun], backbone: str, features: str, final: bool | None =
     return sorted(out, key=lambda r: r.seed)
 
 
+def settings_of(runs: list[CFRun]) -> list[tuple[str, str]]:
+    """The SETTINGS some run has results for (the cold-selected one needs a split with cold validation)."""
+    present = [(s, label) for s, label in SETTINGS if any(r.metrics.get(s) for r in runs)]
+    return present or list(SETTINGS[:2])
+
+
 def backbones_of(runs: list[CFRun]) -> list[str]:
     present = {r.backbone for r in runs}
     return [b for b in BACKBONE_ORDER if b in present] + sorted(present - set(BACKBONE_ORDER))
@@ -253,7 +271,7 @@ def fmt_p(p: float | None) -> str:
 def main_tables(runs: list[CFRun], base_mode: str = "text", other_mode: str = "text+profiles") -> list[Any]:
     blocks: list[Any] = []
     backbones = backbones_of(runs)
-    for setting, label in SETTINGS:
+    for setting, _ in settings_of(runs):
         headers = ["backbone"]
         for metric in TABLE_METRICS:
             headers += [f"{metric} base", f"{metric} +profiles", "impr."]
@@ -271,7 +289,8 @@ def main_tables(runs: list[CFRun], base_mode: str = "text", other_mode: str = "t
         if rows:
             seeds = sorted({r.seed for r in runs})
             note = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
-            blocks.append(Table(headers, rows, f"{label} test ({note}); base = item text, +profiles = RecLM"))
+            caption = f"{SETTING_CAPTIONS[setting]} ({note}); base = item text, +profiles = RecLM"
+            blocks.append(Table(headers, rows, caption))
     return blocks
 
 
@@ -281,7 +300,7 @@ def significance_table(runs: list[CFRun], metric: str) -> list[Any]:
         base, other = select(runs, backbone, "text"), select(runs, backbone, "text+profiles")
         if not base or not other:
             continue
-        for setting, label in SETTINGS:
+        for setting, label in settings_of(runs):
             test = paired_tests(base, other, setting, metric)
             b, o = mean_std(metric_values(base, setting, metric))[0], mean_std(metric_values(other, setting, metric))[0]
             rows.append(
@@ -329,20 +348,21 @@ def ablation_table(runs: list[CFRun], manifests: dict[str, dict]) -> list[Any]:
     if not variants:
         blocks.append(Text("No profile runs: nothing to ablate."))
         return blocks
-    headers = ["backbone", "model"] + [f"{label} {m}" for _, label in SETTINGS for m in ("recall@20", "ndcg@20")]
+    settings = settings_of(runs)
+    headers = ["backbone", "model"] + [f"{label} {m}" for _, label in settings for m in ("recall@20", "ndcg@20")]
     rows = []
     for backbone in backbones:
         base = select(runs, backbone, "text")
         rows.append(
             [backbone, "base (item text)"]
-            + [fmt_ms(metric_values(base, s, m)) for s, _ in SETTINGS for m in ("recall@20", "ndcg@20")]
+            + [fmt_ms(metric_values(base, s, m)) for s, _ in settings for m in ("recall@20", "ndcg@20")]
         )
         for variant in variants:
             group = select(runs, backbone, "text+profiles", final=None, variant=variant)
             if group:
                 rows.append(
                     [backbone, VARIANT_LABELS[variant]]
-                    + [fmt_ms(metric_values(group, s, m)) for s, _ in SETTINGS for m in ("recall@20", "ndcg@20")]
+                    + [fmt_ms(metric_values(group, s, m)) for s, _ in settings for m in ("recall@20", "ndcg@20")]
                 )
     blocks.append(Table(headers, rows, "each row adds one stage to the profile writer"))
     return blocks
@@ -422,7 +442,18 @@ def figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def validation_curves(runs: list[CFRun]) -> Image | None:
+CURVES = {
+    "valid": ("validation_curves.png", "valid", "validation metric per epoch for every CF run"),
+    "cold_valid": (
+        "cold_validation_curves.png",
+        "cold-valid",
+        "cold-validation (zero-shot validation) metric per epoch for every CF run",
+    ),
+}
+
+
+def validation_curves(runs: list[CFRun], task: str = "valid") -> Image | None:
+    """One panel per backbone: the history's ``task`` metric (``valid`` or ``cold_valid``) per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -435,7 +466,7 @@ def validation_curves(runs: list[CFRun]) -> Image | None:
             (r for r in runs if r.backbone == backbone), key=lambda r: (r.features, str(r.variant), r.seed)
         ):
             metric = run.metrics.get("config", {}).get("valid_metric", "ndcg@20")
-            points = [(h["epoch"], h["valid"][metric]) for h in run.history() if metric in h.get("valid", {})]
+            points = [(h["epoch"], h[task][metric]) for h in run.history() if metric in (h.get(task) or {})]
             if points:
                 curves.append((backbone, run, metric, points))
     if not curves:
@@ -448,7 +479,7 @@ def validation_curves(runs: list[CFRun]) -> Image | None:
             x, y = zip(*points)
             label = run.features + (f" @{run.variant}" if not run.final else "") + f" s{run.seed}"
             ax.plot(x, y, label=label, linewidth=1.4)
-            ax.set_ylabel(f"valid {metric}")
+            ax.set_ylabel(f"{CURVES[task][1]} {metric}")
         ax.set_title(backbone)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -456,7 +487,8 @@ def validation_curves(runs: list[CFRun]) -> Image | None:
     for ax in list(axes.flat)[len(backbones) :]:
         ax.axis("off")
     fig.tight_layout()
-    return Image("validation_curves.png", figure_png(fig), "validation metric per epoch for every CF run")
+    name, _, caption = CURVES[task]
+    return Image(name, figure_png(fig), caption)
 
 
 def bucket_metrics(runs: list[CFRun], counts: np.ndarray, metric: str) -> pd.DataFrame:
@@ -550,6 +582,82 @@ def bucket_table(frame: pd.DataFrame, metric: str) -> Table | None:
     return Table(["backbone", "setting", "bucket", "users", f"{metric} base", f"{metric} +profiles", "impr."], rows)
 
 
+# ---------------------------------------------------------------- training length and popularity
+
+
+SIDES = (
+    ("text", "base (item text)"),
+    ("text+user-profiles", "+ user profiles only"),
+    ("text+item-profiles", "+ item profiles only"),
+    ("text+profiles", "+ both (RecLM)"),
+)
+
+
+def side_table(runs: list[CFRun]) -> list[Any]:
+    """Which side's profiles help: base, one side only, both; for backbones with one-side runs."""
+    one_side = {f for f, _ in SIDES[1:3]}
+    backbones = [b for b in backbones_of(runs) if any(r.backbone == b and r.features in one_side for r in runs)]
+    if not backbones:
+        return []
+    settings = settings_of(runs)
+    metrics = ("recall@20", "ndcg@20")
+    headers = ["backbone", "profiles"] + [f"{label} {m}" for _, label in settings for m in metrics]
+    rows = []
+    for backbone in backbones:
+        for features, label in SIDES:
+            group = select(runs, backbone, features)
+            if group:
+                rows.append(
+                    [backbone, label] + [fmt_ms(metric_values(group, s, m)) for s, _ in settings for m in metrics]
+                )
+    return [Table(headers, rows, "which side's profiles help: the final writer's profiles on one side or both")]
+
+
+def cap_flags(metrics: dict) -> list[str]:
+    """Why a run may have wanted more epochs: it stopped at the cap, or a best epoch is near it."""
+    config = metrics.get("config", {})
+    epochs = config.get("epochs")
+    if not epochs:
+        return []
+    margin = max(CAP_MARGIN, int(config.get("eval_every", 1)))
+    flags = ["stopped at the cap"] if metrics.get("epochs_run", 0) >= epochs else []
+    for key, label in (("best_epoch", "best epoch"), ("best_epoch_cold", "cold-selected epoch")):
+        best = metrics.get(key)
+        if best and best >= epochs - margin:
+            flags.append(f"{label} {best} of {epochs}")
+    return flags
+
+
+def cap_section(runs: list[CFRun]) -> list[Any]:
+    rows = [[run.name, "; ".join(flags)] for run in runs if (flags := cap_flags(run.metrics))]
+    if not rows:
+        return [Text(f"No run stopped at its epoch cap or had a best epoch within {CAP_MARGIN} epochs of it.")]
+    note = (
+        f"{len(rows)} of {len(runs)} runs stopped at the epoch cap or had a best epoch within {CAP_MARGIN} epochs "
+        "(or one validation) of it: they may be undertrained (raise cf.params.epochs)."
+    )
+    return [Text(note), Table(["run", "epoch cap"], rows)]
+
+
+def popularity_section(runs: list[CFRun]) -> list[Any]:
+    """Mean over seeds of each backbone x features' top-20 popularity share and catalogue coverage."""
+    rows = []
+    for backbone in backbones_of(runs):
+        for features in sorted({r.features for r in runs if r.backbone == backbone}):
+            group = [r for r in select(runs, backbone, features) if r.metrics.get("popularity")]
+            if group:
+                share = [float(r.metrics["popularity"]["popular_share"]) for r in group]
+                coverage = [float(r.metrics["popularity"]["coverage"]) for r in group]
+                rows.append([backbone, features, fmt_ms(share), fmt_ms(coverage), str(len(group))])
+    if not rows:
+        return [Text("No run recorded the popularity of its top-20 lists (metrics.json 'popularity').")]
+    caption = (
+        "full-shot top-20 lists of every user with a full-shot test item: share of the slots taken by the 20 most "
+        "popular train items, and coverage = distinct items in all lists / candidate items"
+    )
+    return [Table(["backbone", "features", "top-20 popular share", "coverage", "seeds"], rows, caption)]
+
+
 # ---------------------------------------------------------------- example profiles
 
 
@@ -629,11 +737,11 @@ def build_sections(root: Path) -> tuple[str, list[Section]]:
     sections = [Section("Setup", [Text(setup_text(root, config, runs))])]
     sections.append(Section("Results", main_tables(runs) or [Text("No CF results in this run (cf/*/metrics.json).")]))
     sections.append(Section("Significance: with profiles vs base", significance_table(runs, metric)))
-    sections.append(Section("Ablation", ablation_table(runs, manifests)))
+    sections.append(Section("Ablation", side_table(runs) + ablation_table(runs, manifests)))
+    sections.append(Section("Training length", cap_section(runs)))
+    sections.append(Section("Popularity concentration", popularity_section(runs)))
     plots = Section("Plots")
-    curves = validation_curves(runs)
-    if curves:
-        plots.blocks.append(curves)
+    plots.blocks += [c for task in CURVES if (c := validation_curves(runs, task)) is not None]
     if counts is not None:
         frame = bucket_metrics(runs, counts, metric)
         image, table = bucket_plot(frame, metric), bucket_table(frame, metric)
@@ -667,7 +775,9 @@ def setup_text(root: Path, config: dict, runs: list[CFRun]) -> str:
         f"Dataset {meta.get('dataset', '?')}: {split.get('n_users', '?')} users, {split.get('n_items', '?')} items; "
         f"split {meta.get('method', '?')} (seed {meta.get('seed', '?')}): {stats.get('train', '?')} train, "
         f"{stats.get('valid', '?')} valid, {stats.get('test_full_shot', '?')} full-shot test and "
-        f"{stats.get('test_zero_shot', '?')} zero-shot test pairs on {stats.get('zero_shot_items', '?')} new items.",
+        f"{stats.get('test_zero_shot', '?')} zero-shot test pairs on {stats.get('zero_shot_items', '?')} new items "
+        f"({meta.get('zero_shot', 'random')}); {stats.get('cold_valid', 0)} cold-validation pairs of "
+        f"{stats.get('cold_valid_users', 0)} users on {stats.get('cold_valid_items', 0)} held-out items.",
     ]
     if stages:
         parts.append(
@@ -677,7 +787,8 @@ def setup_text(root: Path, config: dict, runs: list[CFRun]) -> str:
     seeds = sorted({r.seed for r in runs})
     if seeds:
         parts.append(
-            f"CF seeds: {', '.join(map(str, seeds))}. Models selected on validation; test at the best validation epoch."
+            f"CF seeds: {', '.join(map(str, seeds))}. Models selected on validation; test at the best validation "
+            "epoch; zero-shot also at the best cold-validation epoch (never on test)."
         )
     return " ".join(parts)
 
@@ -688,22 +799,18 @@ def all_runs_table(runs: list[CFRun]) -> Table:
         runs, key=lambda r: (BACKBONE_ORDER.index(r.backbone) if r.backbone in BACKBONE_ORDER else 99, r.name)
     ):
         m = run.metrics
+        popularity = m.get("popularity") or {}
         rows.append(
-            [run.name, str(m.get("best_epoch", "-")), str(m.get("epochs_run", "-")), fmt(m.get("epoch_seconds"), 2)]
-            + [fmt(m.get(s, {}).get(k)) for s, _ in SETTINGS for k in ("recall@20", "ndcg@20")]
-            + [fmt(m.get("valid", {}).get("ndcg@20"))]
+            [run.name, str(m.get("best_epoch", "-")), str(m.get("best_epoch_cold") or "-")]
+            + [str(m.get("epochs_run", "-")), fmt(m.get("epoch_seconds"), 2)]
+            + [fmt((m.get(s) or {}).get(k)) for s, _ in SETTINGS for k in ("recall@20", "ndcg@20")]
+            + [fmt((m.get(s) or {}).get("ndcg@20")) for s in ("valid", "cold_valid")]
+            + [fmt(popularity.get("popular_share"), 3), fmt(popularity.get("coverage"), 3)]
+            + ["yes" if cap_flags(m) else ""]
         )
-    headers = [
-        "run",
-        "best epoch",
-        "epochs",
-        "s/epoch",
-        "full R@20",
-        "full N@20",
-        "zero R@20",
-        "zero N@20",
-        "valid N@20",
-    ]
+    headers = ["run", "best epoch", "cold-sel. epoch", "epochs", "s/epoch", "full R@20", "full N@20"]
+    headers += ["zero R@20", "zero N@20", "zero R@20 cold-sel.", "zero N@20 cold-sel.", "valid N@20"]
+    headers += ["cold-valid N@20", "top-20 popular", "coverage", "at cap"]
     return Table(headers, rows)
 
 
@@ -803,6 +910,12 @@ def results_json(runs: list[CFRun]) -> list[dict]:
             "test": r.metrics.get("test", {}),
             "zero_shot": r.metrics.get("zero_shot", {}),
             "best_epoch": r.metrics.get("best_epoch"),
+            "cold_valid": r.metrics.get("cold_valid", {}),
+            "zero_shot_cold_selected": r.metrics.get("zero_shot_cold_selected", {}),
+            "best_epoch_cold": r.metrics.get("best_epoch_cold"),
+            "epochs_run": r.metrics.get("epochs_run"),
+            "epoch_cap": cap_flags(r.metrics),
+            "popularity": r.metrics.get("popularity", {}),
         }
         for r in runs
     ]

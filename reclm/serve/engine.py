@@ -251,10 +251,12 @@ class Recommender:
         log.info("restored %d added items from %s", len(stored), STORE_NAME)
 
     def profile_matrix(self, vectors: list[np.ndarray | None]) -> np.ndarray | None:
-        dims = self.model.profile_dims
-        if dims is None:
+        """Item profile rows for new items; an item without one gets the model's learned "no profile" vector."""
+        item_profile = self.model.fusion_profile("item")
+        if item_profile is None:
             return None
-        return np.stack([np.zeros(dims[1], np.float32) if v is None else v for v in vectors])
+        missing = item_profile.missing.detach().cpu().numpy().astype(np.float32)
+        return np.stack([missing if v is None else v for v in vectors])
 
     # ------------------------------------------------------------ lookups
     def user_of(self, raw: str) -> int:

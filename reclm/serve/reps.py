@@ -80,7 +80,11 @@ class ServingModel:
 
     @property
     def uses_profiles(self) -> bool:
-        return self.mode == "text+profiles"
+        return self.fusion_profile("user") is not None or self.fusion_profile("item") is not None
+
+    def fusion_profile(self, side: str):
+        """The fusion's profile input of ``side`` (None when the mode does not use that side's profiles)."""
+        return getattr(self.fusion, f"{side}_profile", None)
 
     @property
     def takes_new_items(self) -> bool:
@@ -95,7 +99,8 @@ class ServingModel:
         """(user, item) profile embedding sizes in text+profiles mode."""
         if not self.uses_profiles:
             return None
-        return int(self.fusion.user_profiles.shape[1]), int(self.fusion.item_profiles.shape[1])
+        user, item = self.fusion_profile("user"), self.fusion_profile("item")
+        return (user.dim if user is not None else None), (item.dim if item is not None else None)
 
     def item_text_vectors(self) -> np.ndarray | None:
         """The item text embeddings the model was trained with (a buffer of its fusion module)."""
@@ -123,7 +128,7 @@ class ServingModel:
 
     def final_of_new_items(self, items0: torch.Tensor) -> torch.Tensor:
         if self.kind == "graph":
-            return items0 / (self.model.config.layers + 1)
+            return items0 / (self.model.config.layers + 1) if self.fusion.propagates_items else items0
         if self.kind == "bias":
             return torch.cat([items0, self.model.biases(items0, None).unsqueeze(1)], dim=1)
         return items0

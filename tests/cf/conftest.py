@@ -76,3 +76,9 @@ def one_torch_thread():
 def make_split():
     """The clustered split builder, for tests that need variants."""
     return clustered_split
+
+
+@pytest.fixture
+def make_features():
+    """The clustered feature builder, for tests that build their own split."""
+    return clustered_features

@@ -91,3 +91,53 @@ def test_zero_shot_ranks_only_zero_shot_items():
     result = ev.evaluate(model, "zero_shot")
     assert result.n_users == 2
     assert result.metrics["recall@1"] == pytest.approx(1.0)  # although six other items score higher
+
+
+def cold_split() -> Split:
+    # 3 users, 8 items; item 7 zero-shot, items 5 and 6 cold-validation (their pairs only in cold_valid)
+    return Split(
+        n_users=3,
+        n_items=8,
+        train=np.array([[0, 0], [1, 1], [2, 2]]),
+        valid=np.array([[0, 1], [1, 2], [2, 3]]),
+        test=np.array([[0, 2], [0, 7], [1, 3], [2, 7]]),
+        zero_shot_items=np.array([7]),
+        cold_valid_items=np.array([5, 6]),
+        cold_valid=np.array([[0, 6], [1, 5], [1, 6]]),
+    )
+
+
+def test_cold_valid_ranks_only_cold_items_against_cold_pairs_and_never_reads_test():
+    split = cold_split()
+    scores = np.array(
+        [
+            [9.0, 8.0, 7.0, 6.0, 5.0, 1.0, 2.0, 10.0],  # user 0: cold ranking 6, 5 -> hit at 1
+            [9.0, 8.0, 7.0, 6.0, 5.0, 3.0, 1.0, 10.0],  # user 1: cold ranking 5, 6 -> both truths in the top 2
+            [9.0, 8.0, 7.0, 6.0, 5.0, 3.0, 1.0, 10.0],  # user 2: no cold pair, not evaluated
+        ]
+    )
+    ev = Evaluator(split, [1, 2])
+    model = FixedScores(scores)
+    assert ev.rank(model, "cold_valid", np.array([0, 1]), k=2).tolist() == [[6, 5], [5, 6]]
+    cold = ev.evaluate(model, "cold_valid", per_user=True)
+    assert cold.n_users == 2 and cold.per_user["user"].tolist() == [0, 1]
+    frame = cold.per_user.set_index("user")
+    assert frame.loc[0, "recall@1"] == 1.0 and frame.loc[1, "recall@1"] == 0.5 and frame.loc[1, "recall@2"] == 1.0
+    # cold items never enter the full-shot rankings, though they score above the truth
+    scores[:, 5:7] = 50.0
+    for task in ("valid", "test"):
+        top = ev.rank(FixedScores(scores), task, ev.tasks[task].users, k=3)
+        assert not set(top.ravel().tolist()) & {5, 6, 7}
+    # any other test set: the cold-validation result is the same
+    split.test = np.array([[0, 5], [1, 6], [2, 4], [2, 5], [0, 3]])
+    again = Evaluator(split, [1, 2]).evaluate(model, "cold_valid", per_user=True)
+    assert again.metrics == cold.metrics and again.per_user.equals(cold.per_user)
+
+
+def test_rank_all_lists_every_evaluated_user_in_batches():
+    split = cold_split()
+    scores = np.arange(24, dtype=float).reshape(3, 8)
+    ev = Evaluator(split, [1, 2], batch_size=1)
+    lists = ev.rank_all(FixedScores(scores), "test", k=3)
+    # test users 0 and 1 (user 2's only test item is zero-shot); train + valid masked; 5, 6, 7 not candidates
+    assert lists.tolist() == [[4, 3, 2], [4, 3, 0]]

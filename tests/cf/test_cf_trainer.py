@@ -7,6 +7,7 @@ import torch
 
 from reclm.cf import CFConfig, load_model, train_cf
 from reclm.cf.features import SideFeatures
+from reclm.data.split import Split
 
 
 def small_config(**kw) -> CFConfig:
@@ -147,3 +148,119 @@ def test_a_saved_state_of_other_settings_or_data_is_not_resumed(tmp_path, monkey
     other_data = make_split(seed=3)
     train_cf(other_data, cfg, out_dir=tmp_path / "run2", show_progress=False)
     assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["resumed_from_epoch"] == 0
+
+
+COLD = np.arange(28, 36)  # two items of each taste group (the zero-shot items are 36-39)
+
+
+def with_cold_items(split: Split, cold: np.ndarray = COLD, keep_pairs: bool = True) -> Split:
+    """``split`` with ``cold`` held out for cold validation: their pairs leave train, valid and test and
+    become the cold_valid pairs (or vanish, with ``keep_pairs=False``: same training, no cold task)."""
+    parts = [(p[~np.isin(p[:, 1], cold)], p[np.isin(p[:, 1], cold)]) for p in (split.train, split.valid, split.test)]
+    moved = np.concatenate([held for _, held in parts])
+    return Split(
+        split.n_users,
+        split.n_items,
+        *(kept for kept, _ in parts),
+        zero_shot_items=split.zero_shot_items,
+        cold_valid_items=np.asarray(cold, dtype=np.int64),
+        cold_valid=moved if keep_pairs else np.zeros((0, 2), np.int64),
+    )
+
+
+def cold_config(**kw) -> CFConfig:
+    return small_config(**{"backbone": "bias-mf", "features": "text", "lr": 0.01, "epochs": 30, "patience": 3, **kw})
+
+
+def test_zero_shot_is_also_selected_on_cold_validation_which_reads_no_test_pair(tiny_split, tiny_features):
+    split = with_cold_items(tiny_split)
+    cfg = cold_config()
+    first = train_cf(split, cfg, tiny_features, show_progress=False)
+    scores = [h["cold_valid"]["ndcg@20"] for h in first.history]
+    best = first.best_epoch_cold
+    assert best is not None and first.cold_valid == first.history[best - 1]["cold_valid"]
+    assert scores[best - 1] == max(scores[: best + cfg.patience + 1])  # the best until its patience ran out
+    assert set(first.zero_shot_cold_selected) == set(first.zero_shot)
+
+    # adversarial test pairs: every user's test items (full-shot and zero-shot) move to another user
+    other = with_cold_items(tiny_split)
+    other.test = np.stack([(other.test[:, 0] + 7) % other.n_users, other.test[:, 1]], axis=1)
+    second = train_cf(other, cfg, tiny_features, show_progress=False)
+    assert second.best_epoch_cold == best and second.best_epoch == first.best_epoch
+    assert [h["cold_valid"] for h in second.history] == [h["cold_valid"] for h in first.history]
+    assert second.zero_shot_cold_selected != first.zero_shot_cold_selected
+
+
+def test_cold_selection_leaves_the_full_shot_selection_as_it_was(tiny_split, tiny_features):
+    """Training never reads validation, so with or without the cold task the full-shot selection is the
+    same; the run goes on until the cold selection's patience ran out too."""
+    cfg = cold_config()
+    with_cold = train_cf(with_cold_items(tiny_split), cfg, tiny_features, show_progress=False)
+    without = train_cf(with_cold_items(tiny_split, keep_pairs=False), cfg, tiny_features, show_progress=False)
+    assert without.best_epoch_cold is None and without.zero_shot_cold_selected == {} and without.cold_valid == {}
+    assert "cold_valid" not in without.history[0]
+    assert (with_cold.best_epoch, with_cold.valid, with_cold.test) == (without.best_epoch, without.valid, without.test)
+    assert with_cold.zero_shot == without.zero_shot
+    n = without.epochs_run
+    assert with_cold.epochs_run > n  # the cold selection was still improving when the full-shot one stopped
+    assert [h["loss"] for h in with_cold.history[:n]] == [h["loss"] for h in without.history]
+    cold_done = with_cold.best_epoch_cold + cfg.patience + 1
+    assert with_cold.epochs_run == min(cfg.epochs, max(n, cold_done))
+
+
+def test_cold_valid_and_zero_shot_items_are_never_negatives(tiny_split, tiny_features):
+    from reclm.cf.trainer import Trainer
+
+    split = with_cold_items(tiny_split)
+    trainer = Trainer(split, cold_config(), tiny_features, show_progress=False)
+    held_out = set(COLD.tolist()) | set(split.zero_shot_items.tolist())
+    assert not held_out & set(trainer.sampler.candidates.tolist())
+    rng = np.random.default_rng(0)
+    negatives = np.concatenate([trainer.sampler.epoch(rng)[2] for _ in range(20)])
+    assert len(np.unique(negatives)) == 40 - len(held_out)  # every other item is drawn, these never
+    assert not held_out & set(negatives.tolist())
+
+
+def test_cold_outputs_and_popularity_of_the_top_20_lists(tmp_path, tiny_split, tiny_features):
+    from reclm.cf.evaluator import Evaluator
+
+    split = with_cold_items(tiny_split)
+    result = train_cf(split, cold_config(epochs=6), tiny_features, tmp_path, show_progress=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_epoch_cold"] == result.best_epoch_cold and metrics["cold_valid"] == result.cold_valid
+    assert metrics["zero_shot_cold_selected"] == result.zero_shot_cold_selected
+    assert metrics["users_evaluated"]["cold_valid"] == len(np.unique(split.cold_valid[:, 0]))
+    per_user = pd.read_csv(tmp_path / "per_user.csv")
+    assert set(per_user["task"]) == {"valid", "test", "zero_shot", "cold_valid", "zero_shot_cold_selected"}
+    rows = per_user[per_user.task == "zero_shot_cold_selected"]
+    assert rows["ndcg@20"].mean() == pytest.approx(metrics["zero_shot_cold_selected"]["ndcg@20"])
+
+    # the popularity numbers, recomputed by hand from the saved (full-shot selected) model
+    model = load_model(tmp_path / "model.pt")
+    evaluator = Evaluator(split, [20])
+    users = evaluator.tasks["test"].users
+    lists = np.stack([evaluator.rank(model, "test", np.array([u]), 20)[0] for u in users])
+    candidates = [i for i in range(40) if i not in set(COLD.tolist()) | set(split.zero_shot_items.tolist())]
+    counts = np.bincount(split.train[:, 1], minlength=40)
+    popular = sorted(candidates, key=lambda i: (-counts[i], i))[:20]
+    share = np.isin(lists, popular).mean()
+    assert metrics["popularity"] == pytest.approx(
+        {"k": 20, "users": len(users), "popular_share": share, "coverage": len(np.unique(lists)) / len(candidates)}
+    )
+    assert 0 < metrics["popularity"]["coverage"] <= 1
+
+
+def test_an_interrupted_cold_run_resumes_with_both_selections(tmp_path, monkeypatch, tiny_split, tiny_features):
+    split = with_cold_items(tiny_split)
+    cfg = cold_config(epochs=20)
+    whole = train_cf(split, cfg, tiny_features, out_dir=tmp_path / "whole", show_progress=False)
+    assert whole.best_epoch + cfg.patience + 1 < 13 < whole.epochs_run  # cut after the full-shot selection ended
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 13)
+        with pytest.raises(KeyboardInterrupt):
+            train_cf(split, cfg, tiny_features, out_dir=tmp_path / "cut", show_progress=False, checkpoint_seconds=0)
+    resumed = train_cf(split, cfg, tiny_features, out_dir=tmp_path / "cut", show_progress=False)
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["resumed_from_epoch"] == 12
+    assert [h.get("cold_valid") for h in resumed.history] == [h.get("cold_valid") for h in whole.history]
+    assert (resumed.best_epoch, resumed.best_epoch_cold) == (whole.best_epoch, whole.best_epoch_cold)
+    assert resumed.zero_shot_cold_selected == whole.zero_shot_cold_selected and resumed.test == whole.test

@@ -25,7 +25,7 @@ def test_ml100k_every_profile_valid_and_grounded(ml100k, tmp_path):
     data, split = ml100k
     report, users, items = run_offline(data, split, tmp_path)
     assert len(users) == data.n_users and len(items) == data.n_items
-    assert report.extra["items_from_own_fields"] == data.n_items - len(np.unique(split.train[:, 1]))
+    assert report.extra["items_from_own_fields"] == data.n_items  # every item, trained or new
     for record in [*users.values(), *items.values()]:
         assert re.fullmatch(STRICT, record.profile), record.profile
         identities, interests = parse_profile(record.profile)
@@ -46,8 +46,9 @@ def test_ml100k_every_profile_valid_and_grounded(ml100k, tmp_path):
     assert min(comedy_share[u] for u in fans) > 0.5
     for u in fans:
         assert "Comedy" in parse_profile(users[data.user_ids[u]].profile)[1]
-    # items with no train interaction are described from their own fields
-    for i in split.zero_shot_items[:20]:
+    # every item, trained or new, is described from its own fields
+    trained = np.unique(split.train[:, 1])[:20]
+    for i in [*split.zero_shot_items[:20], *trained]:
         identities, interests = parse_profile(items[data.item_ids[i]].profile)
         own = [g.strip() for g in genres[i].split(",") if g.strip() != "unknown"]
         assert set(own[:3]) <= {x.removesuffix(" fan") for x in identities}
@@ -88,3 +89,24 @@ def test_deterministic_and_blind_to_held_out_pairs(tiny, tmp_path):
     _, users_c, items_c = run_offline(data, other, tmp_path / "c")
     assert {k: r.profile for k, r in users_c.items()} == {k: r.profile for k, r in users_a.items()}
     assert {k: r.profile for k, r in items_c.items()} == {k: r.profile for k, r in items_a.items()}
+
+
+def test_item_target_reads_only_the_items_own_fields(tiny, tmp_path):
+    """A new item has no users, so no item target may summarise its users: an item's target must not move when
+    its train interactions are swapped for users of another taste, and items with the same fields get the same
+    target whether they were trained on or are new."""
+    data, split = tiny
+    _, _, items_a = run_offline(data, split, tmp_path / "a")
+    counts = np.bincount(split.train[:, 1], minlength=split.n_items)
+    item = int(np.argmax(counts))
+    others = np.array([u for u in np.unique(split.train[:, 0]) if u % 4 != item % 4])  # users of other genres
+    train = split.train[split.train[:, 1] != item]
+    swapped = np.concatenate([train, np.stack([others, np.full(len(others), item)], axis=1)])
+    other = Split(split.n_users, split.n_items, swapped, split.valid, split.test, split.zero_shot_items)
+    _, _, items_b = run_offline(data, other, tmp_path / "b")
+    assert {k: r.profile for k, r in items_b.items()} == {k: r.profile for k, r in items_a.items()}
+    # same genre and year (i and i + 20), one new and one trained: the same target
+    pairs = [(z, t) for z in split.zero_shot_items.tolist() for t in (z - 20, z + 20) if 0 <= t < 40 and counts[t]]
+    assert pairs
+    for z, twin in pairs:
+        assert items_a[data.item_ids[z]].profile == items_a[data.item_ids[twin]].profile

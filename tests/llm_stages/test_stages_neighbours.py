@@ -1,4 +1,4 @@
-"""Neighbours: exact cosine top-k, train-only candidates, text neighbours for zero-shot items, the files."""
+"""Neighbours: exact cosine top-k, train-only candidates, text neighbours for every item, the files."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def test_user_neighbours_only_among_users_with_train(tiny):
     assert same > 0.8
 
 
-def test_zero_shot_items_get_text_neighbours_among_seen_items(tiny, tmp_path):
+def test_every_item_gets_text_neighbours_among_seen_items(tiny, tmp_path):
+    """One rule for trained and zero-shot items: text similarity among the items seen in train."""
     from reclm.text.encoder import TextEncoder
 
     data, split = tiny
@@ -73,14 +74,31 @@ def test_zero_shot_items_get_text_neighbours_among_seen_items(tiny, tmp_path):
     assert (~seen).sum() >= 2
     encoder = TextEncoder(cache_dir=tmp_path)
     table = item_neighbours(data, split, 3, encoder=encoder)
-    for i in np.flatnonzero(~seen):
-        near = table.of(int(i))
-        assert len(near) == 3 and all(seen[j] for j in near)
-        # the item text names the genre: text neighbours share it
+    vectors = encoder.encode(data.item_texts())
+    expected, _ = cosine_top_k(vectors, 3, candidates=seen)
+    assert np.array_equal(table.neighbours, expected)
+    for i in range(data.n_items):
+        near = table.of(i)
+        assert len(near) == 3 and all(seen[j] for j in near) and i not in near
+        # the item text names the genre: text neighbours share it, trained item or new
         assert sum(j % 4 == i % 4 for j in near) >= 2
-    for i in np.flatnonzero(seen):
-        assert all(seen[j] for j in table.of(int(i)))
-    assert table.meta["unseen"] == int((~seen).sum())
+
+
+def test_item_side_only_needs_no_cf_model(tiny_run):
+    """``users=False`` (no user-side stage on): item text neighbours and embeddings, no CF model trained."""
+    run, data, split = tiny_run
+    text = np.eye(4, dtype=np.float32)[np.arange(data.n_items) % 4] + 0.01 * np.arange(data.n_items)[:, None]
+
+    class GenreEncoder:  # item text -> its genre (the sentence encoder runs in the test above)
+        def encode(self, texts, desc=""):
+            return text[: len(texts)]
+
+    summary = build_neighbours(run, data, split, k=2, users=False, encoder=GenreEncoder())
+    folder = run.stage("neighbours")
+    assert not (folder / "users.npz").exists() and not list(folder.glob("cf-*"))
+    assert "cf_embeddings" not in summary and summary["items_with_neighbours"] == data.n_items
+    saved = np.load(folder / "item_text.npz")
+    assert saved["ids"].tolist() == data.item_ids and np.allclose(saved["vectors"], text)
 
 
 def test_build_neighbours_from_cf_embeddings_file(tiny_run):

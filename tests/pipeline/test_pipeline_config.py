@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from reclm.cli.main import app
 from reclm.pipeline.config import ConfigError, PipelineConfig, default_config, load_config
-from reclm.pipeline.stages import generators_on
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -44,6 +43,11 @@ def write(tmp_path: Path, text: str) -> Path:
         ("cf:\n  seeds: []\n", "x.yaml: cf.seeds: must list at least one value"),
         ("- just\n- a list\n", "x.yaml: expected a mapping of keys at the top level, got list"),
         ("cf: [unclosed\n", "x.yaml: line 2: not valid YAML"),
+        ("split:\n  zero_shot: newest\n", "x.yaml: split.zero_shot: 'newest' is not one of 'random' or 'latest'"),
+        (
+            "split:\n  zero_shot_fraction: 0.5\n  cold_valid_fraction: 0.5\n",
+            "x.yaml: split: zero_shot_fraction + cold_valid_fraction must be below 1",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
@@ -56,7 +60,8 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
 def test_cf_params_are_checked_against_the_cf_trainer_config(tmp_path):
     pytest.importorskip("reclm.cf.config")
     with pytest.raises(
-        ConfigError, match=r"x.yaml: cf.params.learning_rate: unknown key \(expected one of: fusion, dim"
+        ConfigError,
+        match=r"x.yaml: cf.params.learning_rate: unknown key \(expected one of: fusion, profile_dropout, dim",
     ):
         load_config(write(tmp_path, "cf:\n  params: {learning_rate: 0.1}\n"))
     with pytest.raises(ConfigError, match=r"x.yaml: cf.per_backbone.sgl.sgl_drop_ratio: Input should be less than 1"):
@@ -84,6 +89,15 @@ def test_shipped_ml100k_config_is_the_builtin_default():
     assert default_config("ml-100k") == PipelineConfig()
 
 
+def test_cold_validation_is_on_in_the_pipeline_defaults_and_shipped_configs():
+    spec = PipelineConfig().split.spec()
+    assert (spec.cold_valid_fraction, spec.zero_shot, spec.zero_shot_fraction) == (0.05, "random", 0.1)
+    for name in ("mind-paper", "mind-distill", "mind-teacher", "netflix"):
+        assert load_config(CONFIGS / f"{name}.yaml").split.spec().cold_valid_fraction == 0.05
+    latest = load_config(CONFIGS / "ml-100k.yaml", {"split.zero_shot": "latest"}).split.spec()
+    assert latest.zero_shot == "latest" and latest.cold_valid_fraction == 0.05
+
+
 def test_shipped_configs_load(tmp_path):
     mind = load_config(CONFIGS / "mind-paper.yaml")
     assert mind.stages.teacher == "file" and mind.split.method == "snapshot"
@@ -96,7 +110,8 @@ def test_shipped_configs_load(tmp_path):
     assert distill.stages.sft and not distill.stages.collab and distill.stages.rl == "none"
     teacher = load_config(CONFIGS / "mind-teacher.yaml")
     assert teacher.dataset == mind.dataset and teacher.split == mind.split and teacher.cf == mind.cf
-    assert not teacher.stages.sft and not generators_on(teacher)  # profiles are the teacher's, copied
+    assert not teacher.stages.sft and not teacher.stages.generators()  # user profiles are the teacher's, copied
+    assert teacher.stages.item_side and teacher.llm.item_side.keep_teacher  # the item writer writes the rest
     for config in (mind, netflix, teacher):
         assert set(config.cf.backbones) == {"bias-mf", "ncf", "lightgcn", "sgl", "simgcl"}
 

@@ -129,6 +129,8 @@ def test_report_has_the_paper_table_costs_quality_and_plots(finished_run):
     assert "users.format_rate" in md or "users.count" in md
     assert "profile: User identity:" in md
     assert (out / "report" / "plots" / "validation_curves.png").stat().st_size > 1000
+    assert (out / "report" / "plots" / "cold_validation_curves.png").stat().st_size > 1000
+    assert "epoch selected on cold validation" in md and "## Training length" in md
     assert (out / "report" / "plots" / "activity_buckets.png").stat().st_size > 1000
     assert "| 0-5 |" in md or "| 6-20 |" in md
 
@@ -139,7 +141,8 @@ def test_report_html_is_self_contained(finished_run):
     assert page.startswith("<!DOCTYPE html>")
     assert "href=" not in page
     sources = re.findall(r"""src\s*=\s*["']([^"']*)""", page)
-    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    # validation curves, cold-validation curves, activity buckets
+    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r"(?i)(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", page.replace("data:image/png;base64,", ""))
     assert "<link" not in page and "@import" not in page and "<script" not in page
 

@@ -1,5 +1,8 @@
 """LightGCN (He et al. 2020): layer-0 representations propagated over the normalised user-item
-graph; the final representation is the mean over layers 0..L."""
+graph; the final representation is the mean over layers 0..L. With a fusion whose
+``propagates_items`` is False (``paper``), items keep their layer-0 representation: users still read
+them through the graph, but a trained item's score does not carry its users' ID embeddings, which
+a new item cannot have."""
 
 from __future__ import annotations
 
@@ -46,7 +49,12 @@ class LightGCN(DotProductModel):
         mean = total / (self.config.layers + 1)
         return mean[: self.n_users], mean[self.n_users :]
 
+    def main_view(self, users0: torch.Tensor, items0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (scored) representations over the full train graph."""
+        users, items = self.propagate_layers(self.adjacency, users0, items0)
+        return users, (items if self.fusion.propagates_items else items0)
+
     def forward_all(self):
         users0, items0 = self.fusion.all()
-        users, items = self.propagate_layers(self.adjacency, users0, items0)
+        users, items = self.main_view(users0, items0)
         return users, items, users0, items0

@@ -26,7 +26,7 @@ class SGL(LightGCN):
         if not hasattr(self, "view1"):
             raise RuntimeError("SGL.start_epoch must draw the graph views before training batches")
         users0, items0 = self.fusion.all()
-        final_u, final_i = self.propagate_layers(self.adjacency, users0, items0)
+        final_u, final_i = self.main_view(users0, items0)
         terms = self.bpr_terms(final_u, final_i, users0, items0, users, pos, neg)
         users0, items0 = self.fusion.contrastive_all()  # SSL trains ID embeddings, not feature encoders
         u1, i1 = self.propagate_layers(self.view1, users0, items0)

@@ -265,9 +265,9 @@ class FileTeacher(Teacher):
     ) -> None:
         shipped, unknown = read_shipped(self.source(data, "item"), "item", data.item_index())
         report.skip("item ids not in the dataset", unknown)
-        zero_shot = set(split.zero_shot_items.tolist())
-        report.skip("zero-shot items (their profile would come from test pairs)", len(set(shipped) & zero_shot))
-        usable = {i: r for i, r in shipped.items() if i not in zero_shot}
+        held_out = set(np.flatnonzero(split.held_out_mask).tolist())  # zero-shot and cold-validation items
+        report.skip("held-out items (their profile would come from evaluation pairs)", len(set(shipped) & held_out))
+        usable = {i: r for i, r in shipped.items() if i not in held_out}
         chosen = sample_ids(restrict(sorted(usable), items), self.max_items, self.seed)
         item_profiles = {i: str(r["profile"]).strip() for i, r in usable.items()}
         neighbours = load_item_neighbours(data)

@@ -1,15 +1,17 @@
 """The ``offline`` teacher: a RULE-BASED stand-in for an LLM teacher, not a language model.
 
 It exists so that the whole method runs on a fresh machine with no teacher file and no endpoint
-(e.g. ml-100k). Its profiles are facts read off the dataset, from TRAIN interactions only:
+(e.g. ml-100k). Its profiles are facts read off the dataset: user profiles from TRAIN interactions only,
+item profiles from the item's own fields only:
 
 - user identity: the user's features when the dataset has them (age band, gender, occupation,
   or any other categorical user field), else the user's dominant item category ("Comedy fan") and
   activity level ("Avid movies watcher");
 - user interests: the top item categories (genres, news categories...) of the user's train items,
   plus their dominant era ("1990s movies") when items carry a year; 1-3 entries each;
-- item profile: the dominant identities and interests among the users who interacted with the item in
-  train; for items with no train interaction (zero-shot), from the item's own categories and era.
+- item profile: from the item's own categories and era, the same way for every item: a new (zero-shot)
+  item has no users, so a trained item's target must not summarise its users either, or the item writer
+  would learn targets of a kind it can never produce for new items.
 
 "Top": the most frequent label first, then labels ranked by ``count * sqrt(lift)`` (lift = the label's
 share in this user's items over its share overall), so the dominant category always shows and the
@@ -31,7 +33,7 @@ import numpy as np
 
 from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
-from reclm.llm.prompts import Domain, domain_for, format_profile, item_prompts, item_train_users, user_histories
+from reclm.llm.prompts import Domain, domain_for, format_profile, item_prompts, user_histories
 from reclm.llm.prompts import user_prompts as build_user_prompts
 from reclm.llm.records import ProfileRecord, write_records
 from reclm.llm.teachers.base import (
@@ -225,19 +227,9 @@ class OfflineProfiles:
         parts = self.user(u)
         return None if parts is None else format_profile([label for _, label in parts[0]], parts[1])
 
-    def item(self, i: int, users: Sequence[int]) -> tuple[list[str], list[str]]:
-        """Dominant identities (the top label of each identity group: age band, gender, occupation...)
-        and top interests (up to 5) of the item's train users; for an item with none (zero-shot),
-        from its own categories and era."""
-        parts = [p for p in (self.user(int(u)) for u in users) if p is not None]
-        if parts:
-            by_group: dict[str, Counter] = {}
-            for ident, _ in parts:
-                for group, label in ident:
-                    by_group.setdefault(group, Counter())[label] += 1
-            identities = [ranked_by_lift(counts, self.overall_identities, 1)[0] for counts in by_group.values()]
-            interests = Counter(x for _, inter in parts for x in inter)
-            return identities[:ITEM_ENTRIES], ranked_by_lift(interests, self.overall_interests, ITEM_ENTRIES)
+    def item(self, i: int) -> tuple[list[str], list[str]]:
+        """Identities (``<category> fan``, up to 3) and interests (categories, then the era; up to 5) of item
+        ``i``, from its own fields only: blind to who interacted with it, so trained and new items alike."""
         labels = self.attributes.labels(i)
         era = self.attributes.eras[i]
         domain = self.attributes.domain
@@ -247,13 +239,6 @@ class OfflineProfiles:
         interests = labels[: ITEM_ENTRIES - 1 if era else ITEM_ENTRIES] + ([era] if era else [])
         return identities, interests or [domain.items.capitalize()]
 
-    def finish_users(self) -> None:
-        """Totals over all user profiles, used to rank item-level labels by lift."""
-        for u in range(self.data.n_users):
-            self.user(u)
-        self.overall_identities = Counter(label for ident, _ in self.user_parts.values() for _, label in ident)
-        self.overall_interests = Counter(x for _, inter in self.user_parts.values() for x in inter)
-
 
 def verb_noun(domain: Domain) -> str:
     """``watched`` -> watcher, ``clicked on`` -> reader for news, generic -> user."""
@@ -262,10 +247,6 @@ def verb_noun(domain: Domain) -> str:
     if "news" in domain.items:
         return "reader"
     return "user"
-
-
-def ranked_by_lift(counts: Counter, overall: Counter, k: int) -> list[str]:
-    return top_labels(counts, sum(counts.values()), overall, sum(overall.values()), k)
 
 
 class OfflineTeacher(Teacher):
@@ -284,7 +265,6 @@ class OfflineTeacher(Teacher):
         report: TeacherReport,
     ) -> None:
         profiles = OfflineProfiles(data, split)
-        profiles.finish_users()
         user_text = {u: text for u in range(data.n_users) if (text := profiles.user_profile(u))}
         report.notes.append("offline teacher: rule-based profiles from dataset attributes (train pairs), not an LLM")
         if "user" in sides:
@@ -301,17 +281,13 @@ class OfflineTeacher(Teacher):
             report.written["user"] = write_records(folder / OUTPUT_FILES["user"], records)
         if "item" in sides:
             chosen = sample_ids(restrict(range(data.n_items), items), self.max_items, self.seed)
-            train_users = item_train_users(split)
-            prompts = item_prompts(
-                data, split, chosen, user_text, neighbours=load_item_neighbours(data), budget=self.budget
-            )
+            # no user profiles in the prompt either: the target does not read them
+            prompts = item_prompts(data, split, chosen, neighbours=load_item_neighbours(data), budget=self.budget)
             records = []
-            zero = 0
             with progress_bar(len(prompts), "teacher items (offline)", self.progress) as advance:
                 for i, prompt in prompts.items():
-                    zero += len(train_users[i]) == 0
-                    text = format_profile(*profiles.item(i, train_users[i]))
+                    text = format_profile(*profiles.item(i))
                     records.append(ProfileRecord("item", data.item_ids[i], prompt, text, {"teacher": self.kind}))
                     advance()
             report.written["item"] = write_records(folder / OUTPUT_FILES["item"], records)
-            report.extra["items_from_own_fields"] = zero
+            report.extra["items_from_own_fields"] = len(records)

@@ -1,0 +1,183 @@
+"""Fusion strategies: the learned "no profile" vector, profile dropout, the ``paper`` towers (normalised,
+items not propagated) and the one-side ablation modes."""
+
+import numpy as np
+import pytest
+import torch
+
+from reclm.cf import train_cf
+from reclm.cf.backbones import BACKBONE_CLASSES, build_model
+from reclm.cf.config import CFConfig
+from reclm.cf.features import SideFeatures
+from reclm.cf.fusion import FUSIONS
+
+
+def make(backbone, mode, split, features, fusion="concat", **kw):
+    torch.manual_seed(0)
+    cfg = CFConfig(
+        backbone=backbone, features=mode, fusion=fusion, dim=8, feature_hidden=[16], ncf_mlp=[16, 8], **kw
+    )  # fmt: skip
+    model = build_model(cfg, split.n_users, split.n_items, split.train, features)
+    model.start_epoch(np.random.default_rng(0))
+    return model
+
+
+def with_missing(features: SideFeatures, users: list[int], items: list[int]) -> SideFeatures:
+    """``features`` where the listed ids have no profile (zero rows, not present)."""
+    user_profiles, item_profiles = features.user_profiles.copy(), features.item_profiles.copy()
+    user_present = np.ones(len(user_profiles), bool)
+    item_present = np.ones(len(item_profiles), bool)
+    user_profiles[users], item_profiles[items] = 0.0, 0.0
+    user_present[users], item_present[items] = False, False
+    return SideFeatures(features.item_text, user_profiles, item_profiles, user_present, item_present)
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_missing_profile_is_the_learned_vector_not_zeros(fusion, tiny_split, tiny_features):
+    features = with_missing(tiny_features, users=[1, 4], items=[2, 3])
+    model = make("lightgcn", "text+profiles", tiny_split, features, fusion=fusion)
+    profile = model.fusion.user_profile
+    rows = profile()
+    assert torch.equal(rows[1], profile.missing.detach()) and torch.equal(rows[4], profile.missing.detach())
+    assert torch.equal(rows[0], torch.as_tensor(tiny_features.user_profiles[0]))
+    # it starts as the mean of the present profiles, not as a zero row
+    present = np.delete(tiny_features.user_profiles, [1, 4], axis=0)
+    assert np.allclose(profile.missing.detach().numpy(), present.mean(axis=0), atol=1e-6)
+    # and it is trained: the ranking loss reaches it (after one step: the residual branches start at zero)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.batch_loss(torch.tensor([1, 4]), torch.tensor([2, 0]), torch.tensor([5, 3]))["total"].backward()
+        optimizer.step()
+    assert profile.missing.grad is not None and profile.missing.grad.abs().sum() > 0
+    assert model.fusion.item_profile.missing.grad.abs().sum() > 0
+
+
+def test_a_new_item_without_a_profile_gets_the_missing_vector(tiny_split, tiny_features):
+    model = make("lightgcn", "text+profiles", tiny_split, tiny_features)
+    text = torch.as_tensor(tiny_features.item_text[:3])
+    missing = model.fusion.item_profile.missing.detach().expand(3, -1)
+    assert torch.allclose(model.fusion.encode_new_items(text), model.fusion.encode_new_items(text, missing))
+    assert not torch.allclose(model.fusion.encode_new_items(text), model.fusion.encode_new_items(text, 0 * missing))
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_profile_dropout_changes_training_inputs_only(fusion, tiny_split, tiny_features):
+    plain = make("bias-mf", "text+profiles", tiny_split, tiny_features, fusion=fusion)
+    dropped = make("bias-mf", "text+profiles", tiny_split, tiny_features, fusion=fusion, profile_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.fusion.users(), dropped.fusion.users())
+        assert torch.equal(plain.fusion.items(), dropped.fusion.items())
+    dropped.train()
+    torch.manual_seed(3)
+    rows = dropped.fusion.user_profile()
+    replaced = (rows == dropped.fusion.user_profile.missing).all(dim=1)
+    assert 0.2 < replaced.float().mean() < 0.8  # about half, redrawn per call
+    kept = ~replaced
+    assert torch.equal(rows[kept], torch.as_tensor(tiny_features.user_profiles)[kept])
+
+
+@pytest.mark.parametrize("backbone", ["lightgcn", "sgl", "simgcl"])
+def test_paper_fusion_normalises_and_does_not_propagate_items(backbone, tiny_split, tiny_features, make_split):
+    model = make(backbone, "text+profiles", tiny_split, tiny_features, fusion="paper")
+    users, items = model.final_embeddings()
+    with torch.no_grad():
+        items0 = model.fusion.items()
+    assert torch.allclose(items.norm(dim=1), torch.ones(tiny_split.n_items), atol=1e-5)
+    assert torch.allclose(items, items0)
+    # another train graph changes users, never items
+    other = make_split(seed=5)
+    rebuilt = make(backbone, "text+profiles", other, tiny_features, fusion="paper")
+    rebuilt.load_state_dict(model.state_dict())
+    users2, items2 = rebuilt.final_embeddings()
+    assert torch.allclose(items, items2) and not torch.allclose(users, users2)
+    # the concat fusion propagates items: trained items carry their users
+    concat_items = make(backbone, "text+profiles", tiny_split, tiny_features).final_embeddings()[1]
+    with torch.no_grad():
+        concat_items0 = make(backbone, "text+profiles", tiny_split, tiny_features).fusion.items()
+    assert not torch.allclose(concat_items, concat_items0)
+
+
+def test_paper_fusion_shares_one_profile_mlp_and_merge(tiny_split, tiny_features):
+    model = make("lightgcn", "text+profiles", tiny_split, tiny_features, fusion="paper")
+    names = {name for name, _ in model.named_parameters()}
+    assert "fusion.profile_mlp.0.weight" in names and "fusion.merge.weight" in names
+    assert not any("user_profile_mlp" in n or "item_merge" in n for n in names)
+    with torch.no_grad():
+        assert torch.allclose(model.fusion.items().norm(dim=1), torch.ones(tiny_split.n_items), atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+@pytest.mark.parametrize("mode", ["text+user-profiles", "text+item-profiles"])
+@pytest.mark.parametrize("backbone", sorted(BACKBONE_CLASSES))
+def test_one_side_ablation_modes_read_only_that_side(backbone, mode, fusion, tiny_split, tiny_features):
+    side = "user" if mode == "text+user-profiles" else "item"
+    other = "item" if side == "user" else "user"
+    features = SideFeatures(item_text=tiny_features.item_text)
+    setattr(features, f"{side}_profiles", getattr(tiny_features, f"{side}_profiles"))
+    model = make(backbone, mode, tiny_split, features, fusion=fusion)
+    assert getattr(model.fusion, f"{side}_profile") is not None
+    assert getattr(model.fusion, f"{other}_profile") is None
+    terms = model.batch_loss(torch.tensor([0, 1, 2]), torch.as_tensor(tiny_split.train[:3, 1]), torch.tensor([5, 6, 7]))
+    terms["total"].backward()
+    grad = getattr(model.fusion, f"{side}_profile").missing.grad
+    mlp = model.fusion.profile_mlp if fusion == "paper" else getattr(model.fusion, f"{side}_profile_mlp")
+    assert mlp[-1].weight.grad.abs().sum() > 0
+    assert grad is not None  # the missing vector sits in the graph even when every profile is present
+    scores = model.user_item_scores([0, 5])
+    assert scores.shape == (2, tiny_split.n_items) and torch.isfinite(scores).all()
+
+
+def test_residual_fusion_starts_as_the_text_model(tiny_split, tiny_features):
+    text = make("lightgcn", "text", tiny_split, tiny_features)
+    residual = make("lightgcn", "text+profiles", tiny_split, tiny_features, fusion="residual")
+    residual.load_state_dict(text.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.allclose(text.fusion.users(), residual.fusion.users())
+        assert torch.allclose(text.fusion.items(), residual.fusion.items())
+
+
+def test_paper_fusion_rejects_profile_sizes_it_cannot_share(tiny_split, tiny_features):
+    features = SideFeatures(tiny_features.item_text, tiny_features.user_profiles, tiny_features.item_profiles[:, :5])
+    with pytest.raises(ValueError, match="shares one profile MLP"):
+        make("lightgcn", "text+profiles", tiny_split, features, fusion="paper")
+
+
+def test_the_config_names_every_registered_fusion():
+    from reclm.cf.config import FUSION_NAMES
+
+    assert tuple(sorted(FUSIONS)) == tuple(sorted(FUSION_NAMES))
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONE_CLASSES))
+def test_uninformative_profiles_cost_nothing_with_the_residual_fusion(backbone, make_split, make_features):
+    """All profiles missing, or all the same vector: the residual fusion trains the `text` model step for
+    step, so every metric (zero-shot included) equals the `text` run's with the same seed."""
+    split = make_split(n_users=80, n_items=48, zero_shot=8, per_user=10)
+    features = make_features(split)
+    rng = np.random.default_rng(9)
+    text = (features.item_text + 0.8 * rng.normal(size=features.item_text.shape)).astype(np.float32)
+    zeros_u, zeros_i = np.zeros_like(features.user_profiles), np.zeros_like(features.item_profiles)
+    inputs = {
+        "missing": SideFeatures(text, zeros_u, zeros_i, np.zeros(len(zeros_u), bool), np.zeros(len(zeros_i), bool)),
+        "zero": SideFeatures(text, zeros_u, zeros_i),
+    }
+
+    def run(mode, side, fusion="residual"):
+        config = CFConfig(
+            backbone=backbone, features=mode, fusion=fusion, dim=8, feature_hidden=[16], ncf_mlp=[16, 8],
+            epochs=8, patience=8, batch_size=128, topks=[2, 5], valid_metric="ndcg@5", threads=1,
+        )  # fmt: skip
+        return train_cf(split, config, side, show_progress=False)
+
+    base = run("text", SideFeatures(item_text=text))
+    for name, side in inputs.items():
+        result = run("text+profiles", side)
+        for task in ("valid", "test", "zero_shot"):
+            got, want = getattr(result, task), getattr(base, task)
+            assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-6 for k in want), (name, task)
+    # the concat fusion is not the text model even when its profile branch knows nothing
+    concat = run("text+profiles", inputs["missing"], fusion="concat")
+    assert any(abs(concat.valid[k] - base.valid[k]) > 1e-6 for k in base.valid)
