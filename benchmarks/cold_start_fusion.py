@@ -3,7 +3,7 @@ and profile dropout, each row full-shot and zero-shot, selected on validation on
 
     python benchmarks/cold_start_fusion.py RUN [--profiles DIR] [--backbones lightgcn] [--fusions concat,paper]
         [--modes text,text+profiles] [--inputs real,zero,missing,shuffled] [--dropouts 0,0.2] [--seeds 2020,2021]
-        [--epochs 40] [--patience 5] [--out results.jsonl]
+        [--epochs 100] [--patience 5] [--lr 0.003] [--out results.jsonl]
 
 ``--inputs`` says what the profile branch is given: ``real`` (the run's embeddings), ``zero`` (every
 vector zero), ``missing`` (every id without a profile: the learned "no profile" vector) and ``shuffled``
@@ -67,11 +67,11 @@ def row_key(row: dict) -> tuple:
     return tuple(row[k] for k in ("backbone", "fusion", "mode", "input", "dropout", "seed"))
 
 
-def run_one(split, base: dict, combo: dict, epochs: int, patience: int) -> dict:
+def run_one(split, base: dict, combo: dict, epochs: int, patience: int, lr: float) -> dict:
     kind = combo["input"] if combo["mode"] != "text" else "real"
     config = CFConfig(
         backbone=combo["backbone"], features=combo["mode"], fusion=combo["fusion"], seed=combo["seed"],
-        profile_dropout=combo["dropout"], epochs=epochs, patience=patience, threads=1,
+        profile_dropout=combo["dropout"], epochs=epochs, patience=patience, lr=lr, threads=1,
     )  # fmt: skip
     result = train_cf(split, config, features_for(base, combo["mode"], kind, combo["seed"]), show_progress=False)
     extra = result.metrics_json()
@@ -118,8 +118,9 @@ def main() -> None:
     parser.add_argument("--inputs", default="real")
     parser.add_argument("--dropouts", default="0")
     parser.add_argument("--seeds", default="2020")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--out", type=Path, default=Path("cold_start_fusion.jsonl"))
     args = parser.parse_args()
     if unknown := set(args.inputs.split(",")) - set(INPUTS):
@@ -139,7 +140,7 @@ def main() -> None:
         if row_key(combo) in seen:
             rows.append(next(r for r in done if row_key(r) == row_key(combo)))
             continue
-        row = run_one(split, base, combo, args.epochs, args.patience)
+        row = run_one(split, base, combo, args.epochs, args.patience, args.lr)
         with args.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

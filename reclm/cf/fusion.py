@@ -262,27 +262,17 @@ class PaperFusion(ConcatFusion):
         return torch.relu(self.merge(torch.cat([text_part, self.profile_mlp(profile)], dim=-1)))
 
 
-def centred(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` minus their mean: a branch that gives every row the same output adds nothing."""
-    return rows - rows.mean(dim=0, keepdim=True)
-
-
 class ResidualFusion(ConcatFusion):
     """Profiles as a centred correction added to the ``text`` model's representations: user = ID +
-    c(MLP(user profile)), item = MLP(text) + c(MLP(item profile)), where c subtracts the mean over the
-    rows at hand (every id in a full pass, the batch's rows in BiasMF / NCF training) and each profile
-    MLP's last layer starts at zero.
+    c(MLP(user profile)), item = MLP(text) + c(MLP(item profile)), where c subtracts the correction's
+    mean over every id of that side (also when a batch reads a few rows, as BiasMF and NCF do: a
+    batch's own mean would centre positives and negatives differently) and each profile MLP's last
+    layer starts at zero.
 
     Training starts from the ``text`` model, and where every profile is the same (all missing, all
     zero) the branch adds exactly nothing: the model is the ``text`` model, step for step. Profiles
     can only move ids relative to each other, never shift all of them (a shift of every user is an
     item-popularity bias learned on trained items, which misranks new ones)."""
-
-    def merge_user(self, id_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
-        return id_part + centred(self.user_profile_mlp(profile))
-
-    def merge_item(self, text_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
-        return text_part + centred(self.item_profile_mlp(profile))
 
     def __init__(self, n_users: int, n_items: int, out_dim: int, mode: str, features: SideFeatures, config: CFConfig):
         super().__init__(n_users, n_items, out_dim, mode, features, config)
@@ -294,6 +284,48 @@ class ResidualFusion(ConcatFusion):
                 last = getattr(self, name)[-1]
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
+
+    def correction(self, side: str, index: torch.Tensor | None) -> torch.Tensor:
+        """The centred profile correction of ``side``'s rows ``index`` (all rows when None)."""
+        branch, profile = getattr(self, f"{side}_profile_mlp"), getattr(self, f"{side}_profile")
+        rows = branch(profile(index))
+        if index is None:
+            return rows - rows.mean(dim=0, keepdim=True)
+        return rows - self.catalogue_mean(side)
+
+    @torch.no_grad()
+    def catalogue_mean(self, side: str) -> torch.Tensor:
+        """The correction's mean over every known id of ``side`` (constant for the step: a full pass
+        gives the same forward values)."""
+        return getattr(self, f"{side}_profile_mlp")(getattr(self, f"{side}_profile")()).mean(dim=0)
+
+    def users(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        ids = self.user_id.weight if index is None else self.user_id(index)
+        return ids if self.user_profile is None else ids + self.correction("user", index)
+
+    def items(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        if self.item_profile is None:
+            return super().items(index)
+        text = self.item_text if index is None else self.item_text[index]
+        return self.text_mlp(text) + self.correction("item", index)
+
+    def encode_new_items(self, text: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
+        """New items are centred by the catalogue's mean, so a trained item re-encoded is unchanged."""
+        if self.item_profile is None:
+            return super().encode_new_items(text, profile)
+        rows = self.item_profile.given(profile, text.shape[0])
+        return self.text_mlp(text) + self.item_profile_mlp(rows) - self.catalogue_mean("item")
+
+    def encode_new_users(
+        self, id_part: torch.Tensor | None = None, profile: torch.Tensor | None = None, n: int | None = None
+    ) -> torch.Tensor:
+        if self.user_profile is None:
+            return super().encode_new_users(id_part, profile, n)
+        count = n or (id_part.shape[0] if id_part is not None else profile.shape[0])
+        if id_part is None:
+            id_part = torch.zeros(count, self.out_dim, device=self.user_id.weight.device)
+        rows = self.user_profile.given(profile, count)
+        return id_part + self.user_profile_mlp(rows) - self.catalogue_mean("user")
 
 
 FUSIONS: dict[str, type[Fusion]] = {"concat": ConcatFusion, "paper": PaperFusion, "residual": ResidualFusion}

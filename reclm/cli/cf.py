@@ -10,9 +10,9 @@ from rich.table import Table
 
 from reclm.cf.config import BACKBONES, FEATURE_MODES, FUSION_NAMES, CFConfig
 from reclm.cli.common import app, console, friendly_errors
-from reclm.cli.data import parse_ratios
+from reclm.cli.data import split_spec
 from reclm.data.loaders import load_dataset
-from reclm.data.split import SplitSpec, make_split
+from reclm.data.split import make_split
 from reclm.pipeline.rundir import RunDir
 
 
@@ -52,6 +52,8 @@ def train_cf_command(
     split: str = typer.Option("auto", help="auto | random | temporal | snapshot (ignored with --run)"),
     ratios: str = typer.Option("0.8,0.1,0.1", help="train,valid,test ratios per user"),
     zero_shot: float = typer.Option(0.1, help="Share of items held out of training (zero-shot)."),
+    zero_shot_items: str = typer.Option("random", help="random | latest (the items that appear last in time)."),
+    cold_valid: float = typer.Option(0.05, help="Share of items held out for cold validation (as `reclm run`)."),
     split_seed: int = typer.Option(2020, help="Seed of the split (kept apart from --seed)."),
     item_text: str = typer.Option(None, help="Item text file (CSV or JSON Lines keyed by 'item') for CSV data."),
     epochs: int = typer.Option(None, help="Maximum epochs (default: 300)."),
@@ -106,7 +108,7 @@ def train_cf_command(
         if out is None:
             raise ValueError("--out DIR is required (or give --run RUN_DIR)")
         data = load_dataset(dataset or "ml-100k", item_text=item_text)
-        spec = SplitSpec(method=split, ratios=parse_ratios(ratios), zero_shot_fraction=zero_shot, seed=split_seed)
+        spec = split_spec(split, ratios, zero_shot, zero_shot_items, cold_valid, split_seed)
         the_split = make_split(data, spec)
         the_split.save(Path(out) / "split")
         info["split_source"] = str(Path(out) / "split")
@@ -128,11 +130,11 @@ def train_cf_command(
 
 def results_table(metrics: dict, topks: list[int], full: dict) -> Table:
     """Metrics as rows, tasks as columns (fits an 80-column terminal)."""
-    tasks = ("valid", "test", "zero_shot")
-    table = Table(title="test and zero-shot at the best validation epoch")
+    tasks = tuple(t for t in ("valid", "test", "zero_shot", "cold_valid", "zero_shot_cold_selected") if metrics.get(t))
+    table = Table(title="selected on validation (cold-valid, zero-shot-cold-selected: on cold validation)")
     table.add_column("metric")
     for task in tasks:
-        table.add_column(task.replace("_", "-"), justify="right")
+        table.add_column(task.replace("_", "-").replace("zero-shot-cold-selected", "zero-shot@cold"), justify="right")
     users = full.get("users_evaluated", {})
     table.add_row("users", *(str(users.get(task, 0)) for task in tasks))
     for k in topks:

@@ -54,13 +54,23 @@ def prepare_command(
     split: str = typer.Option("auto", help="auto | random | temporal | snapshot"),
     ratios: str = typer.Option("0.8,0.1,0.1", help="train,valid,test ratios per user"),
     zero_shot: float = typer.Option(0.1, help="Share of items held out of training entirely (zero-shot)."),
+    zero_shot_items: str = typer.Option("random", help="random | latest (the items that appear last in time)."),
+    cold_valid: float = typer.Option(0.05, help="Share of items held out for cold validation (as `reclm run`)."),
     seed: int = typer.Option(2020),
     item_text: str = typer.Option(None, help="Item text file (CSV or JSON Lines keyed by 'item') for CSV data."),
 ) -> None:
     """Load a dataset, split it and save the split into a run directory."""
-    spec = SplitSpec(method=split, ratios=parse_ratios(ratios), zero_shot_fraction=zero_shot, seed=seed)
+    spec = split_spec(split, ratios, zero_shot, zero_shot_items, cold_valid, seed)
     _, saved = RunDir(out).prepare(dataset, spec, item_text=item_text)
     console.print(f"prepared {dataset} in {out}: {saved.stats()}")
+
+
+def split_spec(method: str, ratios: str, zero_shot: float, zero_shot_items: str, cold_valid: float, seed: int):
+    """The SplitSpec of the split options shared by `prepare` and `train-cf`."""
+    return SplitSpec(
+        method=method, ratios=parse_ratios(ratios), zero_shot_fraction=zero_shot, zero_shot=zero_shot_items,
+        cold_valid_fraction=cold_valid, seed=seed,
+    )  # fmt: skip
 
 
 def parse_ratios(text: str) -> tuple[float, float, float]:

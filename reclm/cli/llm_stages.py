@@ -45,7 +45,7 @@ def neighbours_command(
     backbone: str = typer.Option("lightgcn", help="cf: backbone trained when RUN/cf has no feature-free run."),
     epochs: int = typer.Option(30, help="cf: epochs of that backbone."),
     embeddings: Path = typer.Option(None, help="cf: an embeddings.npz to use instead (train-only model)."),
-    items: bool = typer.Option(True, help="Also item neighbours (text similarity for zero-shot items)."),
+    items: bool = typer.Option(True, help="Also item neighbours (text similarity, the same for every item)."),
 ) -> None:
     """Similar users (RUN/neighbours/users.npz) and related items (items.npz), from train interactions only."""
     from reclm.llm.neighbours import build_neighbours
@@ -169,7 +169,6 @@ def item_side_command(
     keep_teacher: bool = typer.Option(False, help="Items with a teacher profile keep it."),
     max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
     prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
-    max_profiles: int = typer.Option(3, help="User profiles shown per item prompt (as `reclm run`)."),
     max_neighbours: int = typer.Option(3, help="Neighbour items shown per item prompt."),
     backend: str = typer.Option("ct2", help="Generation backend: ct2 | transformers."),
 ) -> None:
@@ -179,9 +178,7 @@ def item_side_command(
     from reclm.llm.prompts import PromptBudget
 
     rundir, data, split = load_run(run)
-    budget = PromptBudget(
-        max_words=max_words, max_profiles=max_profiles, max_neighbours=max_neighbours, style=prompt_style
-    )
+    budget = PromptBudget(max_words=max_words, max_neighbours=max_neighbours, style=prompt_style)
     folder = rundir.stage("item_sft")
     if steps > 0:
         init_adapter = None

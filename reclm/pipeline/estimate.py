@@ -503,6 +503,10 @@ def cf_estimate(
 def neighbours(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
     """Not scaled by size: this CF model has no features and all cores (MIND: 1.8 s an epoch, 3.2x
     ml-100k's per pair; 59 s in all against 30 s estimated)."""
+    from reclm.pipeline.stages import users_need_neighbours
+
+    if not users_need_neighbours(cfg):  # item text neighbours only: no CF model is trained
+        return Estimate(MODEL_LOAD_SECONDS, 0, 0, "epoch-interaction", "default")
     units = cfg.neighbours.epochs * size.train
     spu = CF_SECONDS_PER_EPOCH_PAIR[cfg.neighbours.backbone]
     seconds, basis = calibrated(
@@ -524,7 +528,10 @@ def profile_count(cfg: PipelineConfig, size: DataSize) -> int:
 def profiles(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None, cached: int = 0) -> Estimate:
     """Writing the profiles, less ``cached`` user profiles the generation cache already holds."""
     if not cfg.stages.generators():
-        return Estimate(1.0, 0, 0, "profile", "default")
+        if not cfg.stages.item_side:
+            return Estimate(1.0, 0, 0, "profile", "default")
+        items = min(cfg.generation.items or size.items, size.items)  # the item writer profiles the items
+        return generation(cfg, size, items, speeds, overhead=MODEL_LOAD_SECONDS)
     return generation(cfg, size, max(0, profile_count(cfg, size) - cached), speeds, overhead=MODEL_LOAD_SECONDS)
 
 

@@ -33,7 +33,6 @@ MAX_HISTORY = 500
 MAX_FIELDS = 32
 MAX_FIELD_CHARS = 2000
 MAX_PROFILE_CHARS = 4000
-ITEM_NEIGHBOURS = 5  # related items shown in a new item's prompt (as the item side gives zero-shot items)
 STORE_NAME = "serve.sqlite"
 
 
@@ -174,11 +173,12 @@ class Recommender:
         self.index = ItemIndex(self.items_final, options.faiss_min_items) if self.model.dot_product else None
         self.seen = self.split.train_matrix()
         self.text_vectors = self.model.item_text_vectors()
-        self.seen_in_train = np.asarray(self.seen.sum(axis=0)).ravel() > 0
 
         files = {kind: self.run.profiles / f"{kind}s.jsonl" for kind in ("user", "item")}
         self.user_profiles = read_profiles(files["user"], "user") if files["user"].is_file() else {}
         self.item_profiles = read_profiles(files["item"], "item") if files["item"].is_file() else {}
+        # a new item's prompt follows the item side's one recipe: text-nearest pool items, teacher profiles
+        self.teacher_item_profiles, self.neighbour_pool = self.item_recipe_inputs()
 
         self.encoder = self.make_encoder()
         self.store = ServeStore(self.run.root / STORE_NAME)
@@ -331,20 +331,26 @@ class Recommender:
         kept = [int(i) for i in history][-budget.max_items :] if budget.max_items else [int(i) for i in history]
         return budget.user_prompt(self.prompt_dataset(kept), list(range(len(kept))))
 
+    def item_recipe_inputs(self) -> tuple[dict[int, str], np.ndarray]:
+        """The item side's teacher profiles and neighbour pool (reclm.llm.item_side), as at generation."""
+        from reclm.llm.item_side import neighbour_pool, teacher_item_profiles
+
+        teacher = teacher_item_profiles(self.run, self.data, self.split)
+        return teacher, neighbour_pool(self.split, teacher)
+
     def item_neighbours(self, text_vector: np.ndarray) -> list[int]:
-        """Dataset items seen in train that are closest to a new item's text (they have profiles)."""
+        """The pool items closest to a new item's text, as many as the run's item prompts show."""
         from reclm.llm.neighbours import cosine_top_k
 
-        if self.text_vectors is None:
+        k = self.settings.budget.max_neighbours
+        if self.text_vectors is None or not k:
             return []
-        idx, _ = cosine_top_k(
-            self.text_vectors, ITEM_NEIGHBOURS, candidates=self.seen_in_train, query_vectors=text_vector[None]
-        )
+        idx, _ = cosine_top_k(self.text_vectors, k, candidates=self.neighbour_pool, query_vectors=text_vector[None])
         return [int(i) for i in idx[0] if i >= 0]
 
     def item_prompt(self, fields: dict[str, str], neighbours: list[int]) -> str:
         data = self.prompt_dataset(neighbours, new_fields=fields)
-        profiles = [self.item_profiles.get(self.item_ids[i]) for i in neighbours]
+        profiles = [self.teacher_item_profiles.get(i) for i in neighbours]
         return self.settings.budget.item_prompt(data, 0, list(range(1, len(neighbours) + 1)), profiles)
 
     def item_text(self, fields: dict[str, str]) -> str:

@@ -181,3 +181,37 @@ def test_uninformative_profiles_cost_nothing_with_the_residual_fusion(backbone, 
     # the concat fusion is not the text model even when its profile branch knows nothing
     concat = run("text+profiles", inputs["missing"], fusion="concat")
     assert any(abs(concat.valid[k] - base.valid[k]) > 1e-6 for k in base.valid)
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_an_item_encoded_alone_equals_its_row_of_the_full_pass(fusion, tiny_split, tiny_features):
+    """Serving encodes new items one by one: the residual fusion centres them by the catalogue's mean."""
+    model = make("lightgcn", "text+profiles", tiny_split, with_missing(tiny_features, [], [3]), fusion=fusion)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # move the zero-started branches off zero
+    model.batch_loss(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([5, 6]))["total"].backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        items, users = model.fusion.items(), model.fusion.users()
+        for i in (0, 3):
+            text = torch.as_tensor(tiny_features.item_text[i : i + 1])
+            profile = None if i == 3 else torch.as_tensor(tiny_features.item_profiles[i : i + 1])
+            assert torch.allclose(model.fusion.encode_new_items(text, profile)[0], items[i], atol=1e-5)
+        ids = model.fusion.user_id.weight[2:3]
+        profile = torch.as_tensor(tiny_features.user_profiles[2:3])
+        assert torch.allclose(model.fusion.encode_new_users(ids, profile)[0], users[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_a_batch_reads_the_rows_of_the_full_pass(fusion, tiny_split, tiny_features):
+    """BiasMF and NCF read users(index) / items(pos) / items(neg): each row must be what the full pass
+    (used for ranking) gives it, whichever other rows share the batch."""
+    model = make("bias-mf", "text+profiles", tiny_split, tiny_features, fusion=fusion)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # move the zero-started branches off zero
+    model.batch_loss(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([5, 6]))["total"].backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        for index in (torch.tensor([0, 0, 1]), torch.tensor([7, 3])):
+            assert torch.allclose(model.fusion.items(index), model.fusion.items()[index], atol=1e-6)
+            assert torch.allclose(model.fusion.users(index), model.fusion.users()[index], atol=1e-6)

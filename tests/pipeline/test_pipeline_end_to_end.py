@@ -85,7 +85,9 @@ def test_first_run_runs_the_real_stages(finished_run):
     assert sorted(r["name"] for r in runs) == [
         "bias-mf-text+profiles-s1",
         "bias-mf-text-s1",
+        "lightgcn-text+item-profiles-s1",  # cf.side_ablation on cf.ablation_backbones
         "lightgcn-text+profiles-s1",
+        "lightgcn-text+user-profiles-s1",
         "lightgcn-text-s1",
     ]
     for run in runs:
@@ -122,6 +124,8 @@ def test_report_has_the_paper_table_costs_quality_and_plots(finished_run):
     assert any(line.startswith("| lightgcn |") and cell in line for line in md.splitlines())
     assert "Wilcoxon" in md and "| bias-mf | full-shot |" in md
     assert "+ teacher profiles" in md  # the ablation row of this run's profile source
+    sides = [line for line in md.splitlines() if line.startswith("| lightgcn | + ")]
+    assert any("user profiles only" in line for line in sides) and any("item profiles only" in line for line in sides)
     assert re.search(r"\| train_cf \| complete \| [\d.]+ (s|min) \| [\d.]+ (s|min) \|", md)  # time, CPU time
     cost = md[md.index("## Cost per stage") :].split("\n## ")[0].splitlines()
     widths = {line.count("|") for line in cost if line.startswith("|")}
@@ -217,7 +221,7 @@ def test_adding_a_feature_mode_trains_only_the_new_runs(finished_run):
     output = invoke("run", str(config))
     actions = stage_lines(output)
     assert actions["train_cf"] == "done" and actions["report"] == "done" and actions["encode"] == "cached"
-    assert output.count(": cached") == 4  # the four earlier CF runs were reused
+    assert output.count(": cached") == 6  # the six earlier CF runs (two side-ablation runs) were reused
     after = {p.parent.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "cf").glob("*/metrics.json")}
     assert {n for n in after if n not in before} == {"bias-mf-none-s1", "lightgcn-none-s1"}
     assert all(after[n] == before[n] for n in before)
