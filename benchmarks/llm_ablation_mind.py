@@ -8,8 +8,11 @@
 | +CF+RL       | profiles written by the RL adapter (``--rl dpo`` or ``ppo``)          |
 
 Items get the SAME profile embeddings in every profile row: the shipped GPT-3.5 item profiles where an item
-has one (zero-shot items never do: theirs come from test clicks), zeros elsewhere; so the rows differ only
-by who wrote the user profiles. Full-shot and zero-shot test metrics, each read at the best validation epoch.
+has one (zero-shot items never do: theirs come from test clicks), or with ``--item-profiles FILE`` every item's
+(e.g. a ``configs/mind-teacher.yaml`` run's ``profiles/items.jsonl``: shipped + the item writer's; delete
+``WORK/run/embeddings/items`` when switching); an item without one gets the fusion's "no profile" vector. So
+the rows differ only by who wrote the user profiles. Full-shot and zero-shot test metrics, each read at the
+best validation epoch.
 
 The subset: ``--teacher-users`` users drawn (seeded) among the MIND users that have a shipped teacher profile,
 plus ``--other-users`` drawn among the rest, with ALL their clicks (train and test snapshots) and every item.
@@ -98,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cf-epochs", type=int, default=100)
     parser.add_argument("--cf-seed", type=int, default=2020)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--item-profiles", type=Path, default=None,
+        help="item profiles (records JSONL) for every item, e.g. a mind-teacher run's profiles/items.jsonl "
+        "(default: the shipped ones only; items without one get the fusion's 'no profile' vector)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from reclm.cf import CFConfig, SideFeatures, train_cf
-    from reclm.cf.features import item_text_embeddings, load_profile_embeddings
+    from reclm.cf.features import item_text_embeddings, load_profiles
     from reclm.data.split import SplitSpec
     from reclm.llm.collab import CollabBudget, run_collab
     from reclm.llm.encode import encode_file
@@ -237,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # the same item profiles for every profile row: shipped ones of items seen in train
     items_file = run.root / "ablation" / "items.jsonl"
+    if args.item_profiles is not None:
+        items_file = args.item_profiles
     if not items_file.is_file():
         shipped = [json.loads(line) for line in (args.work / "dataset" / "teacher_item_profiles.jsonl").open()]
         index, zero_shot = data.item_index(), set(split.zero_shot_items.tolist())
@@ -254,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         kind = "item" if stage == "items" else "user"
         if not (target / f"{'items' if kind == 'item' else 'users'}.npz").is_file():
             encode_file(source, kind, encoder, target, str(source))
-    item_profiles, item_cover = load_profile_embeddings(run.embeddings / "items" / "items.npz", data.item_ids)
+    item_profiles, item_present = load_profiles(run.embeddings / "items" / "items.npz", data.item_ids)
+    item_cover = float(item_present.mean())
 
     results = {}
     for row, stage in zip(ROWS, (None, "sft", "collab", "rl")):
@@ -263,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             features = SideFeatures(item_text=item_text)
             mode = "text"
             if stage is not None:
-                users, cover = load_profile_embeddings(run.embeddings / stage / "users.npz", data.user_ids)
-                features.user_profiles, features.item_profiles, mode = users, item_profiles, "text+profiles"
+                users, present = load_profiles(run.embeddings / stage / "users.npz", data.user_ids)
+                features.user_profiles, features.user_present = users, present
+                features.item_profiles, features.item_present, mode = item_profiles, item_present, "text+profiles"
             config = CFConfig(
                 backbone="lightgcn", features=mode, epochs=args.cf_epochs, seed=args.cf_seed, threads=args.threads
             )

@@ -82,6 +82,27 @@ class ProfileInput(nn.Module):
             present = present & (torch.rand(present.shape, device=present.device) >= self.dropout)
         return torch.where(present.unsqueeze(-1), rows, self.missing)
 
+    def mean_of(self, fn) -> torch.Tensor:
+        """The mean of ``fn`` over every row (with its gradient), computed on the distinct rows only:
+        profiles repeat (ml-100k: 71% of users share another's; MIND: most users have none). In training
+        with dropout it is the expected mean."""
+        distinct, counts = self.distinct_rows()
+        n_present, n_missing = counts.sum(), (~self.present).sum().to(counts.dtype)
+        keep = 1.0 - self.dropout if self.training else 1.0
+        total = (counts.unsqueeze(-1) * fn(distinct)).sum(dim=0) * keep if len(distinct) else 0.0
+        missing_weight = n_missing + n_present * (1.0 - keep)
+        total = total + missing_weight * fn(self.missing.unsqueeze(0))[0]
+        return total / (n_present + n_missing)
+
+    def distinct_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct present profile vectors and their counts (cached until the buffers change)."""
+        version = (self.vectors._version, self.present._version, self.vectors.data_ptr())
+        cached = getattr(self, "_distinct", None)
+        if cached is None or cached[0] != version:
+            rows, counts = torch.unique(self.vectors[self.present], dim=0, return_counts=True)
+            self._distinct = (version, rows, counts.to(self.vectors.dtype))
+        return self._distinct[1], self._distinct[2]
+
     def given(self, profile: torch.Tensor | None, count: int) -> torch.Tensor:
         """Profile rows of new ids: ``profile`` where given, else the missing vector for each of ``count``."""
         if profile is not None:
@@ -265,9 +286,10 @@ class PaperFusion(ConcatFusion):
 class ResidualFusion(ConcatFusion):
     """Profiles as a centred correction added to the ``text`` model's representations: user = ID +
     c(MLP(user profile)), item = MLP(text) + c(MLP(item profile)), where c subtracts the correction's
-    mean over every id of that side (also when a batch reads a few rows, as BiasMF and NCF do: a
-    batch's own mean would centre positives and negatives differently) and each profile MLP's last
-    layer starts at zero.
+    mean over every id of that side, with its gradient (also when a batch reads a few rows, as BiasMF
+    and NCF do: a batch's own mean would centre positives and negatives differently, and a mean without
+    gradient let the MLP grow along directions the centring hides) and each profile MLP's last layer
+    starts at zero.
 
     Training starts from the ``text`` model, and where every profile is the same (all missing, all
     zero) the branch adds exactly nothing: the model is the ``text`` model, step for step. Profiles
@@ -291,13 +313,12 @@ class ResidualFusion(ConcatFusion):
         rows = branch(profile(index))
         if index is None:
             return rows - rows.mean(dim=0, keepdim=True)
-        return rows - self.catalogue_mean(side)
+        return rows - profile.mean_of(branch)  # with its gradient: a detached mean let the MLP grow unchecked
 
     @torch.no_grad()
     def catalogue_mean(self, side: str) -> torch.Tensor:
-        """The correction's mean over every known id of ``side`` (constant for the step: a full pass
-        gives the same forward values)."""
-        return getattr(self, f"{side}_profile_mlp")(getattr(self, f"{side}_profile")()).mean(dim=0)
+        """The correction's mean over every known id of ``side``, for new ids (serving)."""
+        return getattr(self, f"{side}_profile").mean_of(getattr(self, f"{side}_profile_mlp"))
 
     def users(self, index: torch.Tensor | None = None) -> torch.Tensor:
         ids = self.user_id.weight if index is None else self.user_id(index)
