@@ -266,12 +266,21 @@ class Unit:
         return tmp
 
     def commit(self) -> None:
+        """Mark the finished folder complete, then move it into place. A kill between the two leaves a
+        ``.partial`` folder marked complete, which ``StageContext.unit`` moves into place (before, the
+        in-progress marker went first, and a kill there made the next run delete a finished unit)."""
         tmp = self.path.with_name(self.path.name + ".partial")
-        (tmp / PARTIAL_MARKER).unlink(missing_ok=True)
-        (tmp / UNIT_MARKER).write_text(json.dumps({"key": self.key}))
+        write_marker(tmp / UNIT_MARKER, self.key)
         shutil.rmtree(self.path, ignore_errors=True)
         tmp.rename(self.path)
+        (self.path / PARTIAL_MARKER).unlink(missing_ok=True)
         self.done = True
+
+
+def write_marker(path: Path, key: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key}))
+    tmp.replace(path)
 
 
 def unit_key(path: Path, marker: str = UNIT_MARKER) -> str | None:
@@ -311,6 +320,11 @@ class StageContext:
         digest = key if isinstance(key, str) else stable_hash(key)
         path = self.out / relative
         if path.is_dir() and unit_key(path) == digest:
+            return Unit(path, digest, True)
+        finished = path.with_name(path.name + ".partial")
+        if finished.is_dir() and unit_key(finished) == digest:  # committed, but killed before the rename
+            shutil.rmtree(path, ignore_errors=True)
+            finished.rename(path)
             return Unit(path, digest, True)
         old = self.previous / relative if self.previous else None
         if old is not None and old.is_dir() and unit_key(old) == digest:
@@ -493,7 +507,11 @@ class Pipeline:
 
     # ------------------------------------------------------------ running
 
-    def run(self, from_stage: str | None = None, only: str | None = None) -> list[StageOutcome]:
+    def run(
+        self, from_stage: str | None = None, only: str | None = None, on_locked: Callable[[], None] | None = None
+    ) -> list[StageOutcome]:
+        """Run the stages; ``on_locked`` runs first once this process holds the run's lock (a run refused
+        by the lock changes nothing in the folder)."""
         for name in (from_stage, only):
             if name is not None and name not in self.by_name:
                 raise StageError(f"unknown stage {name!r}: expected one of {', '.join(self.by_name)}")
@@ -508,6 +526,8 @@ class Pipeline:
         self.root.mkdir(parents=True, exist_ok=True)
         outcomes: list[StageOutcome] = []
         with self.locked():
+            if on_locked is not None:
+                on_locked()
             known: dict[str, str] = {}
             for index, stage in enumerate(self.stages, 1):
                 label = f"[{index:>2}/{len(self.stages)}] {stage.name:<12}"

@@ -161,13 +161,12 @@ def run(
 ) -> list[StageOutcome]:
     console = console or Console()
     pipeline = make_pipeline(config, out, console)
-    save_config(config, Path(out))
     console.print(
         f"reclm run: {config.dataset} -> {out} (effective config in {Path(out) / 'config.yaml'})", highlight=False
     )
     with thread_count(config.threads), terminate_as_interrupt():
         try:
-            outcomes = pipeline.run(from_stage=from_stage, only=only)
+            outcomes = pipeline.run(from_stage=from_stage, only=only, on_locked=lambda: save_config(config, Path(out)))
         except KeyboardInterrupt:
             console.print(
                 f"interrupted: the stage in progress is kept in {Path(out) / '.work'}; the same command resumes it",

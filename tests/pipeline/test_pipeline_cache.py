@@ -722,3 +722,42 @@ def test_a_stage_peak_does_not_count_memory_that_earlier_work_freed():
         pass
     assert peak.rss_mb < before + 200
     del keep
+
+
+def test_a_run_refused_by_the_lock_leaves_the_saved_config_alone(tmp_path):
+    import fcntl
+
+    from reclm.pipeline.run import run as run_pipeline
+
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.yaml").write_text("the config of the run that holds the lock\n")
+    with (root / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        with pytest.raises(StageError, match="another `reclm run`"):
+            run_pipeline(PipelineConfig(), root, Console(quiet=True))
+    assert (root / "config.yaml").read_text() == "the config of the run that holds the lock\n"
+
+
+def test_a_unit_committed_but_killed_before_its_rename_is_finished_not_redone(tmp_path):
+    """A kill -9 between marking a unit complete and moving it into place: the next run takes it as done."""
+    runs: list[str] = []
+
+    def body(ctx: StageContext) -> None:
+        unit = ctx.unit("a", {"name": "a"})
+        if unit.done:
+            return
+        runs.append("a")
+        scratch = unit.scratch()
+        (scratch / "out.txt").write_text("finished")
+        from reclm.pipeline.cache import UNIT_MARKER, write_marker
+
+        write_marker(scratch / UNIT_MARKER, unit.key)  # commit's first step, then the "kill"
+        raise RuntimeError("killed before the rename")
+
+    pipeline = Pipeline(PipelineConfig(), tmp_path, [Stage("train_cf", "cf", body)], Console(quiet=True))
+    with pytest.raises(StageError):
+        pipeline.run()
+    pipeline.run()
+    assert runs == ["a"], "the finished unit was not trained again"
+    assert (tmp_path / "cf" / "a" / "out.txt").read_text() == "finished"
