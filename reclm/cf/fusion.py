@@ -188,10 +188,14 @@ class ConcatFusion(Fusion):
         self.user_profile = profile_input(features, "user", config) if uses_user_profiles(mode) else None
         self.item_profile = profile_input(features, "item", config) if uses_item_profiles(mode) else None
         with torch.random.fork_rng(devices=[]):  # the profile layers leave the random stream as `text` has it
-            for side, branch in (("user", self.user_profile), ("item", self.item_profile)):
-                if branch is not None:
-                    setattr(self, f"{side}_profile_mlp", mlp([branch.dim, *hidden, out_dim]).apply(xavier_init))
-                    setattr(self, f"{side}_merge", nn.Linear(2 * out_dim, out_dim).apply(xavier_init))
+            self.build_profile_layers(hidden, out_dim)
+
+    def build_profile_layers(self, hidden: list[int], out_dim: int) -> None:
+        """One profile MLP and one merge layer per side that has profiles."""
+        for side, branch in (("user", self.user_profile), ("item", self.item_profile)):
+            if branch is not None:
+                setattr(self, f"{side}_profile_mlp", mlp([branch.dim, *hidden, out_dim]).apply(xavier_init))
+                setattr(self, f"{side}_merge", nn.Linear(2 * out_dim, out_dim).apply(xavier_init))
 
     # ------------------------------------------------------------ representations of known ids
     def users(self, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,29 +248,14 @@ class PaperFusion(ConcatFusion):
 
     propagates_items = False
 
-    def __init__(self, n_users: int, n_items: int, out_dim: int, mode: str, features: SideFeatures, config: CFConfig):
-        Fusion.__init__(self)
-        features.require(mode, n_users, n_items)
-        self.mode = mode
-        self.out_dim = out_dim
-        self.n_users, self.n_items = n_users, n_items
-        hidden = list(config.feature_hidden)
-        self.user_id = nn.Embedding(n_users, out_dim)
-        if mode == "none":
-            self.item_id = nn.Embedding(n_items, out_dim)
-        else:
-            self.register_buffer("item_text", as_buffer(features.item_text))
-            self.text_mlp = mlp([features.item_text.shape[1], *hidden, out_dim])
-        self.apply(xavier_init)  # first: a seed starts the text part as in the `text` mode
-        self.user_profile = profile_input(features, "user", config) if uses_user_profiles(mode) else None
-        self.item_profile = profile_input(features, "item", config) if uses_item_profiles(mode) else None
+    def build_profile_layers(self, hidden: list[int], out_dim: int) -> None:
+        """One profile MLP and one merge layer, shared by users and items."""
         dims = {p.dim for p in (self.user_profile, self.item_profile) if p is not None}
         if len(dims) > 1:
             raise ValueError(f"fusion 'paper' shares one profile MLP: user and item profile sizes differ ({dims})")
         if dims:
-            with torch.random.fork_rng(devices=[]):
-                self.profile_mlp = mlp([dims.pop(), *hidden, out_dim]).apply(xavier_init)
-                self.merge = nn.Linear(2 * out_dim, out_dim).apply(xavier_init)
+            self.profile_mlp = mlp([dims.pop(), *hidden, out_dim]).apply(xavier_init)
+            self.merge = nn.Linear(2 * out_dim, out_dim).apply(xavier_init)
 
     def items(self, index: torch.Tensor | None = None) -> torch.Tensor:
         items = super().items(index)
@@ -296,14 +285,14 @@ class ResidualFusion(ConcatFusion):
     can only move ids relative to each other, never shift all of them (a shift of every user is an
     item-popularity bias learned on trained items, which misranks new ones)."""
 
-    def __init__(self, n_users: int, n_items: int, out_dim: int, mode: str, features: SideFeatures, config: CFConfig):
-        super().__init__(n_users, n_items, out_dim, mode, features, config)
-        for name in ("user_merge", "item_merge"):  # unused here: the branches are added
-            if hasattr(self, name):
-                delattr(self, name)
-        for name in ("user_profile_mlp", "item_profile_mlp"):
-            if hasattr(self, name):
-                last = getattr(self, name)[-1]
+    def build_profile_layers(self, hidden: list[int], out_dim: int) -> None:
+        """The concat fusion's layers (the same random draws, so a seed gives the same MLPs), without the
+        merge layers (the correction is added), each MLP's last layer at zero."""
+        super().build_profile_layers(hidden, out_dim)
+        for side in ("user", "item"):
+            if hasattr(self, f"{side}_merge"):
+                delattr(self, f"{side}_merge")
+                last = getattr(self, f"{side}_profile_mlp")[-1]
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
 

@@ -86,6 +86,8 @@ def test_every_stage_runs_and_fills_the_ablation(tmp_path, tiny_dataset, tiny_mo
         "lightgcn-text+profiles-s1",
         "lightgcn-text+profiles@sft-s1",
         "lightgcn-text+profiles@collab-s1",
+        "lightgcn-text+user-profiles-s1",  # cf.side_ablation
+        "lightgcn-text+item-profiles-s1",
     }
     md = (out / "report" / "report.md").read_text()
     for row in ("base (item text)", "+ distilled profiles", "+ collaborative tuning", "+ RL"):
