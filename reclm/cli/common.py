@@ -10,6 +10,7 @@ from typing import IO, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from reclm.data.errors import DataError
 
@@ -50,7 +51,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except USER_ERRORS as exc:
             if os.environ.get("RECLM_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
