@@ -6,7 +6,9 @@
 - ``text+profiles``: the profile embeddings of both sides fused in; ``text+user-profiles`` and
   ``text+item-profiles`` fuse one side only (ablations).
 
-Two strategies (``FUSIONS``):
+Three strategies (``FUSIONS``; measurements in docs/cold-start.md):
+- ``residual`` (default): the ``text`` model plus a centred profile correction on each side; with
+  uninformative profiles it is exactly the ``text`` model (:class:`ResidualFusion`).
 - ``concat``: item = ReLU(Linear([MLP(text), MLP(item profile)])), user = ReLU(Linear([ID, MLP(user
   profile)])), separate MLPs and merge layers; graph backbones propagate items.
 - ``paper``: the released RecLM code's towers: one profile MLP and one merge layer shared by users and
