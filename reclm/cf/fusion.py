@@ -321,23 +321,13 @@ class ResidualFusion(ConcatFusion):
         text = self.item_text if index is None else self.item_text[index]
         return self.text_mlp(text) + self.correction("item", index)
 
-    def encode_new_items(self, text: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
-        """New items are centred by the catalogue's mean, so a trained item re-encoded is unchanged."""
-        if self.item_profile is None:
-            return super().encode_new_items(text, profile)
-        rows = self.item_profile.given(profile, text.shape[0])
-        return self.text_mlp(text) + self.item_profile_mlp(rows) - self.catalogue_mean("item")
+    # the merges ConcatFusion's encode_new_users / encode_new_items call: new ids are centred by the
+    # catalogue's mean, so a trained id re-encoded is unchanged
+    def merge_user(self, id_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        return id_part + self.user_profile_mlp(profile) - self.catalogue_mean("user")
 
-    def encode_new_users(
-        self, id_part: torch.Tensor | None = None, profile: torch.Tensor | None = None, n: int | None = None
-    ) -> torch.Tensor:
-        if self.user_profile is None:
-            return super().encode_new_users(id_part, profile, n)
-        count = n or (id_part.shape[0] if id_part is not None else profile.shape[0])
-        if id_part is None:
-            id_part = torch.zeros(count, self.out_dim, device=self.user_id.weight.device)
-        rows = self.user_profile.given(profile, count)
-        return id_part + self.user_profile_mlp(rows) - self.catalogue_mean("user")
+    def merge_item(self, text_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        return text_part + self.item_profile_mlp(profile) - self.catalogue_mean("item")
 
 
 FUSIONS: dict[str, type[Fusion]] = {"concat": ConcatFusion, "paper": PaperFusion, "residual": ResidualFusion}

@@ -50,8 +50,7 @@ def load_profiles_by_index(path: Path, index: Mapping[str, int], kind: str) -> d
 def held_out_items(split: Split) -> set[int]:
     """Items whose interactions are all held out (zero-shot, cold-validation): never a training target, never a
     kept teacher profile (a teacher may have seen their held-out interactions)."""
-    cold = getattr(split, "cold_valid_items", np.zeros(0, np.int64))
-    return {int(i) for i in np.concatenate([split.zero_shot_items, cold])}
+    return set(np.flatnonzero(split.held_out_mask).tolist())
 
 
 def teacher_item_profiles(run, data: RecDataset, split: Split) -> dict[int, str]:
