@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from reclm.pipeline import cf_jobs
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 from reclm.utils import available_cores, torch_threads
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from reclm.cf import CFConfig, SideFeatures, train_cf
 from reclm.cf.features import item_text_embeddings, load_profiles, uses_item_profiles, uses_user_profiles
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 INPUTS = ("real", "zero", "missing", "shuffled")
 

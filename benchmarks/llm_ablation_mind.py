@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from reclm.llm.rl.stage import run_rl
     from reclm.llm.sft import train_sft
     from reclm.llm.teachers.file import FileTeacher
-    from reclm.pipeline.rundir import RunDir
+    from reclm.rundir import RunDir
     from reclm.text.encoder import TextEncoder
     from reclm.utils import torch_threads
 

@@ -133,7 +133,7 @@ async def load(url: str, paths: list[str], clients: int, seconds: float) -> dict
 
 
 def run_load(run: Path, clients: int, seconds: float, repeats: int, k: int, faiss_min_items: int | None) -> dict:
-    from reclm.pipeline.rundir import RunDir
+    from reclm.rundir import RunDir
 
     data, _ = RunDir(run).load()
     args = ["--profile-backend", "none"]
@@ -236,7 +236,7 @@ def run_cold(run: Path, profile_source: str = "run") -> dict:
 
     from reclm.cf.metrics import topk_metrics
     from reclm.cf.trainer import load_model
-    from reclm.pipeline.rundir import RunDir
+    from reclm.rundir import RunDir
     from reclm.serve.reps import ID_STRATEGIES, ServingModel
     from reclm.serve.runinfo import choose_model
 
@@ -333,7 +333,7 @@ def run_new_users(
 ) -> dict:
     """``n`` new users (random 10-item histories, distinct per setting so the cache never answers) sent by
     ``clients`` concurrent clients, with the writer's batch size 1 (no batching) and larger."""
-    from reclm.pipeline.rundir import RunDir
+    from reclm.rundir import RunDir
 
     data, split = RunDir(run).load()
     rng = np.random.default_rng(len(batch_sizes))

@@ -1,7 +1,8 @@
-"""Small process-wide helpers: cache location, thread count, seeding."""
+"""Small process-wide helpers: cache location, thread count, seeding, durable writes."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 from pathlib import Path
@@ -38,3 +39,31 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder (its entries), deepest first."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if not path.is_symlink():
+            fsync_path(path)
+    fsync_path(folder)
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` (and ``*.localhost``) or a loopback address (127.0.0.0/8, ::1)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

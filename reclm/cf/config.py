@@ -1,13 +1,7 @@
 """Hyperparameters of a CF run: one pydantic model, loadable from YAML and overridable by CLI flags.
 
-Defaults follow the RecBole comparison protocol (issue 2) and RecBole 1.2.1's model files:
-``embedding_size 64``; SGL ``drop_ratio 0.1``, ``ssl_tau 0.5``,
-``ssl_weight 0.05``; SimGCL eps 0.1 and temperature 0.2 as in its paper, lambda 0.05 (not the paper's 0.5:
-chosen on validation NDCG@20, ml-100k ``--features text``, seed 2020: lambda 0.5 0.222, 0.2 0.238, 0.1 0.256,
-0.05 0.259);
-NeuMF MLP ``[128, 64]``, dropout 0.1. ``reg_weight`` is LightGCN's paper value, 1e-4 (on half the squared
-L2 norm per batch row); RecBole's 1e-5 on unsquared norms is negligible: on ml-100k (seed 2020) 1e-5 gave
-test Recall@20 0.3710, 1e-4 0.3745, 3e-4 0.3751, 1e-3 0.3558 (another seed at 1e-5: 0.3763).
+Defaults follow RecBole 1.2.1's model files where they exist; where reclm differs (SimGCL's weight,
+``reg_weight``) the choice and its measurements are in docs/decisions.md.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from reclm.cf.backbones.base import CFModel
-from reclm.cf.metrics import topk_metrics
+from reclm.cf.metrics import discounts, topk_metrics
 from reclm.data.split import Split
 
 TASKS = ("valid", "test", "zero_shot", "cold_valid")
@@ -108,6 +108,31 @@ class Evaluator:
         if per_user:
             frame = pd.DataFrame({"task": task_name, "user": task.users, **columns})
         return EvalResult(task_name, means, len(task.users), frame)
+
+    def chance(self, task_name: str) -> dict[str, float]:
+        """The expected metrics of a uniformly random ranking on ``task_name`` (exact, no sampling): the
+        level a model must beat before its number means anything. A user with ``n`` of the ``N`` items
+        it ranks relevant expects ``n / N`` hits at every rank: Recall@K = min(K, N) / N and
+        NDCG@K = (n / N) * sum of the first min(K, N) discounts / IDCG@K."""
+        task = self.tasks[task_name]
+        if not self.has(task_name):
+            return {}
+        users = task.users
+        masked_rows, _ = task.candidate_entries(task.mask, users)
+        truth_rows, _ = task.candidate_entries(task.truth, users)
+        ranked = task.n_candidates - np.bincount(masked_rows, minlength=len(users))
+        relevant = np.bincount(truth_rows, minlength=len(users))
+        keep = (ranked > 0) & (relevant > 0)
+        ranked, relevant = ranked[keep].astype(np.float64), relevant[keep].astype(np.float64)
+        disc = discounts(max(self.topks)).numpy()
+        cumulative = np.concatenate([[0.0], np.cumsum(disc)])
+        out: dict[str, float] = {}
+        for k in self.topks:
+            shown = np.minimum(k, ranked).astype(np.int64)
+            out[f"recall@{k}"] = float(np.mean(shown / ranked))
+            ideal = cumulative[np.minimum(relevant, k).astype(np.int64)]
+            out[f"ndcg@{k}"] = float(np.mean(relevant / ranked * cumulative[shown] / ideal))
+        return out
 
     @torch.no_grad()
     def rank(self, model: CFModel, task_name: str, users: np.ndarray, k: int) -> np.ndarray:

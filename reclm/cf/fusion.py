@@ -140,14 +140,7 @@ class Fusion(nn.Module):
         """``all()`` for the contrastive views of SGL / SimGCL: the same values, but the contrastive
         gradient reaches only per-node embedding tables (the ID embeddings); the shared feature
         encoders (text / profile MLPs, merge layers) are trained by the recommendation loss alone.
-
-        Why (issue 2): InfoNCE asks every node to be told apart from the batch's others. With ID
-        embeddings each node has its own free vector for that; a text-built item has none, so the
-        loss pushes on the one MLP shared by all items. On ml-100k (SimGCL ``text``) its gradient on
-        that MLP stayed 700-1000x the BPR gradient epoch after epoch, held the encoder's outputs spread
-        evenly over the sphere, and BPR never left 0.693 (test Recall@20 0.023; LayerNorm / L2-scaled
-        encoder outputs changed nothing, and bringing the SSL term back after a BPR-only warm-up undid
-        what BPR had learned). In ``none`` mode every parameter is an ID embedding: nothing changes."""
+        Why: InfoNCE on one MLP shared by every item kept BPR from learning (docs/decisions.md)."""
         ids = self.id_parameter_names()
         shared = {
             name: param.detach() for name, param in self.named_parameters() if name not in ids and param.requires_grad

@@ -11,7 +11,11 @@ one it would make alone.
 A run with an output folder also saves its whole state there (``checkpoint.pt``: weights, optimizer,
 the best epoch so far, history, random states) at the end of an epoch at most every
 ``checkpoint_seconds``; a run started again on the same folder, config and split resumes from it and
-ends exactly as an uninterrupted run would. The file is removed when the run finishes."""
+ends exactly as an uninterrupted run would. The file is removed when the run finishes. Files of a run
+directory are read with ``weights_only=True`` (:func:`load_checkpoint_file`): a planted file cannot run code.
+
+``metrics.json`` is the mark of a finished run (the report and ``serve`` look for it): it is removed when
+training starts and written last, atomically, once every other output is on disk."""
 
 from __future__ import annotations
 
@@ -19,9 +23,13 @@ import copy
 import functools
 import hashlib
 import json
+import pickle
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,7 +44,7 @@ from reclm.cf.features import SideFeatures
 from reclm.cf.sampler import BPRSampler
 from reclm.data.split import Split
 from reclm.progress import progress as make_progress
-from reclm.utils import seed_everything, torch_threads
+from reclm.utils import fsync_path, seed_everything, torch_threads
 
 CHECKPOINT_FORMAT = "reclm-cf/2"  # /2: profile inputs with presence masks and a "no profile" vector
 RESUME_FORMAT = "reclm-cf-resume/2"
@@ -76,6 +84,29 @@ class CFResult:
             "eval_seconds": self.eval_seconds,
             "epochs_run": self.epochs_run,
         }
+
+
+class UnsafeCheckpointError(ValueError):
+    """A file to be loaded holds Python objects other than tensors and plain data: loading it could run code."""
+
+
+def load_checkpoint_file(path: Path, map_location: str | torch.device = "cpu", allow: Sequence[Any] = ()) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers only (plus the
+    classes and functions in ``allow``). A file holding anything else, which unpickling could make run code,
+    is refused with :class:`UnsafeCheckpointError`; other errors (a torn file) are raised as they are."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise
+        found = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(exc))
+        what = next((g for g in found.groups() if g), "") if found else ""
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds Python objects that are not tensors or plain data"
+            f"{f' ({what})' if what else ''}, and loading them could run code; reclm never writes such a file. "
+            "Delete it if you did not put it there."
+        ) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -207,6 +238,7 @@ class Trainer:
         }
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
+        fsync_path(tmp)
         tmp.replace(self.checkpoint_path)
 
     def restore_state(self) -> dict | None:
@@ -216,8 +248,10 @@ class Trainer:
         if path is None or not path.is_file():
             return None
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception:  # a torn or foreign file: start afresh
+            state = load_checkpoint_file(path, map_location=self.device)
+        except UnsafeCheckpointError:
+            raise
+        except Exception:  # a torn file: start afresh
             return None
         if state.get("fingerprint") != self.fingerprint:
             return None
@@ -350,6 +384,7 @@ def train_cf(
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         history_path, checkpoint_path = Path(out_dir) / "history.json", Path(out_dir) / "checkpoint.pt"
+        unpublish(Path(out_dir))
     trainer = Trainer(
         split, config, features, show_progress=show_progress, history_path=history_path,
         checkpoint_path=checkpoint_path, checkpoint_seconds=checkpoint_seconds,
@@ -390,6 +425,7 @@ def write_outputs(
     extra_info: dict,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    unpublish(out)
     config = trainer.config
     metrics = result.metrics_json()
     metrics.update(
@@ -404,7 +440,6 @@ def write_outputs(
             **extra_info,
         }
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "history.json").write_text(json.dumps(result.history, indent=2))
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     frames = [r.per_user for r in results.values() if r.per_user is not None]
@@ -416,7 +451,23 @@ def write_outputs(
     if trainer.model.dot_product:
         users, items = trainer.model.final_embeddings()
         np.savez(out / "embeddings.npz", users=users.cpu().numpy(), items=items.cpu().numpy())
+    for name in ("history.json", "config.yaml", "per_user.csv", "model.pt", "embeddings.npz"):
+        if (out / name).is_file():
+            fsync_path(out / name)
+    tmp = out / "metrics.json.tmp"  # last: its presence says every file above is complete
+    tmp.write_text(json.dumps(metrics, indent=2))
+    fsync_path(tmp)
+    tmp.replace(out / "metrics.json")
+    fsync_path(out)
     return out
+
+
+def unpublish(out: Path) -> None:
+    """Remove ``out/metrics.json`` (durably) before ``out``'s other files are rewritten: a run folder with a
+    ``metrics.json`` is a finished one, whose files belong together."""
+    if (out / "metrics.json").exists():
+        (out / "metrics.json").unlink()
+        fsync_path(out)
 
 
 def save_model(model: CFModel, path: Path, train: np.ndarray, features: SideFeatures) -> None:
@@ -442,7 +493,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CFModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(path)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a reclm CF checkpoint (format {checkpoint.get('format')!r})")
     config = CFConfig(**checkpoint["config"])

@@ -6,14 +6,19 @@ import json
 from pathlib import Path
 
 import typer
+from click.core import ParameterSource
 from rich.table import Table
 
 from reclm.cf.config import BACKBONES, FEATURE_MODES, FUSION_NAMES, CFConfig
 from reclm.cli.common import app, console, friendly_errors
 from reclm.cli.data import split_spec
+from reclm.cli.defaults import RUN, comma
 from reclm.data.loaders import load_dataset
 from reclm.data.split import make_split
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
+
+CF = CFConfig.build(RUN.cf.params, source="cf.params")  # `reclm run`'s CF settings: cf.params on CFConfig's defaults
+SPLIT = RUN.split
 
 
 def choice(name: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -34,44 +39,46 @@ def parse_topks(text: str | None) -> list[int] | None:
 @app.command("train-cf")
 @friendly_errors
 def train_cf_command(
+    ctx: typer.Context,
     dataset: str = typer.Option(
         None,
         help="ml-100k, or a path (paper layout, RecBole atomic folder, CSV). "
         "(default: ml-100k, or the --run's dataset)",
     ),
     run: Path = typer.Option(None, help="Prepared run directory: use its saved split (and its profiles)."),
-    backbone: str = typer.Option(None, help=f"{' | '.join(BACKBONES)} (default: lightgcn)"),
-    features: str = typer.Option(None, help=f"{' | '.join(FEATURE_MODES)} (default: none)"),
-    fusion: str = typer.Option(None, help=f"{' | '.join(FUSION_NAMES)}: how profiles join (default: residual)."),
+    backbone: str = typer.Option(CF.backbone, help=" | ".join(BACKBONES)),
+    features: str = typer.Option(CF.features, help=" | ".join(FEATURE_MODES)),
+    fusion: str = typer.Option(CF.fusion, help=f"{' | '.join(FUSION_NAMES)}: how profiles join."),
     profile_dropout: float = typer.Option(
-        None, help="Share of training profiles replaced by the learned 'no profile' vector (default: 0)."
+        CF.profile_dropout, help="Share of training profiles replaced by the learned 'no profile' vector."
     ),
     profiles: Path = typer.Option(None, help="Run directory holding embeddings/{users,items}.npz (text+*profiles)."),
-    seed: int = typer.Option(None, help="Model seed (init, sampling) (default: 2020)."),
-    config: Path = typer.Option(None, help="YAML file of CF settings (flags override it)."),
-    split: str = typer.Option("auto", help="auto | random | temporal | snapshot (ignored with --run)"),
-    ratios: str = typer.Option("0.8,0.1,0.1", help="train,valid,test ratios per user"),
-    zero_shot: float = typer.Option(0.1, help="Share of items held out of training (zero-shot)."),
-    zero_shot_items: str = typer.Option("random", help="random | latest (the items that appear last in time)."),
-    cold_valid: float = typer.Option(0.05, help="Share of items held out for cold validation (as `reclm run`)."),
-    split_seed: int = typer.Option(2020, help="Seed of the split (kept apart from --seed)."),
+    seed: int = typer.Option(RUN.cf.seeds[0], help="Model seed (init, sampling)."),
+    config: Path = typer.Option(None, help="YAML file of CF settings (over these defaults; flags given override it)."),
+    split: str = typer.Option(SPLIT.method, help="auto | random | temporal | snapshot (ignored with --run)"),
+    ratios: str = typer.Option(comma(SPLIT.ratios), help="train,valid,test ratios per user"),
+    zero_shot: float = typer.Option(SPLIT.zero_shot_fraction, help="Share of items held out of training (zero-shot)."),
+    zero_shot_items: str = typer.Option(SPLIT.zero_shot, help="random | latest (the items that appear last in time)."),
+    cold_valid: float = typer.Option(SPLIT.cold_valid_fraction, help="Share of items held out for cold validation."),
+    split_seed: int = typer.Option(SPLIT.seed, help="Seed of the split (kept apart from --seed)."),
     item_text: str = typer.Option(None, help="Item text file (CSV or JSON Lines keyed by 'item') for CSV data."),
-    epochs: int = typer.Option(None, help="Maximum epochs (default: 300)."),
-    dim: int = typer.Option(None, help="Embedding size (default: 64)."),
-    lr: float = typer.Option(None, help="Adam learning rate (default: 1e-3)."),
-    batch_size: int = typer.Option(None, help="BPR batch size (default: 2048)."),
-    layers: int = typer.Option(None, help="Graph layers (default: 2)."),
-    reg_weight: float = typer.Option(None, help="L2 weight on layer-0 representations (default: 1e-4)."),
-    patience: int = typer.Option(None, help="Validations without improvement before stopping (default: 10)."),
-    eval_every: int = typer.Option(None, help="Validate every N epochs (default: 1)."),
-    valid_metric: str = typer.Option(None, help="Selection metric (default: ndcg@20)."),
-    topks: str = typer.Option(None, help="Cut-offs, e.g. 10,20,40."),
-    device: str = typer.Option(None, help="auto | cpu | cuda (default: auto)."),
-    threads: int = typer.Option(None, help="Torch CPU threads (default: all available cores or RECLM_THREADS)."),
+    epochs: int = typer.Option(CF.epochs, help="Maximum epochs."),
+    dim: int = typer.Option(CF.dim, help="Embedding size."),
+    lr: float = typer.Option(CF.lr, help="Adam learning rate."),
+    batch_size: int = typer.Option(CF.batch_size, help="BPR batch size."),
+    layers: int = typer.Option(CF.layers, help="Graph layers."),
+    reg_weight: float = typer.Option(CF.reg_weight, help="L2 weight on layer-0 representations."),
+    patience: int = typer.Option(CF.patience, help="Validations without improvement before stopping."),
+    eval_every: int = typer.Option(CF.eval_every, help="Validate every N epochs."),
+    valid_metric: str = typer.Option(CF.valid_metric, help="Selection metric."),
+    topks: str = typer.Option(comma(CF.topks), help="Cut-offs, e.g. 10,20,40."),
+    device: str = typer.Option(CF.device, help="auto | cpu | cuda"),
+    threads: int = typer.Option(CF.threads, help="Torch CPU threads (default: all available cores or RECLM_THREADS)."),
     out: Path = typer.Option(None, help="Output folder (default: RUN/cf/<backbone>-<features>-s<seed> with --run)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Train a CF backbone (BPR, early stopping on validation) and report valid / test / zero-shot metrics."""
+    """Train a CF backbone (BPR, early stopping on validation) and report valid / test / zero-shot metrics.
+    Defaults are `reclm run`'s (its cf.params on the CF trainer's own defaults)."""
     from reclm.cf.features import load_side_features
     from reclm.cf.trainer import train_cf
 
@@ -94,7 +101,8 @@ def train_cf_command(
         "device": choice("device", device, ("auto", "cpu", "cuda")),
         "threads": threads,
     }
-    cfg = CFConfig.from_yaml(config, **overrides) if config else CFConfig.build(source="flags", **overrides)
+    given = {k for k in overrides if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    cfg = cf_settings(overrides, given, config)
     info: dict = {}
     if run is not None:
         rundir = RunDir(run)
@@ -126,6 +134,15 @@ def train_cf_command(
         f"best epoch {result.best_epoch} of {result.epochs_run}; {result.epoch_seconds:.3f} s/epoch train, "
         f"{result.eval_seconds:.3f} s/validation; written to {out}"
     )
+
+
+def cf_settings(flags: dict, given: set[str], config: Path | None) -> CFConfig:
+    """The flags, or with ``config``: its settings over the flags' defaults, and the flags ``given`` over both."""
+    if config is None:
+        return CFConfig.build(source="flags", **flags)
+    loaded = CFConfig.from_yaml(config)
+    from_file = loaded.model_dump(include=loaded.model_fields_set)
+    return CFConfig.build({**flags, **from_file}, source=str(config), **{k: flags[k] for k in given})
 
 
 def results_table(metrics: dict, topks: list[int], full: dict) -> Table:

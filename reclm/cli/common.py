@@ -42,7 +42,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, Va
 
 
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn input errors into ``error: <message>`` and exit 2 (set RECLM_DEBUG=1 for the traceback)."""
+    """Turn input errors into ``error: <message>`` and exit 2, and errors of the machine (``OSError``: disk
+    full, permissions, a file system without locks) into one line and exit 1; RECLM_DEBUG=1 re-raises."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,5 +54,11 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:  # the machine, not the input: a full disk, a read-only or network file system
+            if os.environ.get("RECLM_DEBUG"):
+                raise
+            message = f"{type(exc).__name__}: {exc} (RECLM_DEBUG=1 shows the traceback)"
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper

@@ -10,7 +10,7 @@ from rich.table import Table
 from reclm.cli.common import app, console, friendly_errors
 from reclm.data.loaders import BUILTIN, load_dataset
 from reclm.data.split import SplitSpec
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 
 @app.command("datasets")

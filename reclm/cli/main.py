@@ -14,19 +14,17 @@ from reclm.cli.common import app
 COMMAND_MODULES = (
     "reclm.cli.data",
     "reclm.cli.cf",
-    "reclm.cli.llm",
-    "reclm.cli.llm_data",
-    "reclm.cli.llm_stages",
+    "reclm.cli.writer",
+    "reclm.cli.profiles",
+    "reclm.cli.tuning",
     "reclm.cli.pipeline",
+    "reclm.cli.archive",
     "reclm.cli.serve",
+    "reclm.cli.status",
 )
 
 for module in COMMAND_MODULES:
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:  # an area not built yet must not break the others
-        if exc.name != module:
-            raise
+    importlib.import_module(module)
 
 
 def quiet_library_bars() -> None:

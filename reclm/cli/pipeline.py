@@ -11,9 +11,10 @@ from typing import Any
 import typer
 
 from reclm.cli.common import app, console, err_console, friendly_errors
+from reclm.cli.data import parse_ratios
 from reclm.pipeline.cache import StageError
 from reclm.pipeline.config import default_config, load_config
-from reclm.pipeline.stages import STAGE_NAMES
+from reclm.pipeline.table import STAGE_NAMES
 
 
 def stage_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,11 +41,21 @@ def stage_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 def run_command(
     config: Path = typer.Argument(None, help="Pipeline config (YAML), e.g. configs/ml-100k.yaml."),
     dataset: str = typer.Option(None, help="Dataset (ml-100k or a path); overrides the config's."),
+    item_text: str = typer.Option(None, help="Item text file (CSV or JSON Lines keyed by 'item') for CSV data."),
+    split: str = typer.Option(None, help="auto | random | temporal | snapshot (default: the config's, else auto)."),
+    ratios: str = typer.Option(None, help="train,valid,test ratios per user (default 0.8,0.1,0.1)."),
+    zero_shot: float = typer.Option(None, help="Share of items held out of training entirely (default 0.1)."),
+    zero_shot_items: str = typer.Option(None, help="random | latest (the items that appear last in time)."),
+    cold_valid: float = typer.Option(None, help="Share of items held out for cold validation (default 0.05)."),
+    split_seed: int = typer.Option(None, help="Seed of the split (default 2020; --seeds sets the CF seeds)."),
     out: Path = typer.Option(None, help="Run directory (default: the config's `out`, else runs/<name>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and estimates; run nothing."),
     seeds: int = typer.Option(None, min=1, help="CF seeds per run: N seeds from the config's first seed."),
     from_stage: str = typer.Option(None, "--from", help=f"Rerun from this stage on ({', '.join(STAGE_NAMES)})."),
     only: str = typer.Option(None, help="Run only this stage (its inputs must be complete)."),
+    max_cost: float = typer.Option(
+        None, "--max-cost", min=0, help="Spending cap in $ for a paid (openai) teacher (teacher.max_cost)."
+    ),
 ) -> None:
     """Run every stage of RecLM in order; stages whose inputs did not change come from cache."""
     from reclm.pipeline.run import dry_run as plan
@@ -53,10 +64,10 @@ def run_command(
     for flag, name in (("--from", from_stage), ("--only", only)):
         if name is not None and name not in STAGE_NAMES:
             raise ValueError(f"{flag} {name!r}: expected one of {', '.join(STAGE_NAMES)}")
-    overrides: dict[str, Any] = {}
-    if dataset:
-        overrides["dataset"] = dataset
-    cfg = load_config(config, overrides) if config else default_config(dataset or "ml-100k")
+    overrides = dataset_overrides(dataset, item_text, split, ratios, zero_shot, zero_shot_items, cold_valid, split_seed)
+    if max_cost is not None:
+        overrides["teacher.max_cost"] = max_cost
+    cfg = load_config(config, overrides) if config else default_config(dataset or "ml-100k", overrides)
     if seeds:
         first = cfg.cf.seeds[0]
         cfg.cf.seeds = [first + i for i in range(seeds)]
@@ -66,6 +77,37 @@ def run_command(
         plan(make_pipeline(cfg, out_dir, console), console, from_stage=from_stage, only=only)
         return
     run(cfg, out_dir, console, from_stage=from_stage, only=only)
+
+
+def dataset_overrides(
+    dataset: str | None,
+    item_text: str | None,
+    split: str | None,
+    ratios: str | None,
+    zero_shot: float | None,
+    zero_shot_items: str | None,
+    cold_valid: float | None,
+    split_seed: int | None,
+) -> dict[str, Any]:
+    """The dataset flags `prepare` and `train-cf` take, as config keys (only those given: the rest stay the
+    config's or the defaults)."""
+    for flag, value, allowed in (
+        ("--split", split, ("auto", "random", "temporal", "snapshot")),
+        ("--zero-shot-items", zero_shot_items, ("random", "latest")),
+    ):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
+    flags = {
+        "dataset": dataset or None,
+        "item_text": item_text,
+        "split.method": split,
+        "split.ratios": list(parse_ratios(ratios)) if ratios is not None else None,
+        "split.zero_shot_fraction": zero_shot,
+        "split.zero_shot": zero_shot_items,
+        "split.cold_valid_fraction": cold_valid,
+        "split.seed": split_seed,
+    }
+    return {key: value for key, value in flags.items() if value is not None}
 
 
 @app.command("report")

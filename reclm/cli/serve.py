@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
 import typer
 
-from reclm.cli.common import app, console, err_console, friendly_errors
-from reclm.serve.index import FAISS_MIN_ITEMS
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from reclm.cli.common import app, console, friendly_errors
 
 
 @app.command("serve")
@@ -38,7 +27,7 @@ def serve_command(
     no_adapter: bool = typer.Option(False, help="The base model writes profiles (no adapter)."),
     encoder: str = typer.Option(None, help="Text encoder (default: the run's embedding encoder)."),
     faiss_min_items: int = typer.Option(
-        None, min=1, help=f"Catalog size from which FAISS does top-k (default: {FAISS_MIN_ITEMS})."
+        None, min=1, help="Catalog size from which FAISS does top-k (default: 100_000)."
     ),
     batch_size: int = typer.Option(16, min=1, help="Profiles written per batch."),
     batch_wait_ms: float = typer.Option(20.0, min=0, help="How long a lone profile request waits for company."),
@@ -46,16 +35,27 @@ def serve_command(
     profile_timeout: float = typer.Option(600.0, min=1, help="Seconds before a profile request gets 504."),
     threads: int = typer.Option(None, min=1, help="CPU threads for generation (default: available cores)."),
     limit_concurrency: int = typer.Option(1024, min=1, help="Open connections before new ones get 503."),
+    api_key_env: str = typer.Option(
+        "RECLM_API_KEY", help="Environment variable holding the API key for writes (required off loopback)."
+    ),
+    allowed_host: list[str] = typer.Option(
+        None, help="Host header to accept besides loopback names and --host (repeatable; '*' for any)."
+    ),
+    max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body (more get 413)."),
+    max_added_items: int = typer.Option(10_000, min=0, help="Items clients may add (more get 403)."),
+    max_stored_profiles: int = typer.Option(
+        100_000, min=0, help="New users' profiles kept (more are answered, not stored)."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     access_log: bool = typer.Option(False, help="Log every request."),
 ) -> None:
     """Serve recommendations over HTTP: known users, new users from their items, new items from their text."""
     import uvicorn
 
-    from reclm.serve import Recommender, ServeOptions, create_app
+    from reclm.serve import AccessPolicy, Recommender, ServeOptions, create_app
+    from reclm.serve.index import FAISS_MIN_ITEMS
 
-    if not is_loopback(host):
-        err_console.print(f"warning: binding {host}: the API has no authentication", highlight=False)
+    policy = AccessPolicy.for_bind(host, api_key_env, allowed_host or (), max_body_bytes)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     options = ServeOptions(
         model=model,
@@ -72,6 +72,8 @@ def serve_command(
         max_pending=max_pending,
         profile_timeout=profile_timeout,
         threads=threads,
+        max_added_items=max_added_items,
+        max_stored_profiles=max_stored_profiles,
     )
     engine = Recommender(run, options)
     info = engine.health()
@@ -81,7 +83,7 @@ def serve_command(
         highlight=False,
     )
     uvicorn.run(
-        create_app(engine),
+        create_app(engine, policy=policy),
         host=host,
         port=port,
         log_level=log_level,

@@ -2,6 +2,12 @@
 
 Every loader returns a :class:`RecDataset`. Items and users without any interaction are dropped
 (they cannot be trained or evaluated); ids are renumbered in sorted raw-id order.
+
+Raw ids: in CSV files and the paper's layout an id is an integer written as ASCII digits with an optional
+minus, read as the number it spells (``007`` and ``7`` are one id); anything else (``1_000``, ``+7``,
+``7.0``, ``1e3``, an id beyond int64) is refused with its file and line, so two ids written differently
+never merge silently. RecBole atomic files' ``token`` ids are strings as written (``1_000`` and ``1000``
+are two ids). Every error is a :class:`DataError` naming the file and, where there is one, the line.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import pandas as pd
 from reclm.data.dataset import RecDataset
 from reclm.data.errors import DataError
 from reclm.data.tables import (
+    INTEGER,
     float_column,
     integer_column,
     integer_field,
@@ -58,12 +65,11 @@ class RawInteractions:
 
 
 def sort_ids(raw: Sequence[str]) -> list[str]:
-    """Numeric order when every id is an integer, else lexicographic: stable across runs."""
+    """Numeric order when every id is written as an integer, else lexicographic: stable across runs."""
     unique = pd.unique(np.asarray(raw)).tolist()
-    try:
-        return sorted(unique, key=int)
-    except ValueError:
-        return sorted(unique)
+    if all(INTEGER.fullmatch(u) for u in unique):
+        return sorted(unique, key=lambda u: (int(u), u))
+    return sorted(unique)
 
 
 def assemble(
@@ -155,17 +161,27 @@ def parse_atomic_header(frame: pd.DataFrame, path: Path) -> dict[str, str]:
                 path,
                 1,
             )
+        if name in types:
+            raise DataError(f"bad header: field {name!r} named more than once; expected each field once", path, 1)
         types[name] = kind
     frame.columns = list(types)
     return types
 
 
 def read_atomic(path: Path, required: list[str]) -> tuple[pd.DataFrame, dict[str, str]]:
+    """A tab-separated atomic file; the ``required`` id fields must be in the header and on every line (a
+    short line leaves them empty)."""
     frame = read_delimited(path, "\t", [], quoting=csv.QUOTE_NONE)
     types = parse_atomic_header(frame, path)
     missing = [c for c in required if c not in types]
     if missing:
         raise DataError(f"bad header: missing {missing}; expected e.g. 'user_id:token\\titem_id:token'", path, 1)
+    for field in required:
+        empty = (frame[field].str.strip() == "").to_numpy()
+        if empty.any():
+            line = int(frame.index[np.flatnonzero(empty)[0]])
+            expected = f"expected an id on every line ({len(types)} tab-separated fields)"
+            raise DataError(f"empty {field!r}; {expected}", path, line)
     return frame, types
 
 
@@ -198,7 +214,7 @@ def load_atomic(
     frame, types = read_atomic(inter_path, [user_field, item_field])
     timestamps = float_column(frame, "timestamp", inter_path) if "timestamp" in types else None
     reject_duplicate_rows(frame, inter_path)
-    lines = np.arange(2, len(frame) + 2)
+    lines = frame.index.to_numpy()
     if min_rating is not None:
         if "rating" not in types:
             raise DataError("min_rating given but the file has no 'rating' column", inter_path, 1)
@@ -295,12 +311,12 @@ def load_paper(folder: str | Path, name: str | None = None) -> RecDataset:
         bad = ~np.isin(snapshot, ["train", "test"])
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"split {snapshot[row]!r}: expected 'train' or 'test'", inter_path, row + 2)
+            raise DataError(f"split {snapshot[row]!r}: expected 'train' or 'test'", inter_path, int(frame.index[row]))
     if "new_item" in frame.columns:
         flags = integer_column(frame, "new_item", inter_path)
         if not np.isin(flags, [0, 1]).all():
             row = int(np.flatnonzero(~np.isin(flags, [0, 1]))[0])
-            raise DataError(f"new_item {flags[row]}: expected 0 or 1", inter_path, row + 2)
+            raise DataError(f"new_item {flags[row]}: expected 0 or 1", inter_path, int(frame.index[row]))
         new_item = flags.astype(bool)
     timestamps = float_column(frame, "timestamp", inter_path) if "timestamp" in frame.columns else None
     key_columns = ["user", "item"] + (["split"] if snapshot is not None else [])
@@ -309,7 +325,7 @@ def load_paper(folder: str | Path, name: str | None = None) -> RecDataset:
         users=users.astype(str),
         items=items.astype(str),
         source=inter_path,
-        lines=np.arange(2, len(frame) + 2),
+        lines=frame.index.to_numpy(),
         timestamps=timestamps,
         snapshot=snapshot,
         new_item=new_item,
@@ -335,8 +351,8 @@ def read_item_text(path: Path) -> ItemTable:
 
 
 def load_csv(path: str | Path, item_text: str | Path | None = None, name: str | None = None) -> RecDataset:
-    """``user,item[,timestamp]`` with integer ids, plus an optional item-text CSV or JSON Lines file
-    keyed by ``item``."""
+    """``user,item[,timestamp]`` with integer ids (see the module docstring), plus an optional item-text CSV
+    or JSON Lines file keyed by ``item``."""
     path = Path(path)
     frame = read_delimited(path, ",", ["user", "item"])
     users = integer_column(frame, "user", path)
@@ -348,7 +364,7 @@ def load_csv(path: str | Path, item_text: str | Path | None = None, name: str | 
             users=users.astype(str),
             items=items.astype(str),
             source=path,
-            lines=np.arange(2, len(frame) + 2),
+            lines=frame.index.to_numpy(),
             timestamps=timestamps,
         )
     )

@@ -28,7 +28,7 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.llm import collab
 from reclm.llm.prompts import domain_for, title_field
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 STAGE_FOLDERS = ("teacher", "sft", "collab", "reward", "rl", "item_sft", "profiles", "ablation")
 SIGNATURE_WORDS = 6

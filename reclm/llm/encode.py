@@ -15,7 +15,7 @@ import numpy as np
 
 from reclm.data.errors import DataError
 from reclm.llm.records import read_records
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 FILES = {"user": "users", "item": "items"}
 SOURCES = ("profiles", "teacher")

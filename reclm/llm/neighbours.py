@@ -23,7 +23,7 @@ from reclm.data.dataset import RecDataset
 from reclm.data.errors import DataError
 from reclm.data.split import Split
 from reclm.data.tables import read_jsonl
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 SOURCES = ("cf", "shipped")
 

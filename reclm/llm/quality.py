@@ -24,7 +24,7 @@ import numpy as np
 from reclm.data.errors import DataError
 from reclm.llm.prompts import parse_profile
 from reclm.llm.records import KINDS, ProfileRecord, read_profiles, read_records
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 MIN_ENTRIES, MAX_ENTRIES = 1, 5
 STRICT_LINE = re.compile(r"\s*User identity:[^;\n]+;\s*User interests:[^;\n]+?\.?\s*", re.I)

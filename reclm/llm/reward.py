@@ -226,8 +226,10 @@ def read_pairs(path: Path, data: RecDataset) -> tuple[list[PreferencePair], list
 
 @dataclass
 class RewardConfig:
-    steps: int = 40
-    batch_size: int = 8  # pairs per step
+    """Reward-model training; the fields the pipeline's ``llm.reward`` also has share its defaults."""
+
+    steps: int = 10
+    batch_size: int = 4  # pairs per step
     lr: float = 2e-4
     head_lr: float | None = None  # default: 10 x lr
     max_seq_len: int = 512

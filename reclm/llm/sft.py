@@ -37,7 +37,7 @@ from reclm.llm.model import (
     resolve_model_dir,
 )
 from reclm.progress import step_progress
-from reclm.utils import torch_threads
+from reclm.utils import fsync_tree, torch_threads
 
 
 @dataclass
@@ -277,6 +277,7 @@ def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, scheduler: Any | 
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
+    fsync_tree(tmp)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -289,12 +290,24 @@ def find_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
+def load_trainer_state(path: Path) -> dict:
+    """``trainer_state.pt`` read with ``weights_only=True``: tensors, plain data and numeric numpy arrays and
+    scalars (``np.random.get_state()``, the loops' example orders), nothing whose unpickling could run code
+    (object arrays included): a planted file is refused with an error."""
+    from reclm.cf.trainer import load_checkpoint_file
+
+    numeric = tuple(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFD")  # bool, integer, float, complex
+    # numpy.(_)core.multiarray._reconstruct and .scalar, as numpy 1 or 2 names them
+    builders = (np.zeros(0).__reduce__()[0], np.int64(0).__reduce__()[0])
+    return load_checkpoint_file(path, allow=(*builders, np.ndarray, np.dtype, *numeric))
+
+
 def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any | None) -> dict:
     import torch
     from peft import load_peft_weights, set_peft_model_state_dict
 
     set_peft_model_state_dict(model, load_peft_weights(str(path)))
-    saved = torch.load(path / "trainer_state.pt", weights_only=False)
+    saved = load_trainer_state(path / "trainer_state.pt")
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])

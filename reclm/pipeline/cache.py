@@ -12,7 +12,9 @@ moved aside, the new one renamed into place, and the manifest written (the manif
 point). A stage that crashes leaves its work folder; the next run with the same input hash resumes
 in it (``ctx.resumed``), so stages with their own resume logic (generation caches, per-run units)
 lose nothing. ``ctx.unit`` gives the same guarantee to sub-units of a stage (one CF run, one
-profile variant) and reuses units of the previous output whose key is unchanged.
+profile variant) and reuses units of the previous output whose key is unchanged. Every rename that
+publishes a result (``publish``) comes after an fsync of what it publishes and before one of its folder,
+so a power loss cannot leave empty files behind a manifest or marker that says complete.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from typing import Any
 from rich.console import Console
 
 from reclm.pipeline.config import PipelineConfig, stable_hash
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
+from reclm.utils import fsync_path, fsync_tree
 
 MANIFEST_VERSION = 1
 PACKAGES = (
@@ -125,6 +128,28 @@ def outputs_intact(folder: Path, recorded: dict[str, dict[str, Any]]) -> bool:
         if stat.st_mtime_ns != info["mtime_ns"] and file_sha256(path) != info["sha256"]:
             return False
     return True
+
+
+# ---------------------------------------------------------------- durable publishing
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Rename ``src`` (a file or folder already written) over ``dst`` durably: its content is flushed to
+    disk before the rename and the rename itself after (a power loss leaves the old or the new, never empty
+    files behind a name that says complete). A folder ``dst`` must not exist."""
+    if src.is_dir():
+        fsync_tree(src)
+    else:
+        fsync_path(src)
+    src.replace(dst)
+    fsync_path(dst.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through ``path.tmp`` and a durable rename: readers see the old or the new text."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    publish(tmp, path)
 
 
 def package_versions() -> dict[str, str]:
@@ -270,17 +295,17 @@ class Unit:
         ``.partial`` folder marked complete, which ``StageContext.unit`` moves into place (before, the
         in-progress marker went first, and a kill there made the next run delete a finished unit)."""
         tmp = self.path.with_name(self.path.name + ".partial")
+        fsync_tree(tmp)  # the outputs reach the disk before the marker that says they are complete
         write_marker(tmp / UNIT_MARKER, self.key)
         shutil.rmtree(self.path, ignore_errors=True)
         tmp.rename(self.path)
+        fsync_path(self.path.parent)
         (self.path / PARTIAL_MARKER).unlink(missing_ok=True)
         self.done = True
 
 
 def write_marker(path: Path, key: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key}))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"key": key}))
 
 
 def unit_key(path: Path, marker: str = UNIT_MARKER) -> str | None:
@@ -324,7 +349,7 @@ class StageContext:
         finished = path.with_name(path.name + ".partial")
         if finished.is_dir() and unit_key(finished) == digest:  # committed, but killed before the rename
             shutil.rmtree(path, ignore_errors=True)
-            finished.rename(path)
+            publish(finished, path)
             return Unit(path, digest, True)
         old = self.previous / relative if self.previous else None
         if old is not None and old.is_dir() and unit_key(old) == digest:
@@ -332,7 +357,7 @@ class StageContext:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(old, tmp)
             shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
+            publish(tmp, path)
             return Unit(path, digest, True)
         return Unit(path, digest, False)
 
@@ -400,9 +425,7 @@ class Pipeline:
     def write_manifest(self, name: str, record: dict[str, Any]) -> None:
         path = self.manifest_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(record, indent=2, default=str))
 
     # ------------------------------------------------------------ planning
 
@@ -428,7 +451,7 @@ class Pipeline:
             return None
         if restore:
             shutil.rmtree(self.root / stage.folder, ignore_errors=True)
-            (self.parked / stage.folder).rename(self.root / stage.folder)
+            publish(self.parked / stage.folder, self.root / stage.folder)
             self.write_manifest(stage.name, parked_record)  # type: ignore[arg-type]
             (self.parked / f"{stage.name}.json").unlink()
         return parked_record
@@ -452,8 +475,8 @@ class Pipeline:
             self.parked.mkdir(exist_ok=True)
             shutil.rmtree(self.parked / stage.folder, ignore_errors=True)
             if record and record.get("status") == "complete":
-                folder.rename(self.parked / stage.folder)
-                (self.parked / f"{stage.name}.json").write_text(json.dumps(record, indent=2, default=str))
+                publish(folder, self.parked / stage.folder)
+                write_text_atomic(self.parked / f"{stage.name}.json", json.dumps(record, indent=2, default=str))
             else:
                 shutil.rmtree(folder)
         self.write_manifest(stage.name, {"stage": stage.name, "status": "off"})
@@ -666,7 +689,7 @@ class Pipeline:
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             final.rename(trash)
-        work.rename(final)
+        publish(work, final)
         shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -778,9 +801,7 @@ class SpeedBook:
             "measured": record.get("finished"),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(book, indent=2))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(book, indent=2))
 
     def lookup(self, stage: str, unit: str, setup: str = "") -> dict[str, Any] | None:
         """The entry measured for ``stage`` in ``setup`` with ``unit``s on this many cores, if any."""

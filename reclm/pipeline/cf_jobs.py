@@ -5,13 +5,22 @@ are too small for torch to use two threads well (ml-100k, 2 cores, ten ``text`` 
 in two single-threaded workers against 80 s one after another with two threads; ``benchmarks/cf_parallel.py``).
 On CUDA, and with ``cf.jobs: 1``, runs are trained in this process.
 Each run is committed on its own as soon as it finishes, so an interrupted stage keeps finished runs;
-a run cut short resumes from the state it saved in its folder (reclm.cf.trainer).
+a run cut short resumes from the state it saved in its folder (reclm.cf.trainer). Workers die with the
+pipeline process (:func:`die_with_parent`), ``kill -9`` included: none outlives it to write into a unit's
+``.partial`` folder while a restarted run resumes there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
+import os
 import resource
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -86,11 +95,28 @@ def train_job(job: CFJob, data: Any, split: Any, threads: int | None, show_progr
 
 
 _WORKER_DATA: dict[str, Any] = {}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Worker initializer: SIGKILL this worker when the process ``parent`` that spawned it dies. On Linux the
+    kernel sends it (``prctl(PR_SET_PDEATHSIG)``); everywhere a thread also checks the parent id twice a
+    second, which covers other systems and a parent that died before the ``prctl``."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    threading.Thread(target=watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def watch_parent(parent: int, every: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def worker_train(root: str, job: CFJob, threads: int) -> JobResult:
     """A worker process's run: the run directory's data is loaded once per process."""
-    from reclm.pipeline.rundir import RunDir
+    from reclm.rundir import RunDir
 
     if root not in _WORKER_DATA:
         _WORKER_DATA[root] = RunDir(Path(root)).load()
@@ -105,7 +131,9 @@ def run_in_workers(
 ) -> None:
     """Train ``jobs`` in ``workers`` spawned processes; ``on_done`` runs here as each one finishes."""
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         running: dict[Future, CFJob] = {pool.submit(worker_train, str(root), job, threads): job for job in jobs}
         try:
             while running:

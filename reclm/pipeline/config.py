@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from reclm.cf.config import BACKBONES, Backbone, FeatureMode
 from reclm.data.split import SplitSpec
 
-# The pipeline's stages in the order they run (reclm.pipeline.stages.build_stages); the report needs all others.
+# The pipeline's stages in the order they run (reclm.pipeline.table.build_stages); the report needs all others.
 STAGE_ORDER = (
     "prepare", "teacher", "sft", "neighbours", "collab", "reward", "rl", "item_side", "profiles", "encode",
     "train_cf", "report",
@@ -101,11 +101,12 @@ class StageSwitches(Section):
 
 class OpenAITeacher(Section):
     """reclm.llm.teachers.EndpointConfig: any OpenAI-compatible chat endpoint (key read from the
-    environment variable ``api_key_env``; prices per 1,000 tokens, for the ledger)."""
+    environment variable ``api_key_env``, null: no key; sent over https, or http to a loopback host only;
+    prices per 1,000 tokens, for the ledger and the spending cap)."""
 
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-3.5-turbo"
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = "OPENAI_API_KEY"
     concurrency: int = Field(8, ge=1, le=256)
     max_retries: int = Field(6, ge=0)
     timeout: float = Field(60.0, gt=0)
@@ -124,6 +125,8 @@ class TeacherOptions(Section):
     user_file: str | None = None  # file teacher: defaults to the dataset's teacher_user_profiles.jsonl
     item_file: str | None = None
     prompt_from: Literal["auto", "split", "source"] = "auto"  # file teacher: what our prompts are built from
+    # openai teacher: stop before the ledger's total cost (USD, over every attempt) could pass this (null: no cap)
+    max_cost: float | None = Field(None, ge=0)
     openai: OpenAITeacher = OpenAITeacher()
 
 
@@ -249,7 +252,7 @@ class GenerationOptions(Section):
     quantization: str | None = None  # ctranslate2; null: int8 on CPU, float32 where int8 is off (ct2.py)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai: a server with the tuned model loaded
     served_model: str | None = None  # openai: the served model's name
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = "OPENAI_API_KEY"  # null: no key (sent over https, or http to loopback only)
     concurrency: int = Field(8, ge=1)
 
 
@@ -267,7 +270,7 @@ class CFOptions(Section):
     seeds: list[int] = [2020]
     ablation_backbones: list[Backbone] = ["lightgcn"]
     side_ablation: bool = True  # also train ablation_backbones with one side's profiles (user only, item only)
-    params: dict[str, Any] = {"epochs": 100, "patience": 5, "lr": 0.003}  # converges in ~50-70 epochs on ml-100k
+    params: dict[str, Any] = {"epochs": 100, "patience": 10, "lr": 0.003}  # patience 10: docs/cold-start.md section 6
     per_backbone: dict[Backbone, dict[str, Any]] = {}
     # runs trained at once (null: one single-threaded run per core on CPU, one on CUDA; reclm.pipeline.cf_jobs)
     jobs: int | None = Field(None, ge=1)

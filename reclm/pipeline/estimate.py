@@ -1,63 +1,15 @@
 """``reclm run --dry-run`` estimates: time and tokens per stage, from the dataset's size and per-unit speeds.
 
-Each stage's cost is ``overhead + units x seconds_per_unit``. The units are counted from the config
-and the split this config makes (users, items, train pairs, and the distinct user prompts: identical
-prompts are generated once, so MIND's 57,128 users need about 14,500 profiles per writer); prompt
-lengths are measured on a sample of those prompts with the base model's tokenizer, and SFT's sequences
-on a sample of the pairs a free teacher (file, offline) writes, run into a temporary folder (MIND:
-about 235 tokens a sequence, against 333 for the average user's prompt). The speeds are the
-defaults below, measured on the project's reference machine (2-core Intel Xeon, AVX-512, torch 2.13 CPU,
-both cores free), unless a finished stage on *this* machine (same core count) in the same setup (base
-model, backend, device: :func:`speed_setup`) measured its own: those are kept in
-``$RECLM_CACHE/pipeline/speeds.json`` and take precedence (the plan says which basis it used). A
-measured speed is scaled by tokens per unit, so a longer prompt or a bigger batch costs more (up to 2x
-either way: beyond that the fixed costs in a stage's time mislead, and the defaults are used).
+Each stage's cost is ``overhead + units x seconds_per_unit``. Units are counted from the config and
+the split it makes (users, items, train pairs, distinct user prompts: identical prompts are generated
+once); prompt and SFT sequence lengths are measured on samples with the base model's tokenizer. A
+speed measured by a finished stage on this machine in the same setup (:func:`speed_setup`) is kept in
+``$RECLM_CACHE/pipeline/speeds.json`` and wins over the defaults, scaled by tokens per unit (up to 2x
+either way). Other CPUs scale the defaults by :func:`speed_factor`; CF estimates are upper bounds (runs
+stop early); teacher tokens are counted only for the paid ``openai`` teacher.
 
-Default constants (reference machine, measured with the pipeline's own stages unless a source is named):
-
-- PREPARE_PER_INTERACTION: seconds per interaction to load and split (ml-100k: about 1.5 s).
-- TEACHER_OFFLINE_PER_PROFILE, TEACHER_FILE_PER_PROFILE: seconds per teacher profile (prompt building).
-- TEACHER_OPENAI_PER_REQUEST: seconds per request, divided by the concurrency (gpt-3.5, ~100 tokens out).
-- LORA_SECONDS_PER_TOKEN: LoRA training (SmolLM2-135M, r=8 on q/k/v/o) per training token; a step of
-  ``batch_size`` sequences of about ``prompt + profile`` tokens. Measured with configs/mind-paper.yaml's
-  SFT stage on 2 cores: 600 steps of 8 (1,903 tokens a step) in 1.3 h, held-out evaluations included.
-- GENERATION_TOKENS_PER_SECOND: new tokens per second per backend at batch 16 on 2 cores, prompts of
-  about 200 tokens: CTranslate2 int8 from ``reclm run --dataset ml-100k`` (943 users' profiles, 32 new
-  tokens each, in 227 s: 134 tok/s), transformers at 1/1.75 of it (benchmarks/generation_speed.py).
-- On CUDA (measured on one H100 with SmolLM2-135M, bf16): CUDA_LORA_SECONDS_PER_TOKEN (MIND SFT, 600
-  steps of 8 at about 1,900 tokens each in 3.8 min) and CUDA_GENERATION_TOKENS_PER_SECOND for the
-  transformers backend (batch 16: about 11 profiles/s of about 48 tokens). The CF constants are CPU ones
-  (an upper bound on a GPU).
-- CF_SECONDS_PER_EPOCH_PAIR: seconds per train pair per epoch per backbone, including the full-ranking
-  validation of that epoch (ml-100k, 2 threads).
-- CF_COST_PER_NODE: how an epoch-pair's cost grows with the users + items (per one; Adam steps over the
-  whole embedding tables, and the graph models propagate over every node, each batch): fitted on
-  ml-100k's 2,625 users + items against MIND's 60,955 (``text`` features, one thread each, same
-  machine and load, as the train_cf stage runs them), where an epoch-pair cost 3.0x as much for BiasMF
-  and NCF, 6.6x LightGCN, 7.1x SGL and 11.5x SimGCL. The train_cf stage's measured speed is kept per
-  :data:`CF_WORK_UNIT` (epoch-pairs times :func:`cf_size_factor`), so that a speed measured on one
-  dataset carries to another. (The neighbours stage's feature-free model on all cores grew less:
-  3.2x for LightGCN; its estimate is not scaled.)
-- ENCODE_TEXTS_PER_SECOND: all-MiniLM-L6-v2 sentences per second (MODELS.md: 216 on 2 threads).
-- PROMPT_BASE_TOKENS + PROMPT_TOKENS_PER_ITEM x ``prompt.max_items``: prompt length in tokens when no
-  prompt could be built (no generation stage); CHARS_PER_TOKEN when the tokenizer is not at hand yet
-  (a packaged model not yet converted: ml-100k prompts 3.1, MIND's 4.0 characters per token).
-- TEMPLATE_TOKENS: the chat template and system prompt around a prompt (ml-100k: 205 vs 185 tokens).
-
-On another CPU the defaults are scaled by :func:`speed_factor`: ``(REFERENCE_MATMUL_GFLOPS / this
-CPU's fp32 matmul GFLOPS) ** SPEED_EXPONENT``, from a 0.1-0.3 s matrix product at the dry run (not on
-CUDA, whose constants are their own, nor for an endpoint: the ``openai`` teacher and backend).
-REFERENCE_MATMUL_GFLOPS is inferred, not measured: the Xeon was gone when this was added. A 2-core AMD
-EPYC Zen 4 measures 176-191 GFLOPS here (184 typical; 2 threads, idle) and ran ml-100k's torch stages in
-about 1.2x the Xeon's time (SFT 3.2 against 2.8 min, CF 5.9 against 4.8); a Zen 1 measured 57 (2048 x
-2048, one timing; about 59 by this measurement) and took 2.2-2.3x the Zen 4's time (SFT, DPO, item side,
-CF: 7.3, 3.7, 5.4, 13.3 min against 3.2, 1.7, 2.4, 5.9), hence the exponent log(2.25) / log(184 / 59) =
-0.72 and the reference 184 x 1.2 ** (1 / 0.72) = 237. Generation
-follows less: CTranslate2 int8 on the Zen 4 (VNNI) was 1.3x *faster* than on the Xeon. ``RECLM_SPEED_FACTOR``
-sets the factor (1: the reference machine's speeds). A measured speed is never scaled.
-
-The CF runs stop early (``patience``), so their estimate is an upper bound: ``cf.params.epochs``
-epochs each. Teacher tokens are counted only for the ``openai`` teacher (the others are free).
+The default constants below were measured on the reference machine; how each was measured, and how
+the CPU factor was fitted, is in docs/decisions.md ("Estimate constants").
 """
 
 from __future__ import annotations
@@ -76,6 +28,19 @@ import numpy as np
 from reclm.data.errors import DataError
 from reclm.pipeline.cache import Estimate, SpeedBook
 from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.stages import (
+    adapter_of,
+    cf_runs,
+    decode_params,
+    generation_backend,
+    generation_batch_size,
+    generation_quantization,
+    make_teacher,
+    prompt_budget,
+    user_writers,
+    users_need_neighbours,
+)
+from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
 
 PREPARE_PER_INTERACTION = 1.5e-5
 TEACHER_OFFLINE_PER_PROFILE = 2e-3
@@ -88,9 +53,6 @@ CUDA_LORA_SECONDS_PER_TOKEN = 2e-4
 CUDA_GENERATION_TOKENS_PER_SECOND = {"transformers": 530.0}
 CF_SECONDS_PER_EPOCH_PAIR = {"bias-mf": 4e-6, "ncf": 1.2e-5, "lightgcn": 1.2e-5, "sgl": 3e-5, "simgcl": 2.5e-5}
 CF_DEFAULT_EPOCHS = 300
-CF_COST_PER_NODE = {"bias-mf": 3.9e-5, "ncf": 3.9e-5, "lightgcn": 1.3e-4, "sgl": 1.4e-4, "simgcl": 3.4e-4}
-CF_REFERENCE_NODES = 2_625  # ml-100k's users + items, where CF_SECONDS_PER_EPOCH_PAIR were measured
-CF_WORK_UNIT = "scaled epoch-interaction"  # an epoch over one train pair x cf_size_factor
 ENCODE_TEXTS_PER_SECOND = 200.0
 PROMPT_BASE_TOKENS = 60
 PROMPT_TOKENS_PER_ITEM = 14
@@ -99,7 +61,7 @@ CHARS_PER_TOKEN = 3.5
 TEMPLATE_TOKENS = 20
 COMPARABLE_TOKENS = 2.0  # a measured speed is scaled to at most 2x (or 1/2) its tokens per unit
 PROMPT_SAMPLE = 128  # distinct user prompts tokenized for the mean prompt length
-REFERENCE_MATMUL_GFLOPS = 237.0  # the reference machine's matmul_gflops(), inferred (module docstring)
+REFERENCE_MATMUL_GFLOPS = 237.0  # the reference machine's matmul_gflops(), inferred (docs/decisions.md)
 SPEED_EXPONENT = 0.72
 SPEED_FACTOR_BOUNDS = (0.25, 8.0)
 LLM_STAGES = ("sft", "collab", "reward", "rl", "item_side")
@@ -139,8 +101,7 @@ def teacher_pair_tokens(cfg: PipelineConfig, data: Any, split: Any) -> float | N
     import tempfile
 
     from reclm.llm.records import read_records
-    from reclm.pipeline.rundir import RunDir
-    from reclm.pipeline.stages import make_teacher
+    from reclm.rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(tmp)
@@ -160,7 +121,7 @@ def split_of(cfg: PipelineConfig, root: Path) -> tuple[Any, Any, bool]:
     """``(data, split, saved)``: the run's saved split, or the one ``cfg`` makes (computed in memory)."""
     from reclm.data.loaders import load_dataset
     from reclm.data.split import make_split
-    from reclm.pipeline.rundir import RunDir
+    from reclm.rundir import RunDir
 
     if (root / "data" / "split.json").is_file():
         try:
@@ -175,7 +136,6 @@ def split_of(cfg: PipelineConfig, root: Path) -> tuple[Any, Any, bool]:
 def distinct_user_prompts(cfg: PipelineConfig, data: Any, split: Any) -> list[str]:
     """The user prompts the profiles stage will generate, each once."""
     from reclm.llm.prompts import user_prompts
-    from reclm.pipeline.stages import prompt_budget
 
     users = range(min(cfg.generation.users, data.n_users)) if cfg.generation.users else None
     return sorted(set(user_prompts(data, split, users, prompt_budget(cfg)).values()))
@@ -296,8 +256,6 @@ def speed_setup(stage: str, cfg: PipelineConfig) -> str:
     if stage in LLM_STAGES:
         return f"{cfg.llm.base_model} {current_device()}"
     if stage == "profiles":
-        from reclm.pipeline.stages import generation_backend, generation_batch_size, generation_quantization
-
         backend, batch = generation_backend(cfg), generation_batch_size(cfg)
         quantization = generation_quantization(cfg) or "-"
         return f"{cfg.llm.base_model} {backend} {quantization} batch {batch} {current_device()}"
@@ -445,7 +403,7 @@ def item_side(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = No
 def saved_step(root: Path, folder: str, input_hash: str | None) -> int | None:
     """The step an interrupted LoRA, reward or RL stage resumes at: its checkpoint in the kept work folder
     (None when there is none, or the folder was made for other inputs and will be cleared)."""
-    from reclm.llm.sft import find_checkpoint
+    from reclm.llm.sft import find_checkpoint, load_trainer_state
 
     work = root / ".work" / folder
     key = root / ".work" / f"{folder}.key"
@@ -454,10 +412,8 @@ def saved_step(root: Path, folder: str, input_hash: str | None) -> int | None:
     found = find_checkpoint(work)
     if found is None:
         return None
-    import torch
-
-    try:
-        return int(torch.load(found / "trainer_state.pt", weights_only=False)["state"]["step"])
+    try:  # weights_only: a planted file is refused (ValueError), not run, by a dry run
+        return int(load_trainer_state(found / "trainer_state.pt")["state"]["step"])
     except (OSError, KeyError, TypeError, ValueError, RuntimeError):
         return None
 
@@ -480,13 +436,6 @@ def cf_epoch_pairs(cfg: PipelineConfig, size: DataSize, backbone: str) -> float:
     return params.get("epochs", CF_DEFAULT_EPOCHS) * size.train
 
 
-def cf_size_factor(backbone: str, nodes: int) -> float:
-    """How much more an epoch over one train pair of ``backbone`` costs with ``nodes`` users + items than
-    on ml-100k (MIND: 3.0x BiasMF to 11.5x SimGCL)."""
-    growth = CF_COST_PER_NODE[backbone]
-    return (1 + growth * nodes) / (1 + growth * CF_REFERENCE_NODES)
-
-
 def cf_estimate(
     stage: str, cfg: PipelineConfig, size: DataSize, epoch_pairs: dict[str, float], speeds: SpeedBook | None
 ) -> tuple[float, str]:
@@ -503,7 +452,6 @@ def cf_estimate(
 def neighbours(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
     """Not scaled by size: this CF model has no features and all cores (MIND: 1.8 s an epoch, 3.2x
     ml-100k's per pair; 59 s in all against 30 s estimated)."""
-    from reclm.pipeline.stages import users_need_neighbours
 
     if not users_need_neighbours(cfg):  # item text neighbours only: no CF model is trained
         return Estimate(MODEL_LOAD_SECONDS, 0, 0, "epoch-interaction", "default")
@@ -520,9 +468,30 @@ def profile_count(cfg: PipelineConfig, size: DataSize) -> int:
     the chain), plus the items."""
     users = size.user_prompts if size.user_prompts is not None else min(cfg.generation.users or size.users, size.users)
     items = min(cfg.generation.items or size.items, size.items)
-    from reclm.pipeline.stages import user_writers
 
     return users * max(len(user_writers(cfg)), 1) + items
+
+
+@dataclass
+class Left:
+    """A stage's estimate less the work its kept folder or the generation cache already holds."""
+
+    estimate: Estimate
+    step: int | None = None  # a training stage resumes at this step
+    cached: int = 0  # user profiles the generation cache already holds
+
+
+def left_to_run(
+    stage: Any, cfg: PipelineConfig, root: Path, size: DataSize, speeds: SpeedBook | None, input_hash: str | None,
+    rerun: Collection[str],
+) -> Left:  # fmt: skip
+    """How the dry run and ``reclm status`` price a stage that will run: from its checkpoint's step (a
+    training stage), less the cached profiles (the profiles stage), else its whole estimate."""
+    if stage.name in LLM_STAGES and (step := saved_step(root, stage.folder, input_hash)) is not None:
+        return Left(remaining(stage.name, cfg, size, speeds, step), step=step)
+    if stage.name == "profiles" and (cached := cached_user_profiles(cfg, root, size, rerun)):
+        return Left(profiles(cfg, size, speeds, cached=cached), cached=cached)
+    return Left(stage.estimate(cfg, size, speeds))
 
 
 def profiles(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None, cached: int = 0) -> Estimate:
@@ -542,14 +511,7 @@ def cached_user_profiles(cfg: PipelineConfig, root: Path, size: DataSize, rerun:
     profiles). Opens the cache read-only and converts no model: a dry run writes nothing."""
     from reclm.llm.generation import GenerationCache, cache_identity
     from reclm.llm.model import model_dir_if_ready
-    from reclm.pipeline.rundir import RunDir
-    from reclm.pipeline.stages import (
-        adapter_of,
-        decode_params,
-        generation_backend,
-        generation_quantization,
-        user_writers,
-    )
+    from reclm.rundir import RunDir
 
     if not size.user_prompt_keys or model_dir_if_ready(cfg.llm.base_model) is None:
         return 0
@@ -579,7 +541,6 @@ def generation(cfg: PipelineConfig, size: DataSize, n: int, speeds: SpeedBook | 
     when there is one in this setup)."""
     new = min(cfg.generation.max_new_tokens, PROFILE_TOKENS)
     per_profile = prompt_tokens(cfg, size) + TEMPLATE_TOKENS + new
-    from reclm.pipeline.stages import generation_backend
 
     backend = generation_backend(cfg)
     spu = new / generation_tokens_per_second(backend)
@@ -598,7 +559,6 @@ def encode(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None)
 
 
 def train_cf(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = None) -> Estimate:
-    from reclm.pipeline.stages import cf_runs
 
     epoch_pairs: dict[str, float] = {}
     for run in cf_runs(cfg):

@@ -268,7 +268,29 @@ def fmt_p(p: float | None) -> str:
 # ---------------------------------------------------------------- sections
 
 
-def main_tables(runs: list[CFRun], base_mode: str = "text", other_mode: str = "text+profiles") -> list[Any]:
+def chance_levels(root: Path) -> dict[str, dict[str, float]]:
+    """Per setting, what a uniformly random ranking scores on this run's split (empty without a split)."""
+    from reclm.cf.evaluator import Evaluator
+    from reclm.data.split import Split
+
+    try:
+        split = Split.load(Path(root) / "data")
+    except (DataError, OSError, ValueError):
+        return {}
+    topks = sorted({int(m.split("@")[1]) for m in TABLE_METRICS})
+    evaluator = Evaluator(split, topks)
+    levels = {"test": evaluator.chance("test"), "zero_shot": evaluator.chance("zero_shot")}
+    levels["zero_shot_cold_selected"] = levels["zero_shot"]
+    return levels
+
+
+def main_tables(
+    runs: list[CFRun],
+    base_mode: str = "text",
+    other_mode: str = "text+profiles",
+    chance: dict[str, dict[str, float]] | None = None,
+) -> list[Any]:
+    """The paper-style tables, one per setting, with the random-ranking level as the last row."""
     blocks: list[Any] = []
     backbones = backbones_of(runs)
     for setting, _ in settings_of(runs):
@@ -286,6 +308,8 @@ def main_tables(runs: list[CFRun], base_mode: str = "text", other_mode: str = "t
                 b, o = metric_values(base, setting, metric), metric_values(other, setting, metric)
                 row += [fmt_ms(b) if base else "-", fmt_ms(o) if other else "-", improvement(b, o)]
             rows.append(row)
+        if rows and (level := (chance or {}).get(setting)):
+            rows.append(["random ranking"] + [v for m in TABLE_METRICS for v in (fmt(level.get(m)), "-", "")])
         if rows:
             seeds = sorted({r.seed for r in runs})
             note = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
@@ -671,7 +695,7 @@ def example_profiles(root: Path, counts: np.ndarray | None, n: int) -> list[Any]
     teacher_path = root / "teacher" / "users.jsonl"
     teacher = {r.id: r.profile for r in read_records(teacher_path, "user")} if teacher_path.is_file() else {}
     try:
-        from reclm.pipeline.rundir import RunDir
+        from reclm.rundir import RunDir
 
         data, split = RunDir(root).load()
         histories = split.train_histories()
@@ -735,7 +759,8 @@ def build_sections(root: Path) -> tuple[str, list[Section]]:
     title = f"RecLM report: {dataset} ({root.name})"
 
     sections = [Section("Setup", [Text(setup_text(root, config, runs))])]
-    sections.append(Section("Results", main_tables(runs) or [Text("No CF results in this run (cf/*/metrics.json).")]))
+    tables = main_tables(runs, chance=chance_levels(root) if runs else None)
+    sections.append(Section("Results", tables or [Text("No CF results in this run (cf/*/metrics.json).")]))
     sections.append(Section("Significance: with profiles vs base", significance_table(runs, metric)))
     sections.append(Section("Ablation", side_table(runs) + ablation_table(runs, manifests)))
     sections.append(Section("Training length", cap_section(runs)))

@@ -14,10 +14,21 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from reclm.data.dataset import RecDataset
+from reclm.data.errors import DataError
+from reclm.data.split import Split
 from reclm.pipeline import estimate as est
-from reclm.pipeline.cache import Pipeline, SpeedBook, StageError, StageOutcome, StagePlan, format_seconds
+from reclm.pipeline.cache import (
+    Pipeline,
+    SpeedBook,
+    StageError,
+    StageOutcome,
+    StagePlan,
+    format_seconds,
+    write_text_atomic,
+)
 from reclm.pipeline.config import PipelineConfig
-from reclm.pipeline.stages import STAGES
+from reclm.pipeline.table import STAGES
 from reclm.utils import cache_root
 
 
@@ -37,11 +48,67 @@ def make_pipeline(config: PipelineConfig, out: str | Path, console: Console | No
 
 
 def save_config(config: PipelineConfig, out: Path) -> None:
-    """The effective config beside the results, so a run directory says how it was made."""
+    """The effective config beside the results, so a run directory says how it was made (its ``out`` is
+    the folder actually used, so ``reclm run RUN/config.yaml`` resumes this run, not the config's own)."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(out / "config.yaml")
+    effective = config.model_dump(mode="json") | {"out": str(out.resolve())}
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(effective, sort_keys=False))
+
+
+def preflight(config: PipelineConfig) -> None:
+    """The whole effective config checked against the data it will run on, before stage 1: a run that
+    could not finish stops here with one line (a DataError: exit code 2) instead of at a late stage."""
+    from reclm.data.loaders import load_dataset
+    from reclm.data.split import make_split
+
+    data = load_dataset(str(config.dataset), item_text=config.item_text)
+    problem = data_problem(config, data) or split_problem(config, data, make_split(data, config.split.spec()))
+    if problem:
+        raise DataError(problem, config.dataset)
+
+
+def data_problem(config: PipelineConfig, data: RecDataset) -> str | None:
+    """What the dataset lacks for this config: item text (every prompt and every text feature mode reads
+    it) and the file teacher's profile files."""
+    if not any(data.item_texts()):
+        modes = [m for m in config.cf.features if m != "none"]
+        needs = f" and cf.features {', '.join(modes)} need" if modes else " needs"
+        fields = ", ".join(data.item_fields)
+        what = f"every item's text is empty (fields {fields})" if fields else "no item text"
+        return (
+            f"{what}: every profile prompt of `reclm run`{needs} it; give --item-text FILE (CSV or JSON Lines "
+            "keyed by 'item'; `item_text:` in a config), or train CF without text: `reclm train-cf --features none`"
+        )
+    if config.stages.teacher == "file":
+        for side, given in (("user", config.teacher.user_file), ("item", config.teacher.item_file)):
+            resource = f"teacher_{side}_profiles"
+            if given and not Path(given).expanduser().is_file():
+                return f"teacher.{side}_file {given!r}: no such file"
+            if not given and resource not in data.resources:
+                return (
+                    f"stages.teacher: file needs {side} profiles: the dataset ships no {resource}.jsonl; "
+                    f"give teacher.{side}_file, or use the offline or openai teacher"
+                )
+    return None
+
+
+def split_problem(config: PipelineConfig, data: RecDataset, split: Split) -> str | None:
+    """What the split this config makes lacks: train, validation (CF model selection) and full-shot test
+    pairs, and zero-shot items when a share of them is asked for."""
+    stats, options = split.stats(), config.split
+    made = f"split {split.meta['method']} {list(options.ratios)} of {data.n_interactions:,} interactions"
+    for part, why in (("train", "every model trains on them"), ("valid", "CF model selection needs them")):
+        if not stats[part]:
+            return f"the {made} leaves no {part} pairs ({why}); change split.ratios (--ratios)"
+    if not stats["test_full_shot"]:
+        return f"the {made} leaves no full-shot test pairs (the report's main task); change split.ratios (--ratios)"
+    own_items = data.new_items is not None or split.meta["method"] == "snapshot"
+    if options.zero_shot_fraction > 0 and not own_items and not stats["zero_shot_items"]:
+        return (
+            f"split.zero_shot_fraction {options.zero_shot_fraction} of {data.n_items:,} items holds out no item; "
+            "expected at least one zero-shot item (raise --zero-shot, or set it to 0 to skip zero-shot evaluation)"
+        )
+    return None
 
 
 def forced(pipeline: Pipeline, from_stage: str | None, only: str | None) -> set[str]:
@@ -59,7 +126,9 @@ def forced(pipeline: Pipeline, from_stage: str | None, only: str | None) -> set[
 def dry_run(
     pipeline: Pipeline, console: Console, from_stage: str | None = None, only: str | None = None
 ) -> list[StagePlan]:
-    """Print which stages would run or come from cache, with time and token estimates."""
+    """Check the config against the data (:func:`preflight`), then print which stages would run or come
+    from cache, with time and token estimates."""
+    preflight(pipeline.config)
     plans = pipeline.plan(force=forced(pipeline, from_stage, only), only=only)
     size = est.data_size(pipeline.config, pipeline.root)
     table = Table(title=f"plan for {pipeline.root}", title_justify="left")
@@ -72,18 +141,13 @@ def dry_run(
         if plan.action != "run" or stage.estimate is None:
             table.add_row(str(index), stage.name, plan.action, plan.reason, "", "", "", "")
             continue
-        guess = stage.estimate(pipeline.config, size, pipeline.speeds)
-        reason = plan.reason
-        step = est.saved_step(pipeline.root, stage.folder, plan.input_hash) if stage.name in est.LLM_STAGES else None
-        if step is not None:
-            guess = est.remaining(stage.name, pipeline.config, size, pipeline.speeds, step)
-            reason += f", resumes at step {step}"
-        if stage.name == "profiles":
-            rerun = {p.stage.name for p in plans if p.action == "run"}
-            cached = est.cached_user_profiles(pipeline.config, pipeline.root, size, rerun)
-            if cached:
-                guess = est.profiles(pipeline.config, size, pipeline.speeds, cached=cached)
-                reason += f", {cached:,} cached"
+        rerun = {p.stage.name for p in plans if p.action == "run"}
+        left = est.left_to_run(stage, pipeline.config, pipeline.root, size, pipeline.speeds, plan.input_hash, rerun)
+        guess, reason = left.estimate, plan.reason
+        if left.step is not None:
+            reason += f", resumes at step {left.step}"
+        if left.cached:
+            reason += f", {left.cached:,} cached"
         total_seconds += guess.seconds
         total_tokens += guess.tokens
         defaults = defaults or guess.basis == "default"
@@ -160,6 +224,7 @@ def run(
     only: str | None = None,
 ) -> list[StageOutcome]:
     console = console or Console()
+    preflight(config)
     pipeline = make_pipeline(config, out, console)
     console.print(
         f"reclm run: {config.dataset} -> {out} (effective config in {Path(out) / 'config.yaml'})", highlight=False

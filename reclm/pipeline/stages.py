@@ -15,14 +15,12 @@
 |11 | train_cf   | cf/         | prepare, encode                         |
 |12 | report     | report/     | every stage above                       |
 
-A stage whose implementation is not installed yet raises :class:`StageUnavailable` with a clear
-message; it never writes a stand-in result. Stage bodies call the areas' public functions
+Stage bodies call the areas' public functions
 (``reclm.llm``, ``reclm.cf``, ``reclm.text``); this module only wires them to the run directory.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -31,26 +29,12 @@ from typing import Any
 import numpy as np
 
 from reclm.cf.features import uses_item_profiles, uses_user_profiles
-from reclm.pipeline import estimate as est
-from reclm.pipeline.cache import Stage, StageContext, StageUnavailable
-from reclm.pipeline.config import STAGE_ORDER, PipelineConfig, stable_hash
-from reclm.pipeline.rundir import RunDir
+from reclm.pipeline.cache import StageContext, StageError, StageUnavailable
+from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
+from reclm.rundir import RunDir
 
 # ---------------------------------------------------------------- helpers
-
-
-def need(stage: str, module: str, *names: str) -> Any:
-    """Import ``module`` (and check it has ``names``) or fail the stage with 'not available yet'."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            raise StageUnavailable(f"stage {stage!r} is not available yet: {module} is not implemented") from None
-        raise
-    missing = [n for n in names if not hasattr(mod, n)]
-    if missing:
-        raise StageUnavailable(f"stage {stage!r} is not available yet: {module} has no {', '.join(missing)}")
-    return mod
 
 
 def dataset_files(cfg: PipelineConfig) -> list[Path]:
@@ -92,7 +76,8 @@ def teacher_files(cfg: PipelineConfig) -> list[Path]:
 
 def prompt_budget(cfg: PipelineConfig):
     """The one prompt budget of a run: teacher, SFT, generation and the tuning stages share it."""
-    prompts = need("teacher", "reclm.llm.prompts", "PromptBudget")
+    from reclm.llm import prompts
+
     p = cfg.prompt
     return prompts.PromptBudget(
         max_items=p.max_items,
@@ -149,7 +134,8 @@ def run_prepare(ctx: StageContext) -> dict:
 
 
 def make_teacher(cfg: PipelineConfig, progress: bool = True) -> Any:
-    teachers = need("teacher", "reclm.llm.teachers", "make_teacher", "EndpointConfig")
+    from reclm.llm import teachers
+
     options: dict[str, Any] = {
         "budget": prompt_budget(cfg),
         "max_users": cfg.teacher.users,
@@ -162,13 +148,38 @@ def make_teacher(cfg: PipelineConfig, progress: bool = True) -> Any:
         files = {"user_file": cfg.teacher.user_file, "item_file": cfg.teacher.item_file}
         options.update(files, prompt_from=cfg.teacher.prompt_from)
     elif kind == "openai":
-        options["endpoint"] = teachers.EndpointConfig(**cfg.teacher.openai.model_dump())
+        endpoint = {**cfg.teacher.openai.model_dump(), "max_cost": cfg.teacher.max_cost}
+        options["endpoint"] = teachers.EndpointConfig(**endpoint)
     return teachers.make_teacher(kind, **options)
 
 
+# how the openai teacher asks and pays, not what it answers: kept out of the stage key (changing them keeps the work)
+TEACHER_TRANSPORT = ("api_key_env", "concurrency", "max_retries", "timeout", "price_in", "price_out")
+
+
+def teacher_key(cfg: PipelineConfig) -> dict:
+    """The teacher stage's key: what changes its profiles. The transport and price fields are set to their
+    defaults rather than dropped, and the spending cap is left out, so that runs made before keep their keys."""
+    from reclm.pipeline.config import OpenAITeacher
+
+    section = cfg.section("teacher", "prompt")
+    section["teacher"].pop("max_cost")
+    defaults = OpenAITeacher().model_dump(mode="json")
+    section["teacher"]["openai"].update({k: defaults[k] for k in TEACHER_TRANSPORT})
+    return {"kind": cfg.stages.teacher, **section, **offline_item_target(cfg)}
+
+
 def run_teacher(ctx: StageContext) -> dict:
+    from reclm.llm import teachers
+
     data, split = ctx.data()
-    report = make_teacher(ctx.config).run(data, split, RunDir(ctx.root, redirect={"teacher": ctx.out}))
+    teacher = make_teacher(ctx.config)
+    if ctx.previous is not None and ctx.config.stages.teacher == "openai":
+        teacher.adopt(ctx.previous, ctx.out)  # earlier answers and the ledger outlive a key change
+    try:
+        report = teacher.run(data, split, RunDir(ctx.root, redirect={"teacher": ctx.out}))
+    except teachers.SpendingCapReached as exc:
+        raise StageError(f"stage 'teacher': {exc}") from None
     info = report.to_dict()
     ledger = info.get("extra", {}).get("ledger") or {}
     tokens = {"prompt": ledger.get("prompt_tokens", 0), "completion": ledger.get("completion_tokens", 0)}
@@ -183,13 +194,14 @@ def run_teacher(ctx: StageContext) -> dict:
     return {"units": written, "unit": "profile", "tokens": tokens, "teacher": info}
 
 
-# ---------------------------------------------------------------- 3 sft and the issue-4 tuning stages
+# ---------------------------------------------------------------- 3 sft and the RecLM tuning stages
 
 
 def run_sft(ctx: StageContext) -> dict:
     """Distillation: LoRA SFT of the base model on the teacher's user pairs (reclm.llm.sft); resumes
     from its own checkpoints when an interrupted attempt left them."""
-    sft = need("sft", "reclm.llm.sft", "train_sft")
+    from reclm.llm import sft
+
     cfg = ctx.config
     result = sft.train_sft(
         ctx.run.teacher,
@@ -210,7 +222,8 @@ def run_sft(ctx: StageContext) -> dict:
 
 def run_collab(ctx: StageContext) -> dict:
     """Collaborative instruction tuning: two-turn dialogues continuing the SFT adapter."""
-    collab = need("collab", "reclm.llm.collab", "run_collab", "CollabBudget")
+    from reclm.llm import collab
+
     cfg, opts = ctx.config, ctx.config.llm.collab
     data, split = ctx.data()
     budget = collab.CollabBudget(
@@ -283,7 +296,8 @@ def writer_backend(cfg: PipelineConfig) -> str:
 
 def run_reward(ctx: StageContext) -> dict:
     """Preference pairs (good profile vs the paper's negative kinds) and the reward model."""
-    reward = need("reward", "reclm.llm.reward", "run_reward", "RewardConfig")
+    from reclm.llm import reward
+
     cfg, opts = ctx.config, ctx.config.llm.reward
     data, split = ctx.data()
     config = reward.RewardConfig(**train_of(opts), lora=lora_of(cfg))
@@ -297,7 +311,8 @@ def run_reward(ctx: StageContext) -> dict:
 
 def run_rl(ctx: StageContext) -> dict:
     """PPO against the reward model (KL-penalised) or DPO on the preference pairs."""
-    rl = need("rl", "reclm.llm.rl.stage", "run_rl")
+    from reclm.llm.rl import stage as rl
+
     cfg, opts = ctx.config, ctx.config.llm.rl
     data, split = ctx.data()
     options = {**train_of(opts), "kl_coef": opts.kl_coef, "beta": opts.beta}
@@ -313,7 +328,8 @@ def run_rl(ctx: StageContext) -> dict:
 def run_item_side(ctx: StageContext) -> dict:
     """The item-profile writer: SFT on item text + neighbour items with their profiles (the profiles
     stage then writes every item's profile with it)."""
-    item_side = need("item_side", "reclm.llm.item_side", "train_item_writer")
+    from reclm.llm import item_side
+
     cfg, opts = ctx.config, ctx.config.llm.item_side
     data, split = ctx.data()
     init = None
@@ -356,7 +372,7 @@ def run_neighbours(ctx: StageContext) -> dict:
     """Similar users from train pairs only (reclm.llm.neighbours: cosine top-k of the embeddings of a CF model
     trained here, or the dataset's shipped lists), when a user-side stage reads them; every item's text
     neighbours and the item-text embeddings the item side picks its neighbours with."""
-    module = need("neighbours", "reclm.llm.neighbours", "build_neighbours")
+    from reclm.llm import neighbours as module
     from reclm.text.encoder import TextEncoder
 
     cfg = ctx.config.neighbours
@@ -415,7 +431,8 @@ def copy_teacher_profiles(ctx: StageContext) -> dict:
 
 def teacher_variant_items(ctx: StageContext) -> dict:
     """Every item's profile from the item writer (``item_sft/adapter``) in the teacher-only variant."""
-    generation = need("profiles", "reclm.llm.generation", "make_generator", "DecodeParams", "GenerationCache")
+    from reclm.llm import generation
+
     adapter = adapter_of(ctx.run, "item_sft")
     if adapter is None:
         raise StageUnavailable("stage 'profiles': stages.item_side is on but the run has no item_sft/adapter")
@@ -434,7 +451,8 @@ def teacher_variant_items(ctx: StageContext) -> dict:
 def write_item_profiles(ctx: StageContext, generation: Any, generator: Any, params: Any, cache: Any) -> dict:
     """``profiles/items.jsonl``: every item's profile by the one item recipe in one generation pass
     (reclm.llm.item_side.generate_item_profiles); returns its summary with the generation statistics."""
-    item_side = need("profiles", "reclm.llm.item_side", "generate_item_profiles")
+    from reclm.llm import item_side
+
     cfg = ctx.config
     data, split = ctx.data()
     parts: list[dict] = []
@@ -458,8 +476,9 @@ def write_item_profiles(ctx: StageContext, generation: Any, generator: Any, para
 def generate_profiles(ctx: StageContext) -> dict:
     """Users with the last generator's adapter; items with the item writer (item_side) or else that
     same adapter; with ``stages.ablation`` the users again with each earlier adapter."""
-    generation = need("profiles", "reclm.llm.generation", "make_generator", "DecodeParams", "GenerationCache", "Job")
-    prompts_mod = need("profiles", "reclm.llm.prompts", "user_prompts")
+    from reclm.llm import generation
+    from reclm.llm import prompts as prompts_mod
+
     cfg, gen = ctx.config, ctx.config.generation
     data, split = ctx.data()
     chain = cfg.stages.generators()
@@ -535,7 +554,7 @@ def make_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None) -
             "api_key_env": gen.api_key_env,
             "concurrency": gen.concurrency,
         }
-        return generation.make_generator("openai", gen.served_model, None, generation_batch_size(cfg), **options)
+        return generation.make_generator("openai", gen.served_model, adapter, generation_batch_size(cfg), **options)
     options = {"threads": cfg.threads}
     if backend == "ctranslate2" and gen.quantization:
         options["quantization"] = gen.quantization
@@ -568,7 +587,7 @@ def format_generation(info: dict) -> str:
 
 def write_quality(ctx: StageContext, folder: Path) -> dict | None:
     """profiles/quality.json: format, empty and duplicate rates, similarity to held-out teacher profiles."""
-    quality = need("profiles", "reclm.llm.quality", "quality_report", "read_heldout")
+    from reclm.llm import quality
     from reclm.text.encoder import TextEncoder
 
     heldout_file = ctx.run.stage("sft") / "heldout.json"
@@ -589,9 +608,9 @@ def write_quality(ctx: StageContext, folder: Path) -> dict | None:
 def run_encode(ctx: StageContext) -> dict:
     """Item text embeddings (every feature mode but ``none`` needs them) and profile embeddings
     (reclm.llm.encode) for the final profiles and every ablation variant."""
+    from reclm.llm import encode
     from reclm.text.encoder import TextEncoder
 
-    encode = need("encode", "reclm.llm.encode", "encode_file")
     cfg = ctx.config
     data, _ = ctx.data()
     encoder = TextEncoder(cfg.encoder.model, batch_size=cfg.encoder.batch_size)
@@ -667,7 +686,6 @@ def cf_run(backbone: str, features: str, seed: int, variant: str | None, final: 
 
 
 def run_train_cf(ctx: StageContext) -> dict:
-    need("train_cf", "reclm.cf", "train_cf", "CFConfig", "SideFeatures")
     from reclm.pipeline import cf_jobs
 
     cfg = ctx.config
@@ -688,7 +706,7 @@ def run_train_cf(ctx: StageContext) -> dict:
     def finished(job: cf_jobs.CFJob, result: cf_jobs.JobResult) -> None:
         nonlocal work, worker_peak
         units[job.name].commit()
-        work += result.epochs_run * len(split.train) * est.cf_size_factor(job.params["backbone"], nodes)
+        work += result.epochs_run * len(split.train) * cf_size_factor(job.params["backbone"], nodes)
         worker_peak = max(worker_peak, result.worker_peak_mb or 0.0)
         recall, ndcg = result.test.get("recall@20", float("nan")), result.test.get("ndcg@20", float("nan"))
         where = f"{positions[job.name]}/{len(runs)} {job.name}"
@@ -715,7 +733,7 @@ def run_train_cf(ctx: StageContext) -> dict:
     write_json(ctx.out / "runs.json", runs)
     return {
         "units": work,
-        "unit": est.CF_WORK_UNIT,
+        "unit": CF_WORK_UNIT,
         "runs": len(runs),
         "trained": len(pending),
         "jobs": workers,
@@ -775,181 +793,10 @@ def run_report(ctx: StageContext) -> dict:
 
 
 def offline_item_target(cfg: PipelineConfig) -> dict[str, str]:
-    """Key entry for the offline teacher, whose item targets come from the item's own fields only since issue
-    18 (no entry for the other teachers, whose output did not change: an openai teacher is not re-billed)."""
+    """Key entry for the offline teacher, whose item targets come from the item's own fields only (docs/cold-start.md)
+    (no entry for the other teachers, whose output did not change: an openai teacher is not re-billed)."""
     return {"item_target": "own fields"} if cfg.stages.teacher == "offline" else {}
 
 
 def generators_on(cfg: PipelineConfig) -> bool:
     return bool(cfg.stages.collab or cfg.stages.reward or cfg.stages.rl != "none" or cfg.stages.item_side)
-
-
-def build_stages() -> list[Stage]:
-    return [
-        Stage(
-            "prepare",
-            "data",
-            run_prepare,
-            config=lambda c: {"dataset": str(c.dataset), "item_text": c.item_text, **c.section("split")},
-            files=dataset_files,
-            estimate=est.prepare,
-            description="load the dataset, split it (train/valid/test, zero-shot items)",
-        ),
-        Stage(
-            "teacher",
-            "teacher",
-            run_teacher,
-            needs=("prepare",),
-            config=lambda c: {"kind": c.stages.teacher, **c.section("teacher", "prompt"), **offline_item_target(c)},
-            files=teacher_files,
-            estimate=est.teacher,
-            description="teacher profiles for a sample of users and items",
-        ),
-        Stage(
-            "sft",
-            "sft",
-            run_sft,
-            needs=("prepare", "teacher"),
-            config=lambda c: {
-                "base": c.llm.base_model,
-                "lora": c.llm.lora.model_dump(),
-                "sft": c.llm.sft.model_dump(),
-            },
-            enabled=lambda c: c.stages.sft,
-            estimate=est.sft,
-            description="distillation: LoRA SFT of the small LM on the teacher pairs",
-        ),
-        Stage(
-            "neighbours",
-            "neighbours",
-            run_neighbours,
-            needs=("prepare",),
-            config=lambda c: {
-                **c.section("neighbours"),
-                "users": users_need_neighbours(c),
-                "encoder": c.encoder.model,  # item-text neighbours
-            },
-            files=resource_files,
-            enabled=generators_on,
-            estimate=est.neighbours,
-            version=2,  # 2: items get text neighbours (one rule for trained and new items) + item_text.npz
-            description="similar users from a CF model trained on train pairs; text-nearest items",
-        ),
-        Stage(
-            "collab",
-            "collab",
-            run_collab,
-            needs=("prepare", "teacher", "sft", "neighbours"),
-            config=lambda c: {
-                "base": c.llm.base_model,
-                "lora": c.llm.lora.model_dump(),
-                "collab": c.llm.collab.model_dump(),
-                "prompt": c.section("prompt"),  # the distilled profiles' prompts
-                "writer": {"backend": writer_backend(c), **writer_options(c)},
-            },
-            enabled=lambda c: c.stages.collab,
-            estimate=est.collab,
-            description="collaborative instruction tuning (two-turn dialogues)",
-        ),
-        Stage(
-            "reward",
-            "reward",
-            run_reward,
-            needs=("prepare", "teacher", "sft", "neighbours"),
-            config=lambda c: {
-                "base": c.llm.base_model,
-                "lora": c.llm.lora.model_dump(),
-                "reward": c.llm.reward.model_dump(),
-            },
-            files=resource_files,
-            enabled=lambda c: c.stages.reward,
-            estimate=est.reward,
-            description="preference pairs and the reward model",
-        ),
-        Stage(
-            "rl",
-            "rl",
-            run_rl,
-            needs=("prepare", "teacher", "sft", "neighbours", "collab", "reward"),
-            config=lambda c: {
-                "kind": c.stages.rl,
-                "rl": c.llm.rl.model_dump(),
-                "generation": c.generation.model_dump(),
-            },
-            files=resource_files,
-            enabled=lambda c: c.stages.rl != "none",
-            estimate=est.rl,
-            description="PPO (KL-penalised) or DPO on the profile writer",
-        ),
-        Stage(
-            "item_side",
-            "item_sft",
-            run_item_side,
-            needs=("prepare", "teacher", "sft", "neighbours"),
-            config=lambda c: {
-                "base": c.llm.base_model,
-                "lora": c.llm.lora.model_dump(),
-                "item": c.llm.item_side.model_dump(),
-                "prompt": c.section("prompt"),  # the training prompts' budget
-            },
-            enabled=lambda c: c.stages.item_side,
-            estimate=est.item_side,
-            version=2,  # 2: one recipe for every item (text neighbours with teacher profiles, no own users)
-            description="item-profile writer tuned on item text and neighbour items",
-        ),
-        Stage(
-            "profiles",
-            "profiles",
-            run_profiles,
-            needs=("prepare", "teacher", "sft", "neighbours", "collab", "rl", "item_side"),
-            config=lambda c: {
-                **c.section("generation", "prompt"),
-                "resolved": {
-                    "backend": generation_backend(c),
-                    "batch_size": generation_batch_size(c),
-                    **precision_key(c),
-                },
-                "base": c.llm.base_model,
-                "chain": c.stages.generators(),
-                "ablation": c.stages.ablation,
-                "keep_teacher": c.llm.item_side.keep_teacher if c.stages.item_side else False,
-                "encoder": c.encoder.model,  # of the quality report
-            },
-            estimate=est.profiles,
-            version=2,  # 2: items in one pass by the one item recipe; teacher-only variant + item side writes items
-            description="generate user and item profiles (final generator, and earlier ones for the ablation)",
-        ),
-        Stage(
-            "encode",
-            "embeddings",
-            run_encode,
-            needs=("prepare", "profiles"),
-            config=lambda c: c.section("encoder"),
-            estimate=est.encode,
-            description="embed item text and profiles",
-        ),
-        Stage(
-            "train_cf",
-            "cf",
-            run_train_cf,
-            needs=("prepare", "encode"),
-            config=train_cf_config,
-            estimate=est.train_cf,
-            description="train every backbone with and without profiles (full-shot and zero-shot test)",
-        ),
-        Stage(
-            "report",
-            "report",
-            run_report,
-            needs=STAGE_ORDER[:-1],
-            config=lambda c: c.section("report"),
-            estimate=est.report,
-            description="paper-style tables, significance, costs, plots: report.md and report.html",
-        ),
-    ]
-
-
-STAGES = build_stages()
-STAGE_NAMES = [s.name for s in STAGES]
-
-__all__ = ["STAGES", "STAGE_NAMES", "build_stages", "cf_runs", "stable_hash"]

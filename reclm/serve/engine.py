@@ -3,7 +3,9 @@ over HTTP), the run's profiles, on-the-fly profile writing and ``RUN/serve.sqlit
 
 Reads never take a lock: item matrices only grow by appended rows (see :mod:`reclm.serve.index`) and every
 list an answer reads is appended to before the rows that point into it. Adding an item takes ``self.lock``:
-the id check, the SQLite insert and the appends happen as one step.
+the id check, the SQLite insert and the appends happen as one step; a ``new-<n>`` id is chosen inside the
+insert's SQLite transaction, so servers sharing a run never hand out the same one. What clients can make the
+server keep is bounded: ``max_added_items`` (then 403) and ``max_stored_profiles`` (then answered, not kept).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from reclm.data.dataset import RecDataset
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 from reclm.serve.index import FAISS_MIN_ITEMS, GrowingMatrix, ItemIndex, top_from_scores
 from reclm.serve.profiles import PROFILE_BACKENDS, LockedEncoder, ProfileWriter, QueueFull, Written
 from reclm.serve.reps import ServingModel
 from reclm.serve.runinfo import DEFAULT_METRIC, choose_model, find_adapter, run_settings
-from reclm.serve.store import DuplicateItem, ServeStore, StoredItem
+from reclm.serve.store import DuplicateItem, ServeStore, StoredItem, StoreFull
 
 log = logging.getLogger("reclm.serve")
 
@@ -33,6 +35,8 @@ MAX_HISTORY = 500
 MAX_FIELDS = 32
 MAX_FIELD_CHARS = 2000
 MAX_PROFILE_CHARS = 4000
+MAX_ADDED_ITEMS = 10_000  # items clients may add to a run (all servers on it together)
+MAX_STORED_PROFILES = 100_000  # profiles written on the fly that serve.sqlite keeps (per table)
 STORE_NAME = "serve.sqlite"
 
 
@@ -66,6 +70,10 @@ class TimedOut(ServeError):
     status = 504
 
 
+class LimitReached(ServeError):
+    status = 403
+
+
 @dataclass
 class ServeOptions:
     model: str | None = None  # cf/<name>; default: best text+profiles run by validation metric
@@ -82,6 +90,8 @@ class ServeOptions:
     max_pending: int = 256
     profile_timeout: float = 600.0
     threads: int | None = None
+    max_added_items: int = MAX_ADDED_ITEMS  # more get 403
+    max_stored_profiles: int = MAX_STORED_PROFILES  # more are answered but not stored
 
 
 @dataclass
@@ -224,6 +234,7 @@ class Recommender:
             max_wait=options.batch_wait_ms / 1000.0,
             max_pending=options.max_pending,
             threads=options.threads,
+            max_cached=options.max_stored_profiles,
         )
         return writer, adapters
 
@@ -362,7 +373,7 @@ class Recommender:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.options.profile_timeout)
         except asyncio.TimeoutError as exc:
-            raise TimedOut(f"profile writing took more than {self.options.profile_timeout:.0f} s") from exc
+            raise TimedOut(f"profile writing took more than {self.options.profile_timeout:g} s") from exc
 
     def submit(self, kind: str, prompt: str) -> Future:
         try:
@@ -387,7 +398,14 @@ class Recommender:
         identity = self.writer.identity("user")
         await to_thread.run_sync(
             lambda: self.store.put_user_profile(
-                key, raw_history, prompt, written.profile, identity, self.encoder.name, written.vector
+                key,
+                raw_history,
+                prompt,
+                written.profile,
+                identity,
+                self.encoder.name,
+                written.vector,
+                limit=self.options.max_stored_profiles,
             )
         )
         with self.lock:
@@ -415,6 +433,8 @@ class Recommender:
         fields = self.check_fields(fields)
         if item_id is not None and item_id in self.item_index:
             raise Conflict(f"item id {item_id!r} already exists")
+        if (await to_thread.run_sync(self.store.counts))["items"] >= self.options.max_added_items:
+            raise self.full()
         text = self.item_text(fields)
         text_vector = (await to_thread.run_sync(self.encoder.encode, [text]))[0]
         prompt = None
@@ -446,23 +466,20 @@ class Recommender:
     def commit_item(self, item: StoredItem) -> StoredItem:
         items0, final = self.model.new_items(item.text_vector[None], self.profile_matrix([item.profile_vector]))
         with self.lock:
-            if not item.id:
-                item.id = self.fresh_item_id()
-            elif item.id in self.item_index:
+            if item.id and item.id in self.item_index:
                 raise Conflict(f"item id {item.id!r} already exists")
-            try:
-                self.store.add_item(item)
+            try:  # a new-<n> id is chosen inside the store's write transaction: servers sharing it never clash
+                self.store.add_item(item, len(self.item_ids) + 1, self.item_index, self.options.max_added_items)
             except DuplicateItem as exc:
                 raise Conflict(f"item id {item.id!r} already exists") from exc
+            except StoreFull as exc:
+                raise self.full() from exc
             self.append_items([item], items0, final)
             self.stats.new_items += 1
         return item
 
-    def fresh_item_id(self) -> str:
-        n = len(self.item_ids) + 1
-        while f"new-{n}" in self.item_index:
-            n += 1
-        return f"new-{n}"
+    def full(self) -> LimitReached:
+        return LimitReached(f"this run holds the most items clients may add ({self.options.max_added_items})")
 
     def append_items(self, items: list[StoredItem], items0: np.ndarray, final: np.ndarray) -> None:
         """Under ``self.lock``: ids and texts first, then the rows that point at them, then the id lookup."""
@@ -483,7 +500,7 @@ class Recommender:
         self.user_of(raw)
         profile = self.user_profiles.get(raw)
         if not profile:
-            raise NotFound(f"user {raw!r} has no profile in this run ({self.run.profiles / 'users.jsonl'})")
+            raise NotFound(f"user {raw!r} has no profile in this run (profiles/users.jsonl)")
         return profile
 
     def item_profile(self, raw: str) -> tuple[str, str]:
@@ -496,15 +513,28 @@ class Recommender:
             return added.profile, added.profile_source
         profile = self.item_profiles.get(raw)
         if not profile:
-            raise NotFound(f"item {raw!r} has no profile in this run ({self.run.profiles / 'items.jsonl'})")
+            raise NotFound(f"item {raw!r} has no profile in this run (profiles/items.jsonl)")
         return profile, "run"
 
     # ------------------------------------------------------------ status
+    def shown_path(self, path: str | Path | None) -> str | None:
+        """A path as /health shows it: relative to the run, else its last folder name (no absolute paths); a
+        name that is no path (a packaged encoder) as it is."""
+        if path is None:
+            return None
+        if not Path(path).is_absolute() and len(Path(path).parts) == 1:
+            return str(path)
+        try:
+            return Path(path).resolve().relative_to(self.run.root.resolve()).as_posix()
+        except ValueError:
+            return Path(path).name
+
     def health(self) -> dict:
-        adapters = {k: (str(v) if v else None) for k, v in self.adapters.items()}
+        """What /health shows: no absolute path (the run by its folder name, adapters relative to it)."""
+        adapters = {k: self.shown_path(v) for k, v in self.adapters.items()}
         return {
             "status": "ok",
-            "run": str(self.run.root),
+            "run": self.run.root.resolve().name,
             "dataset": self.data.name,
             "model": {
                 "name": self.choice.name,
@@ -522,9 +552,14 @@ class Recommender:
                 "used_by_model": self.model.uses_profiles,
                 "adapters": adapters,
                 "writer": self.writer.stats() if self.writer else None,
-                "encoder": self.encoder.name if self.encoder else None,
+                "encoder": self.shown_path(self.encoder.name) if self.encoder else None,
             },
-            "limits": {"k": MAX_K, "history": MAX_HISTORY},
+            "limits": {
+                "k": MAX_K,
+                "history": MAX_HISTORY,
+                "added_items": self.options.max_added_items,
+                "stored_profiles": self.options.max_stored_profiles,
+            },
             "uptime_s": round(time.time() - self.stats.started, 1),
         }
 

@@ -146,6 +146,22 @@ class LockedEncoder:
         return [next(vectors) if t else None for t in texts]
 
 
+class BoundedCache(GenerationCache):
+    """The generation cache in ``serve.sqlite``, holding at most ``limit`` texts: past it, texts are written
+    and returned but no longer stored (clients cannot grow the file without bound)."""
+
+    def __init__(self, path: Path, limit: int | None = None):
+        super().__init__(path)
+        self.limit = limit
+
+    def put(self, generator: str, params: str, items: Sequence[tuple[str, str]]) -> None:
+        if self.limit is not None:
+            room = max(0, self.limit - self.count())
+            items = list(items)[:room]
+        if items:
+            super().put(generator, params, items)
+
+
 @dataclass
 class Written:
     profile: str
@@ -154,7 +170,7 @@ class Written:
 
 class ProfileWriter:
     """Writes user and item profiles with the run's generator(s), batched, cached in ``cache_path`` (the
-    generation module's SQLite cache), and embeds them."""
+    generation module's SQLite cache, at most ``max_cached`` texts), and embeds them."""
 
     def __init__(
         self,
@@ -168,6 +184,7 @@ class ProfileWriter:
         max_wait: float = 0.02,
         max_pending: int = 256,
         threads: int | None = None,
+        max_cached: int | None = None,
     ):
         if backend not in ("ct2", "transformers"):
             raise ValueError(f"profile backend {backend!r}: expected one of {', '.join(PROFILE_BACKENDS)}")
@@ -180,7 +197,7 @@ class ProfileWriter:
             if key not in made:
                 made[key] = make_generator(backend, base_model, adapter, batch_size=batch_size, threads=threads)
             self.generators[kind] = made[key]
-        self.cache = GenerationCache(cache_path)
+        self.cache = BoundedCache(cache_path, max_cached)
         self.batcher = MicroBatcher(self._write, batch_size, max_wait, max_pending, name="profile-writer")
 
     def identity(self, kind: str) -> str:

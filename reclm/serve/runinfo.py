@@ -12,7 +12,7 @@ import yaml
 
 from reclm.llm.generation.base import DecodeParams
 from reclm.llm.prompts import PromptBudget
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 DEFAULT_METRIC = "ndcg@20"
 USER_GENERATORS = ("rl", "collab", "sft")  # the last tuned user-profile writer comes first

@@ -1,6 +1,7 @@
 """What the server adds to a run, kept in ``RUN/serve.sqlite`` so that a restart keeps it: items added over
 HTTP (text fields, profile, embeddings) and the profiles written on the fly for new users. The generation
-cache of :mod:`reclm.llm.generation` lives in the same file (table ``gen``)."""
+cache of :mod:`reclm.llm.generation` lives in the same file (table ``gen``). Several servers may share the
+file: writes that must agree (a fresh ``new-<n>`` id, the added-items bound) happen in one write transaction."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,10 @@ SCHEMA = (
 
 class DuplicateItem(Exception):
     pass
+
+
+class StoreFull(Exception):
+    """The store holds as many rows of a kind as it is allowed to."""
 
 
 def to_blob(vector: np.ndarray | None) -> bytes | None:
@@ -98,10 +104,18 @@ class ServeStore:
             for r in rows
         ]
 
-    def add_item(self, item: StoredItem) -> None:
-        """Insert (committed before returning); :class:`DuplicateItem` when the id is taken."""
+    def add_item(self, item: StoredItem, start: int = 1, taken: Container[str] = (), limit: int | None = None) -> None:
+        """Insert (committed before returning) in one write transaction, so that servers sharing the file
+        agree: an item without an id gets the first ``new-<n>`` (``n >= start``) neither in ``taken`` nor in
+        the table; :class:`StoreFull` when the table holds ``limit`` items; :class:`DuplicateItem` when the
+        id is taken."""
         with self.lock:
             try:
+                self.db.execute("BEGIN IMMEDIATE")
+                if limit is not None and self.db.execute("SELECT COUNT(*) FROM serve_items").fetchone()[0] >= limit:
+                    raise StoreFull(f"{limit} added items")
+                if not item.id:
+                    item.id = self.free_id(start, taken)
                 self.db.execute(
                     "INSERT INTO serve_items (id, fields, text, profile, profile_source, prompt, encoder, "
                     "text_vector, profile_vector, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -122,6 +136,19 @@ class ServeStore:
             except sqlite3.IntegrityError as exc:
                 self.db.rollback()
                 raise DuplicateItem(item.id) from exc
+            except BaseException:
+                self.db.rollback()
+                raise
+
+    def free_id(self, start: int, taken: Container[str]) -> str:
+        """Under the write transaction of :meth:`add_item`."""
+        n = start
+        while f"new-{n}" in taken or self.has_item(f"new-{n}"):
+            n += 1
+        return f"new-{n}"
+
+    def has_item(self, item_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM serve_items WHERE id = ?", (item_id,)).fetchone() is not None
 
     def update_item_vectors(self, item_id: str, encoder: str, text: np.ndarray, profile: np.ndarray | None) -> None:
         with self.lock:
@@ -149,14 +176,22 @@ class ServeStore:
         generator: str,
         encoder: str,
         vector: np.ndarray | None,
-    ) -> None:
+        limit: int | None = None,
+    ) -> bool:
+        """Store a new user's profile (or count one more request for it); False, storing nothing, when the
+        table already holds ``limit`` profiles."""
         with self.lock:
+            if limit is not None:
+                known = self.db.execute("SELECT 1 FROM serve_users WHERE key = ?", (key,)).fetchone()
+                if not known and self.db.execute("SELECT COUNT(*) FROM serve_users").fetchone()[0] >= limit:
+                    return False
             self.db.execute(
                 "INSERT INTO serve_users (key, history, prompt, profile, generator, encoder, vector, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET requests = requests + 1",
                 (key, json.dumps(history), prompt, profile, generator, encoder, to_blob(vector), time.time()),
             )
             self.db.commit()
+        return True
 
     def counts(self) -> dict[str, int]:
         with self.lock:

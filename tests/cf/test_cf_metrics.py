@@ -141,3 +141,40 @@ def test_rank_all_lists_every_evaluated_user_in_batches():
     lists = ev.rank_all(FixedScores(scores), "test", k=3)
     # test users 0 and 1 (user 2's only test item is zero-shot); train + valid masked; 5, 6, 7 not candidates
     assert lists.tolist() == [[4, 3, 2], [4, 3, 0]]
+
+
+def test_chance_metrics_are_what_random_rankings_score_on_average(tiny_split):
+    """The exact expectation of a uniformly random ranking, checked against 150 random scorers."""
+    import torch
+
+    from reclm.cf.evaluator import Evaluator
+
+    evaluator = Evaluator(tiny_split, topks=[5, 10])
+
+    class RandomScores:
+        def __init__(self, seed: int):
+            self.gen = torch.Generator().manual_seed(seed)
+
+        def scorer(self):
+            def score(users, items=None):
+                width = tiny_split.n_items if items is None else len(items)
+                return torch.rand(len(users), width, generator=self.gen)
+
+            return score
+
+        def eval(self):
+            return self
+
+        def train(self, mode: bool = True):
+            return self
+
+        training = False
+
+    for task in ("test", "zero_shot"):
+        expected = evaluator.chance(task)
+        draws = [evaluator.evaluate(RandomScores(seed), task).metrics for seed in range(150)]
+        for name, value in expected.items():
+            simulated = sum(d[name] for d in draws) / len(draws)
+            assert abs(simulated - value) < 0.05 * max(value, 0.05), (task, name, simulated, value)
+    assert 0 < evaluator.chance("test")["recall@5"] < evaluator.chance("test")["recall@10"] < 1
+    assert evaluator.chance("zero_shot")["recall@5"] == 1.0  # 4 zero-shot items: any list of 5 holds them all

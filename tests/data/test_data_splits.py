@@ -10,6 +10,8 @@ from reclm.data.split import Split, SplitSpec, make_split
 
 MIND = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "mind"  # beside the repository
 needs_mind = pytest.mark.skipif(not (MIND / "interactions.csv").is_file(), reason=f"no MIND data at {MIND}")
+NETFLIX = MIND.parent / "netflix"
+needs_netflix = pytest.mark.skipif(not (NETFLIX / "interactions.csv").is_file(), reason=f"no Netflix at {NETFLIX}")
 
 
 def keys(pairs: np.ndarray, n_items: int) -> set[int]:
@@ -199,3 +201,15 @@ def test_a_split_saved_before_cold_validation_loads_with_none(tmp_path, ml100k):
     assert np.array_equal(loaded.train, split.train)
     assert loaded.cold_valid_items.shape == (0,) and loaded.cold_valid.shape == (0, 2)
     assert not loaded.held_out_mask[~split.zero_shot_mask].any()
+
+
+@needs_netflix
+@pytest.mark.slow
+def test_netflix_split_is_disjoint_and_its_new_items_are_the_zero_shot_ones():
+    """Netflix ships only the later snapshot: old items split per user, new items (test only) are zero-shot."""
+    data = load_dataset(NETFLIX)
+    split = make_split(data, SplitSpec(method="auto", seed=2020))
+    check_disjoint_and_zero_shot(split)
+    new = set(np.flatnonzero(data.new_items).tolist())
+    assert set(split.zero_shot_items.tolist()) == new
+    assert len(split.train) > 0 and len(split.valid) > 0 and len(split.full_shot_test()) > 0

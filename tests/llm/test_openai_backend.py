@@ -75,7 +75,9 @@ def server(tiny_model):
 def test_openai_backend_matches_the_local_model(server, prompts, monkeypatch, tmp_path):
     url, app, local = server
     monkeypatch.setenv("RECLM_TEST_KEY", "sekrit")
-    remote = make_generator("openai", "tiny", base_url=url, api_key_env="RECLM_TEST_KEY", concurrency=3)
+    remote = make_generator(
+        "openai", "tiny", base_url=url, api_key_env="RECLM_TEST_KEY", concurrency=3, fingerprint="tiny-random"
+    )
     params = DecodeParams(max_new_tokens=8)
     expected = local.generate(prompts, params)
     app.state.requests.clear()
@@ -85,7 +87,7 @@ def test_openai_backend_matches_the_local_model(server, prompts, monkeypatch, tm
     assert sent["messages"][0]["role"] == "system"
     assert remote.new_tokens > 0 and remote.ledger.answered == len(prompts)
 
-    # through the runner: cached by endpoint + model, so a second run sends no request
+    # through the runner: cached by endpoint + model + what it serves, so a second run sends no request
     cache = GenerationCache(tmp_path / "gen.sqlite")
     generate_texts(remote, prompts, params, cache, progress=False)
     app.state.requests.clear()
@@ -96,7 +98,8 @@ def test_openai_backend_matches_the_local_model(server, prompts, monkeypatch, tm
 def test_retries_rate_limits_and_reports_failures(server, monkeypatch, tmp_path):
     url, app, _ = server
     monkeypatch.setenv("RECLM_TEST_KEY", "sekrit")
-    remote = make_generator("openai", "tiny", base_url=url, api_key_env="RECLM_TEST_KEY", max_retries=2, backoff=0.01)
+    options = {"api_key_env": "RECLM_TEST_KEY", "max_retries": 2, "backoff": 0.01, "fingerprint": "tiny-random"}
+    remote = make_generator("openai", "tiny", base_url=url, **options)
     app.state.rate_limit_next = 2
     out = remote.generate(["History: A.", "BROKEN prompt"], DecodeParams(max_new_tokens=4))
     assert out[0] and out[1] is None  # 429s were retried; the 500s gave up after the retries

@@ -401,8 +401,8 @@ def test_dry_run_sizes_sft_by_the_pairs_the_teacher_writes(tmp_path):
     a temporary folder and measures them, and writes nothing into the run directory."""
     from reclm.llm.records import read_records
     from reclm.pipeline import estimate
-    from reclm.pipeline.rundir import RunDir
     from reclm.pipeline.stages import make_teacher
+    from reclm.rundir import RunDir
 
     config = two_history_config(tmp_path)
     size = estimate.data_size(config, tmp_path / "run")
@@ -557,7 +557,7 @@ def test_default_speeds_follow_the_device(monkeypatch):
 def test_stages_that_read_a_datasets_side_files_hash_them(tmp_path):
     """Shipped teacher profiles and neighbour lists are not in the dataset fingerprint: the stages
     that read them have them among their input files, so editing one reruns those stages."""
-    from reclm.pipeline.stages import STAGES
+    from reclm.pipeline.table import STAGES
 
     (tmp_path / "interactions.csv").write_text("user,item\n1,1\n")
     (tmp_path / "teacher_user_profiles.jsonl").write_text("{}\n")
@@ -646,15 +646,15 @@ def test_cf_estimate_grows_with_users_and_items_and_carries_a_measured_speed_acr
     on one dataset is kept per scaled unit and carries to another."""
     import os
 
-    from reclm.pipeline import estimate
+    from reclm.pipeline import estimate, work
     from reclm.pipeline.cache import SpeedBook
 
     config = PipelineConfig.model_validate({"cf": {"backbones": ["bias-mf", "simgcl"], "features": ["text"]}})
     small = estimate.DataSize(943, 1_682, 100_000, 80_000, True)
     large = estimate.DataSize(57_128, 3_827, 100_000, 80_000, True)
-    assert estimate.cf_size_factor("lightgcn", estimate.CF_REFERENCE_NODES) == 1.0
-    assert estimate.cf_size_factor("bias-mf", 60_955) == pytest.approx(3.0, rel=0.1)
-    assert estimate.cf_size_factor("simgcl", 60_955) == pytest.approx(11.5, rel=0.1)
+    assert work.cf_size_factor("lightgcn", work.CF_REFERENCE_NODES) == 1.0
+    assert work.cf_size_factor("bias-mf", 60_955) == pytest.approx(3.0, rel=0.1)
+    assert work.cf_size_factor("simgcl", 60_955) == pytest.approx(11.5, rel=0.1)
     on_small, on_large = estimate.train_cf(config, small), estimate.train_cf(config, large)
     epoch_pairs = estimate.cf_epoch_pairs(config, small, "bias-mf")  # the config's epochs x train pairs
     assert on_small.units == on_large.units == 2 * epoch_pairs
@@ -664,13 +664,13 @@ def test_cf_estimate_grows_with_users_and_items_and_carries_a_measured_speed_acr
     assert on_large.seconds > 5 * on_small.seconds
 
     book = SpeedBook(tmp_path / "speeds.json")  # a finished run on the small data took 10 minutes
-    work = sum(epoch_pairs * estimate.cf_size_factor(b, 2_625) for b in ("bias-mf", "simgcl"))
-    record = {"units": work, "unit": estimate.CF_WORK_UNIT, "seconds": 600.0}
+    done = sum(epoch_pairs * work.cf_size_factor(b, 2_625) for b in ("bias-mf", "simgcl"))
+    record = {"units": done, "unit": work.CF_WORK_UNIT, "seconds": 600.0}
     book.record("train_cf", {**record, "host": {"cores": len(os.sched_getaffinity(0))}}, "cpu")
     measured_small, measured_large = estimate.train_cf(config, small, book), estimate.train_cf(config, large, book)
     assert measured_small.basis == measured_large.basis == "measured"
     assert measured_small.seconds == pytest.approx(600.0)
-    growth = sum(estimate.cf_size_factor(b, 60_955) for b in ("bias-mf", "simgcl")) / (work / epoch_pairs)
+    growth = sum(work.cf_size_factor(b, 60_955) for b in ("bias-mf", "simgcl")) / (done / epoch_pairs)
     assert measured_large.seconds / measured_small.seconds == pytest.approx(growth)
     assert 5 < growth < 10  # between BiasMF's 3.0x and SimGCL's 11.5x
 

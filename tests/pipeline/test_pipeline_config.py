@@ -174,7 +174,7 @@ def test_null_generation_batch_follows_the_device(monkeypatch):
 
 def test_the_stage_list_runs_in_the_documented_order():
     from reclm.pipeline.config import STAGE_ORDER
-    from reclm.pipeline.stages import build_stages
+    from reclm.pipeline.table import build_stages
 
     stages = build_stages()
     assert tuple(s.name for s in stages) == STAGE_ORDER

@@ -245,7 +245,7 @@ def test_cf_runs_in_worker_processes_match_in_process_runs(finished_run, tmp_pat
     the same runs trained here, in this process, give the same metrics."""
     from reclm.pipeline import cf_jobs
     from reclm.pipeline.config import load_config
-    from reclm.pipeline.rundir import RunDir
+    from reclm.rundir import RunDir
 
     config, out, _, _ = finished_run
     manifest = json.loads((out / "manifests" / "train_cf.json").read_text())

@@ -15,8 +15,8 @@ from reclm.data.loaders import load_dataset
 from reclm.llm.records import read_profiles, read_records
 from reclm.pipeline.cache import Pipeline
 from reclm.pipeline.config import load_config
-from reclm.pipeline.rundir import RunDir
-from reclm.pipeline.stages import STAGE_NAMES, STAGES
+from reclm.pipeline.table import STAGE_NAMES, STAGES
+from reclm.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -99,3 +99,18 @@ def test_cap_flags():
     assert cap_flags({"config": {"epochs": 40, "eval_every": 5}, "epochs_run": 39, "best_epoch": 35}) == [
         "best epoch 35 of 40"
     ]
+
+
+def test_every_results_table_ends_with_the_random_ranking_level(run_dir):
+    """The level a random ranking reaches on this split, so a zero-shot number can be read against chance."""
+    from reclm.cf.evaluator import Evaluator
+    from reclm.data.split import Split
+
+    evaluator = Evaluator(Split.load(run_dir / "data"), [20, 40])
+    md = (run_dir / "report" / "report.md").read_text()
+    for caption, task in (("*full-shot test (", "test"), ("*zero-shot test, epoch selected on full-shot", "zero_shot")):
+        table = md[md.index(caption) :].split("\n\n")[1]
+        last = [cell.strip() for cell in table.strip().splitlines()[-1].strip("|").split("|")]
+        assert last[0] == "random ranking"
+        assert float(last[1]) == pytest.approx(evaluator.chance(task)["recall@20"], abs=1e-4)
+        assert 0 < float(last[1]) <= 1

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -125,7 +126,7 @@ def served_run(tmp_path_factory, cache_dir, tiny_lm):
     from reclm.cf.features import SideFeatures, item_text_embeddings, load_profile_embeddings
     from reclm.data.split import SplitSpec
     from reclm.llm.encode import encode_run
-    from reclm.pipeline.rundir import RunDir
+    from reclm.rundir import RunDir
     from reclm.text.encoder import TextEncoder
 
     with pytest.MonkeyPatch.context() as patch:
@@ -259,3 +260,67 @@ def ranking(served_run):
     """``ranking(model_name, raw_user) -> (item ids, scores)``: see :func:`offline_ranking`."""
     root, info = served_run
     return lambda name, user: offline_ranking(root, name, info["data"], info["split"], user)
+
+
+# ---------------------------------------------------------------- in-process servers over a copy of the run
+
+
+@pytest.fixture
+def run_copy(served_run, cache_dir, tmp_path, monkeypatch):
+    """``run_copy() -> folder``: a fresh copy of the tiny run (no serve.sqlite yet), for tests whose engines
+    write to it; RECLM_CACHE points at the shared test cache."""
+    import shutil
+
+    monkeypatch.setenv("RECLM_CACHE", str(cache_dir))
+    copies: list[Path] = []
+
+    def copy() -> Path:
+        target = tmp_path / f"run-{len(copies)}"
+        shutil.copytree(served_run[0], target, ignore=shutil.ignore_patterns("serve.sqlite*"))
+        copies.append(target)
+        return target
+
+    return copy
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 (a free port) in a thread of the test process, over an app."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the live server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def live_server():
+    """``live_server(app) -> LiveServer`` (started); every one is stopped at the end of the test."""
+    started: list[LiveServer] = []
+
+    def start(app) -> LiveServer:
+        server = LiveServer(app).__enter__()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.__exit__(None, None, None)

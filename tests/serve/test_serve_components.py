@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reclm.cf.trainer import load_model
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 from reclm.serve.index import GrowingMatrix, ItemIndex, top_from_scores
 from reclm.serve.profiles import MicroBatcher, QueueFull
 from reclm.serve.reps import ServingModel

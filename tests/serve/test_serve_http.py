@@ -32,8 +32,9 @@ def test_health_and_docs(lightgcn_server, served_run):
     assert health["users"] == 40 and health["items"] >= 60 and health["index"] == "numpy"
     assert health["item_fields"] == ["title", "year", "genres"]
     assert health["profiles"]["backend"] == "transformers" and health["profiles"]["used_by_model"]
-    assert health["profiles"]["adapters"]["user"] == str(served_run[1]["adapter"])
-    assert health["limits"] == {"k": 1000, "history": 500}
+    assert health["run"] == served_run[0].name and str(served_run[0]) not in str(health)  # no absolute path
+    assert health["profiles"]["adapters"]["user"] == served_run[1]["adapter"].relative_to(served_run[0]).as_posix()
+    assert health["limits"] == {"k": 1000, "history": 500, "added_items": 10_000, "stored_profiles": 100_000}
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     paths = set(client.get("/openapi.json").json()["paths"])

@@ -25,7 +25,9 @@ def make_generator(
     **options: Any,
 ) -> Generator:
     """A generator by backend name (``ct2`` | ``transformers`` | ``openai``; ``ctranslate2`` is accepted too).
-    ``openai`` takes endpoint options (``base_url``, ``model`` = the served model name, ``concurrency``...)."""
+    ``openai`` takes endpoint options (``base_url``, ``model`` = the served model name, ``concurrency``,
+    ``max_cost``...); its ``adapter`` is the one the server has loaded: not applied here, only fingerprinted
+    into the cache key (without it, or a ``fingerprint`` option, nothing it writes is cached)."""
     from reclm.llm.model import DEFAULT_MODEL
 
     backend = ALIASES.get(backend, backend)
@@ -40,11 +42,9 @@ def make_generator(
     if backend == "openai":
         from reclm.llm.generation.openai import OpenAIGenerator
 
-        if adapter is not None:
-            raise ValueError("the openai backend serves its own model: load the adapter into the server instead")
         if model is not None:
             options["model"] = str(model)
-        return OpenAIGenerator(**options)
+        return OpenAIGenerator(adapter=adapter, **options)
     raise ValueError(f"unknown generation backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 

@@ -95,12 +95,23 @@ def newline_token_ids(tokenizer: Any) -> frozenset[int]:
     return _NEWLINE_CACHE[key]
 
 
+class GenerationStopped(ValueError):
+    """Generation stopped before every prompt was answered (a spending cap): ``texts`` holds the answers of the
+    call so far (``None`` where none), which the runner caches before passing the error on."""
+
+    def __init__(self, message: str, texts: Sequence[str | None]):
+        super().__init__(message)
+        self.texts = list(texts)
+
+
 class Generator(ABC):
     """A text generator over chat prompts. ``identity`` names everything that changes its outputs besides the
-    prompt and the decoding parameters (backend, base model, adapter, precision): the cache key."""
+    prompt and the decoding parameters (backend, base model, adapter, precision): the cache key. A generator
+    that cannot name what writes its outputs (a served model of unknown origin) is not ``cacheable``."""
 
     backend: str = "base"
     system: str | None = SYSTEM_PROMPT
+    cacheable: bool = True
 
     def __init__(self) -> None:
         self.prompt_tokens = 0  # running totals, for tokens/s reports

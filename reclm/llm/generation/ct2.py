@@ -6,8 +6,7 @@ shortest prompt and feeds the rest token by token. The token prefix shared by ev
 system prompt, the instruction's opening) is passed as ``static_prompt``: its state is computed once and reused.
 
 On CPU, greedy batches run side by side, one worker per core (``inter_threads``), instead of one batch at a
-time on every core: a 135M model's matrices are too small to keep several cores busy, and on 2 cores this was
-1.36x the throughput (2.62 vs 1.93 profiles/s, ml-100k compact user prompts, batch 16, 32 new tokens).
+time on every core: a 135M model's matrices are too small to keep several cores busy (docs/decisions.md).
 Sampling keeps one worker, so that its random stream (seeded per worker) gives the same texts every time.
 """
 
@@ -82,13 +81,8 @@ def int8_tracks_float32(vendor: str, flags: AbstractSet[str], use_mkl: str | Non
     """Whether CTranslate2's int8 CPU kernels give about float32's outputs here.
 
     CTranslate2 runs int8 with Intel MKL on Intel CPUs (or where ``CT2_USE_MKL=1``) and with oneDNN on the
-    others, whose AVX2 int8 path (no VNNI: AMD before Zen 4) is far off. Measured on an AMD EPYC (Zen 1,
-    AVX2): int8 kept float32's first greedy token on 2 of 24 prompts of the test model (23 of 24 with
-    MKL) and wrote 20 of 48 SmolLM2 profiles as float32 did, some with words repeated ("Drama, Drama"),
-    while float32 ran at 0.95x int8's speed (0.87x over ml-100k's profiles stage). With VNNI
-    (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 tracks float32: measured on an AMD EPYC (Zen 4), the
-    test model's first tokens all matched and the writer kept the first three words of all 192 profiles
-    (101 identical, 192 in the format against float32's 191) at 1.8x float32's speed.
+    others, whose AVX2 int8 path (no VNNI: AMD before Zen 4) is far off (measurements: docs/decisions.md);
+    with VNNI (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 tracks float32.
     CPUs that are not x86 (no ``flags``) keep int8.
     """
     vnni = bool(VNNI_FLAGS & flags)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from reclm.llm.chat import Prompt
-from reclm.llm.generation.base import DecodeParams, Generator, prompt_key
+from reclm.llm.generation.base import DecodeParams, GenerationStopped, Generator, prompt_key
 from reclm.llm.records import ProfileRecord, write_records
 from reclm.utils import cache_root
 
@@ -143,7 +143,9 @@ def generate_texts(
     desc: str = "generating",
 ) -> tuple[list[str | None], GenerationStats]:
     """Texts for ``prompts`` (``None`` where a remote request failed), each distinct prompt generated at most
-    once and only when the cache lacks it. Chunks of similar prompt length are generated and cached in turn."""
+    once and only when the cache lacks it (a generator that is not ``cacheable`` neither reads nor fills the
+    cache). Chunks of similar prompt length are generated and cached in turn; when the generator stops early
+    (:class:`GenerationStopped`) the answers it got are cached before the error is passed on."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from reclm.progress import progress as make_progress
@@ -155,7 +157,8 @@ def generate_texts(
     for key, prompt in zip(keys, prompts):
         distinct.setdefault(key, prompt)
     identity, params_key = generator.identity, params.key()
-    found = cache.get(identity, params_key, list(distinct))
+    cacheable = getattr(generator, "cacheable", True)
+    found = cache.get(identity, params_key, list(distinct)) if cacheable else {}
     stats = GenerationStats(jobs=len(prompts), distinct=len(distinct), cached=len(found), generator=identity)
     todo = sorted((k for k in distinct if k not in found), key=lambda k: prompt_size(distinct[k]))
 
@@ -170,9 +173,14 @@ def generate_texts(
             task = bar.add_task(desc, total=len(todo), speed="")
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start : start + chunk_size]
-                texts = generator.generate([distinct[k] for k in chunk], params)
+                stopped: GenerationStopped | None = None
+                try:
+                    texts = generator.generate([distinct[k] for k in chunk], params)
+                except GenerationStopped as exc:
+                    texts, stopped = exc.texts, exc
                 done = [(k, t) for k, t in zip(chunk, texts) if t is not None]
-                cache.put(identity, params_key, done)
+                if cacheable:
+                    cache.put(identity, params_key, done)
                 found.update(done)
                 stats.generated += len(done)
                 stats.failed += len(chunk) - len(done)
@@ -181,6 +189,8 @@ def generate_texts(
                 stats.new_tokens = generator.new_tokens - new_before
                 speed = f"{stats.profiles_per_s:.2f}/s {stats.tokens_per_s:.0f} tok/s"
                 bar.update(task, advance=len(chunk), speed=speed)
+                if stopped is not None:
+                    raise stopped
     finally:
         if own_cache:
             cache.close()

@@ -20,8 +20,10 @@ from reclm.llm.sft import Checkpointing
 
 @dataclass
 class DPOConfig:
-    steps: int = 10
-    batch_size: int = 4  # pairs per step
+    """DPO training; the fields the pipeline's ``llm.rl`` also has share its defaults."""
+
+    steps: int = 8
+    batch_size: int = 2  # pairs per step
     lr: float = 1e-5
     beta: float = 0.1
     max_seq_len: int = 512

@@ -28,8 +28,10 @@ RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
 
 @dataclass
 class PPOConfig:
-    steps: int = 10
-    batch_size: int = 4  # rollouts per step
+    """PPO training; the fields the pipeline's ``llm.rl`` also has share its defaults."""
+
+    steps: int = 8
+    batch_size: int = 2  # rollouts per step
     mini_batch_size: int | None = None  # default: the whole batch
     # a mini-batch's forward/backward runs in pieces of at most this many padded tokens, gradients summed:
     # the same update (up to float rounding) with activations for a piece only (None: the whole mini-batch)

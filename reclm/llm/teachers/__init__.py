@@ -7,7 +7,7 @@ from __future__ import annotations
 from reclm.llm.teachers.base import Teacher, TeacherReport
 from reclm.llm.teachers.file import FileTeacher
 from reclm.llm.teachers.offline import OfflineTeacher
-from reclm.llm.teachers.openai_compat import EndpointConfig, EndpointError, Ledger, OpenAITeacher
+from reclm.llm.teachers.openai_compat import EndpointConfig, EndpointError, Ledger, OpenAITeacher, SpendingCapReached
 
 TEACHERS: dict[str, type[Teacher]] = {"file": FileTeacher, "openai": OpenAITeacher, "offline": OfflineTeacher}
 
@@ -27,6 +27,7 @@ __all__ = [
     "Ledger",
     "OfflineTeacher",
     "OpenAITeacher",
+    "SpendingCapReached",
     "Teacher",
     "TeacherReport",
     "make_teacher",

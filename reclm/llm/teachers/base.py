@@ -20,7 +20,7 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.data.tables import read_jsonl
 from reclm.llm.prompts import PromptBudget
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 SIDES = ("user", "item")
 OUTPUT_FILES = {"user": "users.jsonl", "item": "items.jsonl"}

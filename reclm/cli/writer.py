@@ -9,7 +9,12 @@ from pathlib import Path
 import typer
 
 from reclm.cli.common import app, console, err_console, friendly_errors
-from reclm.pipeline.rundir import RunDir
+from reclm.cli.defaults import RUN, comma, prompt_budget
+from reclm.llm.sft import TrainSettings
+from reclm.rundir import RunDir
+
+SFT, LORA, GEN = RUN.llm.sft, RUN.llm.lora, RUN.generation
+TRAIN = TrainSettings()  # the trainer's own defaults, for what the config leaves to it (as `reclm run` does)
 
 
 def teacher_file(run: RunDir, source: str, kind: str) -> Path:
@@ -24,25 +29,27 @@ def teacher_file(run: RunDir, source: str, kind: str) -> Path:
 @friendly_errors
 def sft_command(
     run: Path = typer.Argument(..., help="Run directory holding teacher profiles."),
-    model: str = typer.Option("smollm2-135m", help="Base model: smollm2-135m (packaged) or a Hugging Face folder."),
+    model: str = typer.Option(RUN.llm.base_model, help="Base model: smollm2-135m (packaged) or a Hugging Face folder."),
     source: str = typer.Option("teacher", help="Stage folder with {users,items}.jsonl, or a records .jsonl file."),
     kind: str = typer.Option("user", help="user (-> RUN/sft/) or item (-> RUN/item_sft/)."),
-    epochs: float = typer.Option(1.0, help="Passes over the training pairs (when --max-steps is 0)."),
-    max_steps: int = typer.Option(0, help="Optimizer steps (0: use --epochs)."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (warm-up, then cosine decay)."),
-    batch_size: int = typer.Option(8, help="Examples per micro-batch."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    max_seq_len: int = typer.Option(512, help="Longer pairs are skipped (and counted)."),
-    lora_r: int = typer.Option(8, help="LoRA rank."),
-    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
-    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
-    target_modules: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="Comma-separated modules (+up/down)."),
-    holdout: float = typer.Option(0.1, help="Share of pairs held out for validation loss (seeded)."),
-    seed: int = typer.Option(0, help="Seed of the held-out split, batch order and LoRA init."),
-    eval_every: int = typer.Option(50, help="Held-out loss every N steps (and before and after)."),
-    save_every: int = typer.Option(25, help="Checkpoint every N steps (a crashed run resumes there)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory (long sequences, big models)."),
-    threads: int = typer.Option(None, help="Torch threads (default: available cores)."),
+    epochs: float = typer.Option(TRAIN.epochs, help="Passes over the training pairs (when --max-steps is 0)."),
+    max_steps: int = typer.Option(SFT.steps, help="Optimizer steps (0: use --epochs)."),
+    lr: float = typer.Option(SFT.lr, help="Peak learning rate (warm-up, then cosine decay)."),
+    batch_size: int = typer.Option(SFT.batch_size, help="Examples per micro-batch."),
+    grad_accum: int = typer.Option(TRAIN.grad_accum, help="Micro-batches per optimizer step."),
+    max_seq_len: int = typer.Option(SFT.max_seq_len, help="Longer pairs are skipped (and counted)."),
+    lora_r: int = typer.Option(LORA.r, help="LoRA rank."),
+    lora_alpha: int = typer.Option(LORA.alpha, help="LoRA alpha."),
+    lora_dropout: float = typer.Option(LORA.dropout, help="LoRA dropout."),
+    target_modules: str = typer.Option(comma(LORA.target_modules), help="Comma-separated modules (+up/down)."),
+    holdout: float = typer.Option(SFT.holdout, help="Share of pairs held out for validation loss (seeded)."),
+    seed: int = typer.Option(SFT.seed, help="Seed of the held-out split, batch order and LoRA init."),
+    eval_every: int = typer.Option(TRAIN.eval_every, help="Held-out loss every N steps (and before and after)."),
+    save_every: int = typer.Option(TRAIN.save_every, help="Checkpoint every N steps (a crashed run resumes there)."),
+    gradient_checkpointing: bool = typer.Option(
+        TRAIN.gradient_checkpointing, help="Trade compute for memory (long sequences, big models)."
+    ),
+    threads: int = typer.Option(RUN.threads, help="Torch threads (default: available cores)."),
     fresh: bool = typer.Option(False, help="Discard an earlier checkpoint instead of resuming from it."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -107,37 +114,41 @@ def profile_command(
     run: Path = typer.Argument(..., help="Prepared run directory (ideally with sft/adapter)."),
     users: bool = typer.Option(True, "--users/--no-users", help="Write RUN/profiles/users.jsonl."),
     items: bool = typer.Option(True, "--items/--no-items", help="Write RUN/profiles/items.jsonl."),
-    backend: str = typer.Option("ct2", help="ct2 (fast CPU, int8) | transformers (reference) | openai."),
-    model: str = typer.Option("smollm2-135m", help="Base model (packaged name or HF folder); openai: served name."),
+    backend: str = typer.Option(GEN.backend, help="ctranslate2 (ct2: fast CPU) | transformers (reference) | openai."),
+    model: str = typer.Option(RUN.llm.base_model, help="Base model (packaged name or HF folder); openai: served name."),
     adapter: Path = typer.Option(None, help="LoRA adapter (default: the run's last tuned one: rl, collab, then sft)."),
     item_adapter: Path = typer.Option(
         None, help="Adapter for item profiles (default: RUN/item_sft/adapter or --adapter)."
     ),
     no_adapter: bool = typer.Option(False, help="Generate with the base model alone."),
-    max_new_tokens: int = typer.Option(48, help="Token limit per profile (decoding also stops at end of line)."),
-    temperature: float = typer.Option(0.0, help="0: greedy; else sampling with --seed."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling (temperature > 0)."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    limit: int = typer.Option(None, help="Only the first N users and the first N items (a documented subset)."),
-    batch_size: int = typer.Option(16, help="Prompts per batch (ct2 / transformers)."),
-    max_history: int = typer.Option(10, help="Most recent train items in a user prompt (as the teacher)."),
-    max_words: int = typer.Option(30, help="Words kept of each item field (as the teacher)."),
-    prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
-    quantization: str = typer.Option(None, help="ct2: int8 | float32... (CPU default: int8; float32 where it is off)"),
-    threads: int = typer.Option(None, help="CPU threads (default: available cores)."),
-    base_url: str = typer.Option("http://127.0.0.1:8000/v1", help="openai: endpoint base URL."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: environment variable with the key."),
-    concurrency: int = typer.Option(8, help="openai: requests in flight."),
+    max_new_tokens: int = typer.Option(
+        GEN.max_new_tokens, help="Token limit per profile (decoding also stops at end of line)."
+    ),
+    temperature: float = typer.Option(GEN.temperature, help="0: greedy; else sampling with --seed."),
+    top_p: float = typer.Option(GEN.top_p, help="Nucleus sampling (temperature > 0)."),
+    seed: int = typer.Option(GEN.seed, help="Sampling seed."),
+    limit: int = typer.Option(GEN.users, help="Only the first N users and the first N items (a documented subset)."),
+    batch_size: int = typer.Option(GEN.batch_size, help="Prompts per batch (ct2 / transformers)."),
+    max_history: int = typer.Option(RUN.prompt.max_items, help="Most recent train items in a user prompt."),
+    max_words: int = typer.Option(RUN.prompt.max_words, help="Words kept of each item field."),
+    prompt_style: str = typer.Option(RUN.prompt.style, help="Prompt layout: compact | paper."),
+    quantization: str = typer.Option(
+        GEN.quantization, help="ct2: int8 | float32... (CPU default: int8; float32 where it is off)"
+    ),
+    threads: int = typer.Option(RUN.threads, help="CPU threads (default: available cores)."),
+    base_url: str = typer.Option(GEN.base_url, help="openai: endpoint base URL."),
+    api_key_env: str = typer.Option(GEN.api_key_env, help="openai: environment variable with the key."),
+    concurrency: int = typer.Option(GEN.concurrency, help="openai: requests in flight."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Generate user and item profiles (train history only) into RUN/profiles/, cached and resumable."""
     from reclm.llm.generation import DecodeParams, GenerationCache, Job, generate_records, generate_texts
-    from reclm.llm.prompts import PromptBudget, user_prompts
+    from reclm.llm.prompts import user_prompts
 
     rundir = RunDir(run)
     data, split = rundir.load()
     params = DecodeParams(max_new_tokens, temperature, top_p, 0, seed)
-    budget = PromptBudget(max_items=max_history, max_words=max_words, style=prompt_style)
+    budget = prompt_budget(max_items=max_history, max_words=max_words, style=prompt_style)
     user_adapter = None if no_adapter else existing_adapter(adapter) or latest_user_adapter(rundir)
     if user_adapter is None and not no_adapter and backend != "openai":
         err_console.print(f"note: no adapter given and none in {rundir.root} (rl, collab, sft): the base model writes")
@@ -202,7 +213,7 @@ def latest_user_adapter(run: RunDir) -> Path | None:
 
 
 def model_arg(backend: str, model: str) -> str | None:
-    return model if backend != "openai" or model != "smollm2-135m" else None
+    return model if backend != "openai" or model != RUN.llm.base_model else None
 
 
 def generator_options(backend: str, threads, quantization, base_url, api_key_env, concurrency) -> dict:

@@ -11,8 +11,8 @@ from reclm.data.loaders import load_dataset
 from reclm.data.split import SplitSpec, make_split
 from reclm.utils import torch_threads
 
-MIND = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "mind"
-NETFLIX = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "netflix"
+MIND = Path(__file__).resolve().parents[4] / "shared" / "datasets" / "mind"
+NETFLIX = Path(__file__).resolve().parents[4] / "shared" / "datasets" / "netflix"
 GENRES = ["Comedy", "Drama", "Horror", "Western"]
 
 

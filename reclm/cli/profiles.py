@@ -9,10 +9,12 @@ from pathlib import Path
 import typer
 
 from reclm.cli.common import app, console, err_console, friendly_errors
+from reclm.cli.defaults import RUN, prompt_budget
 from reclm.data.split import SplitSpec
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 TEACHER_KINDS = ("file", "openai", "offline")
+OPENAI = RUN.teacher.openai
 
 
 def load_or_prepare(run: RunDir, dataset: str | None):
@@ -41,33 +43,45 @@ def parse_sides(text: str) -> list[str]:
 @friendly_errors
 def teacher_command(
     run: Path = typer.Argument(..., help="Run directory (prepared, or prepared now from --dataset)."),
-    kind: str = typer.Option("file", help="file (shipped profiles) | openai (any compatible endpoint) | offline."),
+    kind: str = typer.Option(
+        RUN.stages.teacher, help="file (shipped profiles) | openai (any compatible endpoint) | offline."
+    ),
     dataset: str = typer.Option(None, help="Dataset to prepare the run from when it has no data/ yet."),
     only: str = typer.Option("both", help="both | users | items"),
-    max_users: int = typer.Option(None, help="Sample this many users (seeded) (default: all available)."),
-    max_items: int = typer.Option(None, help="Sample this many items (seeded) (default: all available)."),
-    seed: int = typer.Option(0, help="Seed of the user/item sample."),
-    max_history: int = typer.Option(10, help="Most recent train items shown in a user prompt."),
-    max_words: int = typer.Option(30, help="Words kept of each item field (abstracts...)."),
-    prompt_style: str = typer.Option("compact", help="Prompt layout: compact | paper (as `reclm run`)."),
+    max_users: int = typer.Option(RUN.teacher.users, help="Sample this many users (seeded) (default: all available)."),
+    max_items: int = typer.Option(RUN.teacher.items, help="Sample this many items (seeded) (default: all available)."),
+    seed: int = typer.Option(RUN.teacher.seed, help="Seed of the user/item sample."),
+    max_history: int = typer.Option(RUN.prompt.max_items, help="Most recent train items shown in a user prompt."),
+    max_words: int = typer.Option(RUN.prompt.max_words, help="Words kept of each item field (abstracts...)."),
+    prompt_style: str = typer.Option(RUN.prompt.style, help="Prompt layout: compact | paper (as `reclm run`)."),
     fresh: bool = typer.Option(False, help="Delete earlier teacher files first (else resume / refuse to mix)."),
-    user_file: Path = typer.Option(None, help="file: user profiles JSONL {user, profile, prompt?} (default: shipped)."),
-    item_file: Path = typer.Option(None, help="file: item profiles JSONL {item, profile, prompt?} (default: shipped)."),
-    prompt_from: str = typer.Option("auto", help="file: build prompts from the split | source | auto."),
-    base_url: str = typer.Option("https://api.openai.com/v1", help="openai: endpoint base URL."),
-    model: str = typer.Option("gpt-3.5-turbo", help="openai: model name."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai: environment variable holding the API key."),
-    concurrency: int = typer.Option(8, help="openai: requests in flight."),
-    max_retries: int = typer.Option(6, help="openai: retries per request (429, 5xx, timeouts)."),
-    timeout: float = typer.Option(60.0, help="openai: seconds per request."),
-    temperature: float = typer.Option(0.0, help="openai: sampling temperature."),
-    max_tokens: int = typer.Option(160, help="openai: completion token limit."),
-    price_in: float = typer.Option(0.0005, help="openai: $ per 1k prompt tokens (ledger; gpt-3.5-turbo)."),
-    price_out: float = typer.Option(0.0015, help="openai: $ per 1k completion tokens."),
+    user_file: Path = typer.Option(
+        RUN.teacher.user_file, help="file: user profiles JSONL {user, profile, prompt?} (default: shipped)."
+    ),
+    item_file: Path = typer.Option(
+        RUN.teacher.item_file, help="file: item profiles JSONL {item, profile, prompt?} (default: shipped)."
+    ),
+    prompt_from: str = typer.Option(
+        RUN.teacher.prompt_from, help="file: build prompts from the split | source | auto."
+    ),
+    base_url: str = typer.Option(OPENAI.base_url, help="openai: endpoint base URL."),
+    model: str = typer.Option(OPENAI.model, help="openai: model name."),
+    api_key_env: str = typer.Option(OPENAI.api_key_env, help="openai: environment variable holding the API key."),
+    concurrency: int = typer.Option(OPENAI.concurrency, help="openai: requests in flight."),
+    max_retries: int = typer.Option(OPENAI.max_retries, help="openai: retries per request (429, 5xx, timeouts)."),
+    timeout: float = typer.Option(OPENAI.timeout, help="openai: seconds per request."),
+    temperature: float = typer.Option(OPENAI.temperature, help="openai: sampling temperature."),
+    max_tokens: int = typer.Option(OPENAI.max_tokens, help="openai: completion token limit."),
+    price_in: float = typer.Option(OPENAI.price_in, help="openai: $ per 1k prompt tokens (ledger; gpt-3.5-turbo)."),
+    price_out: float = typer.Option(OPENAI.price_out, help="openai: $ per 1k completion tokens."),
+    max_cost: float = typer.Option(
+        RUN.teacher.max_cost,
+        min=0,
+        help="openai: spending cap in $ (the ledger's total): stop before a request could pass it.",
+    ),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Write teacher profiles (RUN/teacher/{users,items}.jsonl) from shipped files, an endpoint or rules."""
-    from reclm.llm.prompts import PromptBudget
     from reclm.llm.teachers import EndpointConfig, make_teacher
 
     if kind not in TEACHER_KINDS:
@@ -76,7 +90,7 @@ def teacher_command(
     rundir = RunDir(run)
     data, split = load_or_prepare(rundir, dataset)
     common = {
-        "budget": PromptBudget(max_items=max_history, max_words=max_words, style=prompt_style),
+        "budget": prompt_budget(max_items=max_history, max_words=max_words, style=prompt_style),
         "max_users": max_users,
         "max_items": max_items,
         "seed": seed,
@@ -101,6 +115,7 @@ def teacher_command(
             max_tokens=max_tokens,
             price_in=price_in,
             price_out=price_out,
+            max_cost=max_cost,
         )
         teacher = make_teacher("openai", endpoint=endpoint, **common)
     else:
@@ -125,8 +140,8 @@ def teacher_command(
 def encode_command(
     run: Path = typer.Argument(..., help="Run directory."),
     source: str = typer.Option("profiles", help="profiles (generated) | teacher (the teacher's profiles)."),
-    encoder: str = typer.Option("all-MiniLM-L6-v2", help="Text encoder: packaged name or local folder."),
-    batch_size: int = typer.Option(64, help="Encoder batch size."),
+    encoder: str = typer.Option(RUN.encoder.model, help="Text encoder: packaged name or local folder."),
+    batch_size: int = typer.Option(RUN.encoder.batch_size, help="Encoder batch size."),
 ) -> None:
     """Embed profiles into RUN/embeddings/{users,items}.npz (read by train-cf --features text+profiles)."""
     from reclm.llm.encode import encode_run
@@ -144,7 +159,7 @@ def quality_command(
     source: str = typer.Option("profiles", help="profiles | teacher: the profiles to judge."),
     reference: str = typer.Option("teacher", help="Folder in RUN with reference profiles ('' for none)."),
     heldout: Path = typer.Option(None, help="Held-out ids, JSON or records JSONL (default: RUN/sft/heldout.json)."),
-    encoder: str = typer.Option("all-MiniLM-L6-v2", help="Text encoder for the similarity."),
+    encoder: str = typer.Option(RUN.encoder.model, help="Text encoder for the similarity."),
 ) -> None:
     """Profile quality report (format, empty, duplicates, length, similarity to the teacher) -> quality.json."""
     from reclm.llm.quality import run_quality

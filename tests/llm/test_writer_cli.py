@@ -13,7 +13,7 @@ from reclm.cli.main import app
 from reclm.data.split import SplitSpec
 from reclm.llm.generation.ct2 import default_quantization
 from reclm.llm.records import read_records
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 
 GENRES = ["Comedy", "Drama", "Horror", "Western"]
 
@@ -85,7 +85,7 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
 
 
 def test_profile_uses_the_last_tuned_writer_by_default(tmp_path):
-    from reclm.cli.llm import latest_user_adapter
+    from reclm.cli.writer import latest_user_adapter
 
     run = RunDir(tmp_path / "run")
     assert latest_user_adapter(run) is None

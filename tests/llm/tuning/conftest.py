@@ -11,7 +11,7 @@ import pytest
 
 from reclm.data.loaders import load_dataset
 from reclm.data.split import SplitSpec, make_split
-from reclm.pipeline.rundir import RunDir
+from reclm.rundir import RunDir
 from reclm.utils import torch_threads
 
 GENRES = ["Comedy", "Drama", "Horror", "Western"]

@@ -1,0 +1,208 @@
+"""The stage table of ``reclm run``: each stage's body, cache key, inputs and estimate, in run order.
+
+Stage bodies and their keys live in :mod:`reclm.pipeline.stages`, estimates in
+:mod:`reclm.pipeline.estimate`; this module joins them, so neither imports the other's caller.
+"""
+
+from __future__ import annotations
+
+from reclm.pipeline import estimate as est
+from reclm.pipeline.cache import Stage
+from reclm.pipeline.config import STAGE_ORDER
+from reclm.pipeline.stages import (
+    dataset_files,
+    generation_backend,
+    generation_batch_size,
+    generators_on,
+    precision_key,
+    resource_files,
+    run_collab,
+    run_encode,
+    run_item_side,
+    run_neighbours,
+    run_prepare,
+    run_profiles,
+    run_report,
+    run_reward,
+    run_rl,
+    run_sft,
+    run_teacher,
+    run_train_cf,
+    teacher_files,
+    teacher_key,
+    train_cf_config,
+    users_need_neighbours,
+    writer_backend,
+    writer_options,
+)
+
+
+def build_stages() -> list[Stage]:
+    return [
+        Stage(
+            "prepare",
+            "data",
+            run_prepare,
+            config=lambda c: {"dataset": str(c.dataset), "item_text": c.item_text, **c.section("split")},
+            files=dataset_files,
+            estimate=est.prepare,
+            description="load the dataset, split it (train/valid/test, zero-shot items)",
+        ),
+        Stage(
+            "teacher",
+            "teacher",
+            run_teacher,
+            needs=("prepare",),
+            config=teacher_key,
+            files=teacher_files,
+            estimate=est.teacher,
+            description="teacher profiles for a sample of users and items",
+        ),
+        Stage(
+            "sft",
+            "sft",
+            run_sft,
+            needs=("prepare", "teacher"),
+            config=lambda c: {
+                "base": c.llm.base_model,
+                "lora": c.llm.lora.model_dump(),
+                "sft": c.llm.sft.model_dump(),
+            },
+            enabled=lambda c: c.stages.sft,
+            estimate=est.sft,
+            description="distillation: LoRA SFT of the small LM on the teacher pairs",
+        ),
+        Stage(
+            "neighbours",
+            "neighbours",
+            run_neighbours,
+            needs=("prepare",),
+            config=lambda c: {
+                **c.section("neighbours"),
+                "users": users_need_neighbours(c),
+                "encoder": c.encoder.model,  # item-text neighbours
+            },
+            files=resource_files,
+            enabled=generators_on,
+            estimate=est.neighbours,
+            version=2,  # 2: items get text neighbours (one rule for trained and new items) + item_text.npz
+            description="similar users from a CF model trained on train pairs; text-nearest items",
+        ),
+        Stage(
+            "collab",
+            "collab",
+            run_collab,
+            needs=("prepare", "teacher", "sft", "neighbours"),
+            config=lambda c: {
+                "base": c.llm.base_model,
+                "lora": c.llm.lora.model_dump(),
+                "collab": c.llm.collab.model_dump(),
+                "prompt": c.section("prompt"),  # the distilled profiles' prompts
+                "writer": {"backend": writer_backend(c), **writer_options(c)},
+            },
+            enabled=lambda c: c.stages.collab,
+            estimate=est.collab,
+            description="collaborative instruction tuning (two-turn dialogues)",
+        ),
+        Stage(
+            "reward",
+            "reward",
+            run_reward,
+            needs=("prepare", "teacher", "sft", "neighbours"),
+            config=lambda c: {
+                "base": c.llm.base_model,
+                "lora": c.llm.lora.model_dump(),
+                "reward": c.llm.reward.model_dump(),
+            },
+            files=resource_files,
+            enabled=lambda c: c.stages.reward,
+            estimate=est.reward,
+            description="preference pairs and the reward model",
+        ),
+        Stage(
+            "rl",
+            "rl",
+            run_rl,
+            needs=("prepare", "teacher", "sft", "neighbours", "collab", "reward"),
+            config=lambda c: {
+                "kind": c.stages.rl,
+                "rl": c.llm.rl.model_dump(),
+                "generation": c.generation.model_dump(),
+            },
+            files=resource_files,
+            enabled=lambda c: c.stages.rl != "none",
+            estimate=est.rl,
+            description="PPO (KL-penalised) or DPO on the profile writer",
+        ),
+        Stage(
+            "item_side",
+            "item_sft",
+            run_item_side,
+            needs=("prepare", "teacher", "sft", "neighbours"),
+            config=lambda c: {
+                "base": c.llm.base_model,
+                "lora": c.llm.lora.model_dump(),
+                "item": c.llm.item_side.model_dump(),
+                "prompt": c.section("prompt"),  # the training prompts' budget
+            },
+            enabled=lambda c: c.stages.item_side,
+            estimate=est.item_side,
+            version=2,  # 2: one recipe for every item (text neighbours with teacher profiles, no own users)
+            description="item-profile writer tuned on item text and neighbour items",
+        ),
+        Stage(
+            "profiles",
+            "profiles",
+            run_profiles,
+            needs=("prepare", "teacher", "sft", "neighbours", "collab", "rl", "item_side"),
+            config=lambda c: {
+                **c.section("generation", "prompt"),
+                "resolved": {
+                    "backend": generation_backend(c),
+                    "batch_size": generation_batch_size(c),
+                    **precision_key(c),
+                },
+                "base": c.llm.base_model,
+                "chain": c.stages.generators(),
+                "ablation": c.stages.ablation,
+                "keep_teacher": c.llm.item_side.keep_teacher if c.stages.item_side else False,
+                "encoder": c.encoder.model,  # of the quality report
+            },
+            estimate=est.profiles,
+            version=2,  # 2: items in one pass by the one item recipe; teacher-only variant + item side writes items
+            description="generate user and item profiles (final generator, and earlier ones for the ablation)",
+        ),
+        Stage(
+            "encode",
+            "embeddings",
+            run_encode,
+            needs=("prepare", "profiles"),
+            config=lambda c: c.section("encoder"),
+            estimate=est.encode,
+            description="embed item text and profiles",
+        ),
+        Stage(
+            "train_cf",
+            "cf",
+            run_train_cf,
+            needs=("prepare", "encode"),
+            config=train_cf_config,
+            estimate=est.train_cf,
+            description="train every backbone with and without profiles (full-shot and zero-shot test)",
+        ),
+        Stage(
+            "report",
+            "report",
+            run_report,
+            needs=STAGE_ORDER[:-1],
+            config=lambda c: c.section("report"),
+            estimate=est.report,
+            description="paper-style tables, significance, costs, plots: report.md and report.html",
+        ),
+    ]
+
+
+STAGES = build_stages()
+STAGE_NAMES = [s.name for s in STAGES]
+
+__all__ = ["STAGES", "STAGE_NAMES", "build_stages"]
