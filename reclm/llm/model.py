@@ -65,9 +65,14 @@ def packaged_gguf(name: str) -> Path:
 
 def convert_packaged(name: str, target: Path) -> Path:
     """Dequantise a packaged GGUF into a plain HF folder at ``target`` (atomic: written aside, then renamed)."""
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # in a log file reclm prints its own lines, not tqdm's redraws
+        hf_logging.disable_progress_bar()
     gguf = packaged_gguf(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

@@ -156,8 +156,22 @@ def run_quality(
 
         encoder = TextEncoder()
     report = quality_report(folder, ref if ref is not None and ref.is_dir() else None, ids, encoder)
+    # names relative to the run, so a rerun elsewhere (or a moved run) writes the same bytes
+    report["source"] = source
+    if "reference" in report:
+        report["reference"] = reference
     if heldout is not None:
-        report["heldout_file"] = str(heldout)
+        report["heldout_file"] = relative_to_run(Path(heldout), run.root)
     if write:
         (folder / "quality.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def relative_to_run(path: Path, root: Path) -> str:
+    """``path`` relative to the run folder when it lies inside it (any stage's work folder counts), else as is."""
+    for base in (root, root / ".work"):
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            continue
+    return str(path)

@@ -621,6 +621,8 @@ class Pipeline:
             "started": now(),
             "resumed": resumed,
         }
+        if earlier:  # kept while this attempt runs, so a kill -9 now does not lose them (reclm status shows them)
+            record["attempts"] = earlier
         self.write_manifest(stage.name, record)
         ctx = StageContext(
             config=self.config,
@@ -675,7 +677,11 @@ class Pipeline:
         """The interrupted or failed attempts whose kept work this attempt resumes: their time counts too,
         so a stage resumed across sessions reports (and teaches the speed book) its whole cost."""
         old = self.manifest(name)
-        if not old or old.get("input_hash") != input_hash or old.get("status") not in ("interrupted", "failed"):
+        if not old or old.get("input_hash") != input_hash:
+            return []
+        if old.get("status") == "running":  # killed (we hold the lock): its own time is unknown, earlier ones kept
+            return list(old.get("attempts", []))
+        if old.get("status") not in ("interrupted", "failed"):
             return []
         if "attempts" in old:
             return list(old["attempts"])

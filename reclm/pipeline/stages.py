@@ -595,9 +595,12 @@ def write_quality(ctx: StageContext, folder: Path) -> dict | None:
     reference = ctx.run.teacher if ctx.run.teacher.is_dir() else None
     encoder = TextEncoder(ctx.config.encoder.model, batch_size=ctx.config.encoder.batch_size) if reference else None
     report = quality.quality_report(folder, reference, heldout, encoder)
-    # name the final places, not the work folder the stage writes into
-    report["source"] = str(ctx.root / "profiles" / folder.relative_to(ctx.out))
-    report["heldout_file"] = str(heldout_file) if heldout is not None else None
+    # the final places relative to the run (not the work folder, nor this machine's paths): a rerun or a
+    # moved run writes the same bytes, so the stages after it stay cached
+    report["source"] = str(Path("profiles") / folder.relative_to(ctx.out))
+    if reference is not None:
+        report["reference"] = "teacher"
+    report["heldout_file"] = "sft/heldout.json" if heldout is not None else None
     write_json(folder / "quality.json", report)
     return {k: v for k, v in report.items() if k in ("users", "items")}
 

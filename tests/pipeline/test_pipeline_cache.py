@@ -761,3 +761,25 @@ def test_a_unit_committed_but_killed_before_its_rename_is_finished_not_redone(tm
     pipeline.run()
     assert runs == ["a"], "the finished unit was not trained again"
     assert (tmp_path / "cf" / "a" / "out.txt").read_text() == "finished"
+
+
+def test_a_resumed_stage_keeps_its_earlier_attempts_while_it_runs_and_after_a_kill(setup):
+    """The running manifest carries the earlier attempts, so a kill -9 (which leaves "running" behind)
+    does not lose them: the next resume still counts the first attempt."""
+    run, calls, root, _ = setup
+    calls.fail_once.add("sft")
+    with pytest.raises(StageError):
+        run()
+    failed = json.loads((root / "manifests" / "sft.json").read_text())
+    calls.fail_once.add("sft")  # the second attempt "dies": we keep what its running manifest said
+    with pytest.raises(StageError):
+        run()
+    second = json.loads((root / "manifests" / "sft.json").read_text())
+    assert [a["status"] for a in second["attempts"]] == ["failed", "failed"]
+    killed = {**second, "status": "running", "attempts": second["attempts"][:1]}  # as a kill -9 leaves it
+    killed.pop("seconds", None)
+    (root / "manifests" / "sft.json").write_text(json.dumps(killed))
+    run()
+    finished = json.loads((root / "manifests" / "sft.json").read_text())
+    assert [a["status"] for a in finished["attempts"]] == ["failed", "complete"]
+    assert finished["attempts"][0]["seconds"] == pytest.approx(failed["seconds"], abs=1e-3)

@@ -77,6 +77,9 @@ def test_deterministic_and_blind_to_held_out_pairs(tiny, tmp_path):
     _, users_a, items_a = run_offline(data, split, tmp_path / "a")
     _, users_b, items_b = run_offline(data, split, tmp_path / "b")
     assert users_a == users_b and items_a == items_b
+    # every file byte for byte (report.json holds no wall-clock time): the stages after it stay cached
+    for name in ("users.jsonl", "items.jsonl", "report.json"):
+        assert (tmp_path / "a" / "teacher" / name).read_bytes() == (tmp_path / "b" / "teacher" / name).read_bytes()
     # swap the held-out pairs for other ones: profiles must not move
     other = Split(
         split.n_users,
