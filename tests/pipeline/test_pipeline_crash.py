@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline_end_to_end import FAST_CF, tiny_config
 
-FAST_CF = {"epochs": 4, "patience": 3, "dim": 16, "batch_size": 128, "eval_batch_size": 64, "feature_hidden": [32]}
 CLI = "from reclm.cli.main import app; app()"
 KILLS = 5
 KILL_SEED = 128  # kills aimed at teacher, encode (twice), train_cf and report
@@ -41,27 +41,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="f
 def crash_config(dataset: Path, out: Path, jobs: int = 1, **params) -> dict:
     """The end-to-end test's tiny run (offline teacher, no LLM training) with three BiasMF runs, trained in
     the pipeline's process (``jobs: 1``) or ``jobs`` at a time in worker processes."""
-    return {
-        "dataset": str(dataset / "inter.csv"),
-        "item_text": str(dataset / "items.csv"),
-        "out": str(out),
-        "threads": 1,
-        "split": {"method": "random", "zero_shot_fraction": 0.1, "seed": 1},
-        "stages": {
-            **{"teacher": "offline", "rl": "none"},
-            **dict.fromkeys(("sft", "collab", "reward", "item_side"), False),
-        },
-        "teacher": {"users": None, "items": None},
-        "cf": {
-            "backbones": ["bias-mf"],
-            "features": ["none", "text", "text+profiles"],
-            "seeds": [1],
-            "side_ablation": False,
-            "jobs": jobs,
-            "params": {**FAST_CF, **params},
-        },
-        "report": {"examples": 1},
-    }
+    cf = {"features": ["none", "text", "text+profiles"], "side_ablation": False, "jobs": jobs}
+    config = tiny_config(dataset, out, **cf, backbones=["bias-mf"], params={**FAST_CF, **params})
+    return {**config, "report": {"examples": 1}}
 
 
 def write_config(path: Path, dataset: Path, out: Path, jobs: int = 1, **params) -> Path:

@@ -16,16 +16,15 @@ from pathlib import Path
 import pytest
 import yaml
 from rich.console import Console
+from test_pipeline_end_to_end import tiny_config
 from typer.testing import CliRunner
 
 from reclm.cli.main import app
 from reclm.pipeline.config import load_config
 from reclm.pipeline.status import lock_held, run_status
 
-FAST_CF = {"epochs": 4, "patience": 3, "dim": 16, "batch_size": 128, "eval_batch_size": 64, "feature_hidden": [32]}
 RUNS = ["bias-mf-none-s1", "bias-mf-text-s1", "bias-mf-text+profiles-s1"]
 OFF = ("sft", "neighbours", "collab", "reward", "rl", "item_side")  # the stages this run has off
-OFF_IN_CONFIG = ("sft", "collab", "reward", "item_side")
 STATES = {
     **dict.fromkeys(("prepare", "teacher", "profiles", "encode"), "complete"),
     **dict.fromkeys(OFF, "off"),
@@ -51,24 +50,8 @@ run(load_config(sys.argv[1]), sys.argv[2])
 
 def status_config(dataset: Path, out: Path) -> dict:
     """The end-to-end test's tiny run (offline teacher, no LLM training) with three BiasMF runs in process."""
-    return {
-        "dataset": str(dataset / "inter.csv"),
-        "item_text": str(dataset / "items.csv"),
-        "out": str(out),
-        "threads": 1,
-        "split": {"method": "random", "zero_shot_fraction": 0.1, "seed": 1},
-        "stages": {"teacher": "offline", "rl": "none", **dict.fromkeys(OFF_IN_CONFIG, False)},
-        "teacher": {"users": None, "items": None},
-        "cf": {
-            "backbones": ["bias-mf"],
-            "features": ["none", "text", "text+profiles"],
-            "seeds": [1],
-            "side_ablation": False,
-            "jobs": 1,
-            "params": FAST_CF,
-        },
-        "report": {"examples": 1},
-    }
+    cf = {"features": ["none", "text", "text+profiles"], "side_ablation": False, "jobs": 1}
+    return {**tiny_config(dataset, out, **cf, backbones=["bias-mf"]), "report": {"examples": 1}}
 
 
 @pytest.fixture(scope="module")

@@ -81,8 +81,7 @@ def int8_tracks_float32(vendor: str, flags: AbstractSet[str], use_mkl: str | Non
     """Whether CTranslate2's int8 CPU kernels give about float32's outputs here.
 
     CTranslate2 runs int8 with Intel MKL on Intel CPUs (or where ``CT2_USE_MKL=1``) and with oneDNN on the
-    others, whose AVX2 int8 path (no VNNI: AMD before Zen 4) is far off (measurements: docs/decisions.md);
-    with VNNI (``avx512_vnni``, ``avx_vnni``) oneDNN's int8 tracks float32.
+    others, where int8 tracks float32 only with VNNI (``avx512_vnni``, ``avx_vnni``); why: docs/decisions.md.
     CPUs that are not x86 (no ``flags``) keep int8.
     """
     vnni = bool(VNNI_FLAGS & flags)

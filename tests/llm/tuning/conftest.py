@@ -1,5 +1,5 @@
-"""Small real inputs for the issue-4 stages: a tiny CSV dataset, a tiny random Llama with SmolLM2's
-tokenizer, and that model briefly trained to answer "Yes" or "No" about equally often (a policy with a
+"""Small real inputs for the RecLM tuning stages: a tiny CSV dataset and the tiny random Llama of
+tests/llm/conftest.py briefly trained to answer "Yes" or "No" about equally often (a policy with a
 real choice to make, for the RL tests)."""
 
 from __future__ import annotations
@@ -78,13 +78,6 @@ def tokenizer():
     from reclm.llm.model import load_tokenizer
 
     return load_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from reclm.llm.model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
 @pytest.fixture(scope="session")
