@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +60,52 @@ def fsync_tree(folder: Path) -> None:
         if not path.is_symlink():
             fsync_path(path)
     fsync_path(folder)
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Rename ``src`` (a file or folder already written) over ``dst`` durably: its content is flushed to
+    disk before the rename and the rename itself after (a power loss leaves the old or the new, never empty
+    files behind a name that says complete). A folder ``dst`` must not exist."""
+    if src.is_dir():
+        fsync_tree(src)
+    else:
+        fsync_path(src)
+    src.replace(dst)
+    fsync_path(dst.parent)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, so numpy keeps the name) to write; when the block
+    ends it is published over ``path``, and on an error it is removed: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    publish(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """JSON (indented, ASCII-escaped, unknown types as ``str``) written through :func:`atomic_write`."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+
+
+def read_json(path: str | Path) -> Any:
+    """The parsed file, or None when it is missing or not JSON (a reader of optional run files)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def is_loopback(host: str) -> bool:

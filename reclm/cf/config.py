@@ -66,6 +66,9 @@ class CFConfig(BaseModel):
     ssl_negatives: Literal["batch", "all"] = Field(
         "batch", description="InfoNCE negatives: the batch's other nodes (SELFRec) or every node (RecBole SGL)"
     )
+    ssl_nodes: int | None = Field(
+        None, ge=2, description="InfoNCE on at most this many of a batch's distinct users (and items), drawn at random"
+    )  # null: all of them. Its cost grows with their square: big batches on big catalogues (docs/decisions.md)
 
     # NCF (NeuMF)
     ncf_mlp: list[int] = Field(default_factory=lambda: [128, 64])

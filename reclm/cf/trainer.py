@@ -44,7 +44,7 @@ from reclm.cf.features import SideFeatures
 from reclm.cf.sampler import BPRSampler
 from reclm.data.split import Split
 from reclm.progress import progress as make_progress
-from reclm.utils import fsync_path, seed_everything, torch_threads
+from reclm.utils import fsync_path, seed_everything, torch_threads, write_text_atomic
 
 CHECKPOINT_FORMAT = "reclm-cf/2"  # /2: profile inputs with presence masks and a "no profile" vector
 RESUME_FORMAT = "reclm-cf-resume/2"
@@ -454,11 +454,7 @@ def write_outputs(
     for name in ("history.json", "config.yaml", "per_user.csv", "model.pt", "embeddings.npz"):
         if (out / name).is_file():
             fsync_path(out / name)
-    tmp = out / "metrics.json.tmp"  # last: its presence says every file above is complete
-    tmp.write_text(json.dumps(metrics, indent=2))
-    fsync_path(tmp)
-    tmp.replace(out / "metrics.json")
-    fsync_path(out)
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))  # last: says every file above is complete
     return out
 
 

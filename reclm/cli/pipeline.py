@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from reclm.cli.common import app, console, err_console, friendly_errors
 from reclm.cli.data import parse_ratios
@@ -27,7 +28,7 @@ def stage_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except StageError as exc:
             if os.environ.get("RECLM_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             if exc.__cause__ is not None:
                 err_console.print("(set RECLM_DEBUG=1 for the traceback)", highlight=False)
             raise typer.Exit(1) from None
@@ -56,6 +57,9 @@ def run_command(
     max_cost: float = typer.Option(
         None, "--max-cost", min=0, help="Spending cap in $ for a paid (openai) teacher (teacher.max_cost)."
     ),
+    executor: str = typer.Option(
+        None, help="Where the CF runs train: local | ray (Ray tasks; `ray.address` or RAY_ADDRESS) (executor)."
+    ),
 ) -> None:
     """Run every stage of RecLM in order; stages whose inputs did not change come from cache."""
     from reclm.pipeline.run import dry_run as plan
@@ -67,6 +71,8 @@ def run_command(
     overrides = dataset_overrides(dataset, item_text, split, ratios, zero_shot, zero_shot_items, cold_valid, split_seed)
     if max_cost is not None:
         overrides["teacher.max_cost"] = max_cost
+    if executor is not None:
+        overrides["executor"] = executor
     cfg = load_config(config, overrides) if config else default_config(dataset or "ml-100k", overrides)
     if seeds:
         first = cfg.cf.seeds[0]

@@ -179,9 +179,12 @@ def item_side_command(
     backend: str = typer.Option(GEN.backend, help="Generation backend: ctranslate2 (ct2) | transformers."),
 ) -> None:
     """Item-profile writer: SFT on item text + neighbour items with their profiles, then every item's profile."""
+    from reclm.distributed import is_main_process, refuse_data_parallel
     from reclm.llm.collab import profile_writer
     from reclm.llm.item_side import generate_item_profiles, train_item_writer
 
+    if generate:  # before training, not after it: under accelerate launch only the training is shared
+        refuse_data_parallel("item-side generation (pass --no-generate, then generate in one process)")
     rundir, data, split = load_run(run)
     budget = prompt_budget(max_words=max_words, max_neighbours=max_neighbours, style=prompt_style)
     folder = rundir.stage("item_sft")
@@ -195,8 +198,9 @@ def item_side_command(
         summary = train_item_writer(
             rundir, data, split, base_model, budget=budget, train=train, init_adapter=init_adapter
         )
-        say(f"item writer: {summary['examples']} examples, held-out loss {summary['heldout_loss_before']} -> "
-            f"{summary['heldout_loss_after']}")  # fmt: skip
+        if is_main_process():
+            say(f"item writer: {summary['examples']} examples, held-out loss {summary['heldout_loss_before']} -> "
+                f"{summary['heldout_loss_after']}")  # fmt: skip
     if generate:
         adapter = folder / "adapter"
         if not (adapter / "adapter_config.json").is_file():

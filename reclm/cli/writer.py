@@ -54,6 +54,7 @@ def sft_command(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """LoRA SFT of the profile writer on teacher pairs (loss on responses only): adapter + metrics.json."""
+    from reclm.distributed import is_main_process
     from reclm.llm.sft import LoraSettings, TrainSettings, teacher_conversations, train_lora
 
     if kind not in ("user", "item"):
@@ -82,8 +83,12 @@ def sft_command(
         gradient_checkpointing=gradient_checkpointing,
         threads=threads,
     )
-    console.print(f"sft: {len(conversations)} {kind} pairs from {path}, base {model}")
+    main = is_main_process()  # under accelerate launch / torchrun the first process alone writes and reports
+    if main:
+        console.print(f"sft: {len(conversations)} {kind} pairs from {path}, base {model}")
     result = train_lora(conversations, out, model, lora, train, progress=not quiet)
+    if not main:
+        return
     held = json.loads((out / "split.json").read_text())["heldout"]
     heldout: dict[str, list[str]] = {"user": [], "item": []}
     for i in held:
@@ -136,9 +141,12 @@ def profile_command(
         GEN.quantization, help="ct2: int8 | float32... (CPU default: int8; float32 where it is off)"
     ),
     threads: int = typer.Option(RUN.threads, help="CPU threads (default: available cores)."),
-    base_url: str = typer.Option(GEN.base_url, help="openai: endpoint base URL."),
+    base_url: str = typer.Option(
+        GEN.base_url,
+        help="openai: endpoint base URL; several servers with the same model, comma-separated (spread by load).",
+    ),
     api_key_env: str = typer.Option(GEN.api_key_env, help="openai: environment variable with the key."),
-    concurrency: int = typer.Option(GEN.concurrency, help="openai: requests in flight."),
+    concurrency: int = typer.Option(GEN.concurrency, help="openai: requests in flight (on each server)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Generate user and item profiles (train history only) into RUN/profiles/, cached and resumable."""
@@ -218,11 +226,19 @@ def model_arg(backend: str, model: str) -> str | None:
 
 def generator_options(backend: str, threads, quantization, base_url, api_key_env, concurrency) -> dict:
     if backend == "openai":
-        return {"base_url": base_url, "api_key_env": api_key_env, "concurrency": concurrency}
+        return {"base_url": split_urls(base_url), "api_key_env": api_key_env, "concurrency": concurrency}
     options: dict = {"threads": threads}
     if backend in ("ct2", "ctranslate2") and quantization:
         options["quantization"] = quantization
     return options
+
+
+def split_urls(value: str | list[str]) -> str | list[str]:
+    """``--base-url a,b``: a list of servers; one URL stays a string."""
+    if not isinstance(value, str):
+        return value
+    urls = [url.strip() for url in value.split(",") if url.strip()]
+    return urls if len(urls) > 1 else value.strip()
 
 
 def merge_stats(parts: list) -> dict:

@@ -30,6 +30,7 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.llm.chat import SYSTEM_PROMPT, Conversation, as_conversation
 from reclm.llm.prompts import PROFILE_FORMAT, count_tokens, domain_for, render_item, user_histories
+from reclm.utils import atomic_write
 
 if TYPE_CHECKING:
     from reclm.llm.sft import TrainSettings
@@ -302,12 +303,9 @@ def build_dialogues(
 
 
 def write_dialogues(path: Path, data: RecDataset, dialogues: Sequence[Dialogue]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_write(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for d in dialogues:
             handle.write(json.dumps(d.to_record(data), ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return len(dialogues)
 
 
@@ -524,11 +522,13 @@ def run_collab(
     ``dialogues``: how many targets (default: one pass of ``train.steps x train.batch_size``). ``train`` and
     ``lora``: :class:`reclm.llm.sft.TrainSettings` / ``LoraSettings`` fields. ``writer``: ProfileWriter options
     (batch_size, max_new_tokens) of the distilled profiles."""
+    from reclm.distributed import refuse_data_parallel
     from reclm.llm.model import load_tokenizer
     from reclm.llm.neighbours import load_neighbours
     from reclm.llm.prompts import PromptBudget
     from reclm.llm.sft import LoraSettings, settings_from, train_lora
 
+    refuse_data_parallel("collab tuning (its profile generation and Yes/No evaluation)")
     out = Path(out or run.stage("collab"))
     out.mkdir(parents=True, exist_ok=True)
     budget, train_settings = collab_settings(budget or CollabBudget(), dict(train or {}), seed)

@@ -16,6 +16,7 @@ import numpy as np
 from reclm.data.errors import DataError
 from reclm.llm.records import read_records
 from reclm.rundir import RunDir
+from reclm.utils import atomic_write
 
 FILES = {"user": "users", "item": "items"}
 SOURCES = ("profiles", "teacher")
@@ -29,9 +30,8 @@ def encode_file(path: Path, kind: str, encoder, out_dir: Path, source_label: str
     out_dir.mkdir(parents=True, exist_ok=True)
     name = FILES[kind]
     ids = np.array([r.id for r in records], dtype=str)
-    tmp = out_dir / f"{name}.tmp.npz"
-    np.savez(tmp, ids=ids, vectors=vectors)
-    tmp.replace(out_dir / f"{name}.npz")
+    with atomic_write(out_dir / f"{name}.npz") as tmp:
+        np.savez(tmp, ids=ids, vectors=vectors)
     meta = {"encoder": encoder.name, "dim": int(vectors.shape[1]), "count": len(records), "source": source_label}
     (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -140,12 +140,14 @@ def train_item_writer(
     progress: bool = True,
 ) -> dict:
     """LoRA SFT of the item-profile writer on the teacher's item profiles (reusing :func:`reclm.llm.sft.train_lora`)."""
+    from reclm.distributed import is_main_process
     from reclm.llm.chat import pair_conversation
     from reclm.llm.sft import LoraSettings, TrainSettings, settings_from, train_lora
 
     out = Path(out or run.stage("item_sft"))
     records = training_records(run, data, split, budget or PromptBudget(), neighbours)
-    write_records(out / TRAIN_FILE, records)
+    if is_main_process():  # under accelerate launch every process trains, the first one writes
+        write_records(out / TRAIN_FILE, records)
     conversations = [pair_conversation(r.prompt, r.profile) for r in records]
     lora_settings = settings_from(LoraSettings, dict(lora or {}))
     train_settings = settings_from(TrainSettings, dict(train or {}))
@@ -160,7 +162,8 @@ def train_item_writer(
         description="item side",
     )
     summary = {"examples": len(records), **result.to_dict()}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if is_main_process():
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -178,8 +181,10 @@ def generate_item_profiles(
     """Profiles for ``items`` (default EVERY item) written to ``out/items.jsonl`` in ONE call of
     ``generate(prompts) -> profiles`` (the item writer, e.g. the generation runner with the item adapter).
     ``keep_teacher``: items with a teacher profile keep it instead of being written."""
+    from reclm.distributed import refuse_data_parallel
     from reclm.llm.neighbours import items_with_train
 
+    refuse_data_parallel("item profile generation")
     out = Path(out or run.stage("item_sft"))
     budget = budget or PromptBudget()
     wanted = list(range(data.n_items)) if items is None else [int(i) for i in items]

@@ -24,6 +24,7 @@ from reclm.data.errors import DataError
 from reclm.data.split import Split
 from reclm.data.tables import read_jsonl
 from reclm.rundir import RunDir
+from reclm.utils import atomic_write
 
 SOURCES = ("cf", "shipped")
 
@@ -58,10 +59,8 @@ class NeighbourTable:
         return {i: self.of(i, k) for i in range(len(self)) if self.neighbours[i, 0] >= 0}
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez_compressed(tmp, neighbours=self.neighbours, scores=self.scores, meta=json.dumps(self.meta))
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            np.savez_compressed(tmp, neighbours=self.neighbours, scores=self.scores, meta=json.dumps(self.meta))
         return path
 
     @classmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from reclm.data.errors import DataError
+from reclm.utils import atomic_write
 
 Kind = Literal["user", "item"]
 KINDS = ("user", "item")
@@ -165,10 +166,5 @@ def append_records(path: str | Path, records: Iterable[ProfileRecord]) -> int:
 
 def write_records(path: str | Path, records: Iterable[ProfileRecord]) -> int:
     """Replace ``path`` with ``records`` (written to a temporary file, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.unlink(missing_ok=True)
-    n = append_records(tmp, records)
-    tmp.replace(path)
-    return n
+    with atomic_write(path) as tmp:
+        return append_records(tmp, records)

@@ -29,15 +29,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
+from reclm.distributed import refuse_data_parallel
 from reclm.llm.chat import SYSTEM_PROMPT, as_conversation, render
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
 from reclm.llm.sft import Checkpointing, before_training
+from reclm.utils import atomic_write, write_json
 
 NEGATIVE_SHARES: dict[str, float] = {
     "neighbour": 0.3,
@@ -202,12 +203,9 @@ def split_by_user(pairs: Sequence[PreferencePair], eval_share: float, seed: int)
 
 
 def write_pairs(path: Path, data: RecDataset, pairs: Sequence[PreferencePair], split_of: Mapping[int, str]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_write(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for p in pairs:
             handle.write(json.dumps({**p.to_record(data), "split": split_of.get(p.user, "train")}) + "\n")
-    tmp.replace(path)
     return len(pairs)
 
 
@@ -527,13 +525,6 @@ def pool_neighbours(run, data: RecDataset, split: Split, users: list[int], pool:
         return {}, "random other users (no neighbours in this run)"
 
 
-def save_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-
-
 def run_reward(
     run,
     data: RecDataset,
@@ -550,6 +541,7 @@ def run_reward(
 ) -> RewardResult:
     """Build the pairs (``out/pairs.jsonl``), train the reward model (``out/adapter``) and report held-out
     accuracy before and after training (``out/metrics.json``)."""
+    refuse_data_parallel("the reward model")
     config = config or RewardConfig()
     out = Path(out or run.stage("reward"))
     start = time.perf_counter()
@@ -601,5 +593,5 @@ def run_reward(
         seconds=round(time.perf_counter() - start, 1),
         adapter=str(out / "adapter"),
     )
-    save_json(out / "metrics.json", {**result.to_dict(), "config": asdict(config), "base_model": base_model})
+    write_json(out / "metrics.json", {**result.to_dict(), "config": asdict(config), "base_model": base_model})
     return result

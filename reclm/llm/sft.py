@@ -7,18 +7,25 @@ response positions (most of a profile prompt is not a response, and the 49k-word
 part of a small model's step), groups batches by length, and checkpoints the optimizer and RNG state so that
 a crashed run resumes at its last saved step with the same result as an uninterrupted one.
 
+Started by ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs data-parallel
+(:class:`DataParallel`): every process builds the same batches, computes a disjoint share of each step and the
+LoRA gradients are summed across processes, so a step is the step one process would take on the whole batch;
+only the first process writes files.
+
 Outputs in ``out_dir``: ``adapter/`` (PEFT LoRA), ``metrics.json`` (train-loss curve, held-out loss before,
 during and after, steps, seconds, tokens), ``split.json`` (held-out example indices) and ``checkpoint/``.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from reclm.distributed import is_main_process, world_size
 from reclm.llm.chat import IGNORE_INDEX, Conversation, TrainingExample, pair_conversation, training_example
 from reclm.llm.model import (
     DEFAULT_MODEL,
@@ -37,7 +45,7 @@ from reclm.llm.model import (
     resolve_model_dir,
 )
 from reclm.progress import step_progress
-from reclm.utils import fsync_tree, torch_threads
+from reclm.utils import available_cores, fsync_tree, torch_threads
 
 
 @dataclass
@@ -211,22 +219,32 @@ def response_loss(model: Any, batch: dict[str, Any]) -> Any:
     return F.cross_entropy(head(states).float(), targets[keep], reduction="sum")
 
 
-def heldout_loss(model: Any, examples: Sequence[TrainingExample], pad_id: int, device: str, batch_size: int) -> float:
-    """Mean response-token loss over ``examples`` (token-weighted), in eval mode."""
+def heldout_loss(
+    model: Any,
+    examples: Sequence[TrainingExample],
+    pad_id: int,
+    device: str,
+    batch_size: int,
+    dp: DataParallel | None = None,
+) -> float:
+    """Mean response-token loss over ``examples`` (token-weighted), in eval mode. With ``dp``, each process
+    computes its share of the batches and the sums are added up: every process gets the whole loss."""
     import torch
 
     if not examples:
         return float("nan")
+    dp = dp or DataParallel()
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
+        for start in dp.share(range(0, len(order), batch_size)):
             chunk = [examples[i] for i in order[start : start + batch_size]]
             total += response_loss(model, collate(chunk, pad_id, device)).item()
             count += sum(e.n_label_tokens for e in chunk)
     model.train(was_training)
+    total, count = dp.sum_values([total, count])
     return total / max(count, 1)
 
 
@@ -250,6 +268,123 @@ def build_peft_model(folder: Path, device: str, lora: LoraSettings, train: Train
         )
         model = get_peft_model(base, config)
     return model.to(device)
+
+
+# ---------------------------------------------------------------- data parallel
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Which share of each step this process computes, and the sums across processes. ``DataParallel()`` is a
+    single process (the share is everything, every collective is a no-op), so the loop has one code path.
+
+    Every process builds the same length-grouped batches from the same seed and takes every ``world``-th example
+    of each batch; LoRA gradients (small) and losses are summed with ``all_reduce``, and the loss is divided by
+    the step's label tokens counted over all processes, so clipping, AdamW and the schedule see the same
+    gradient as one process would and the parameters stay identical on every process. ``device`` is where this
+    process trains (``cuda:LOCAL_RANK`` on GPUs) and where the reduced tensors live."""
+
+    rank: int = 0
+    world: int = 1
+    local_world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: Sequence) -> list:
+        """This process's part of ``items``: every ``world``-th, from position ``rank`` (all of them alone)."""
+        return list(items) if self.world == 1 else list(items)[self.rank :: self.world]
+
+    def sum_values(self, values: list[float]) -> list[float]:
+        """``values`` summed over the processes (float64)."""
+        if self.world == 1:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_grads(self, params: list, loss_sum: float) -> float:
+        """Sum the gradients of ``params`` (missing ones as zeros: a process may have had no example) and
+        ``loss_sum`` over the processes, in one float32 ``all_reduce``; returns the summed loss."""
+        if self.world == 1:
+            return loss_sum
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss_sum], device=grads[0].device)])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.dtype)
+            offset += g.numel()
+        return float(flat[-1])
+
+    def broadcast(self, params: list) -> None:
+        """The first process's values of ``params`` everywhere (same start even if an initialisation differed)."""
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def reseed(self, seed: int, step: int) -> None:
+        """Several processes: a torch seed per (seed, step, process) before each step, so dropout masks differ
+        between processes and a resumed run draws the ones the uninterrupted run drew (the checkpoint holds the
+        first process's random state only). One process: nothing (its random state is checkpointed)."""
+        if self.world > 1:
+            import torch
+
+            torch.manual_seed(int(np.random.SeedSequence([seed, step, self.rank]).generate_state(1)[0]))
+
+    def threads(self, requested: int | None) -> int:
+        """Torch threads: ``requested``, ``RECLM_THREADS``, else the cores divided among this machine's processes."""
+        if self.world > 1 and not requested and not os.environ.get("RECLM_THREADS"):
+            requested = max(1, available_cores() // self.local_world)
+        return torch_threads(requested)
+
+
+def data_parallel(device: str) -> DataParallel:
+    """This process's place in the launch (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, as
+    ``accelerate launch`` and ``torchrun`` set them), joining the process group (nccl on CUDA, gloo on CPU)
+    unless already joined; ``device`` ``cuda`` becomes ``cuda:LOCAL_RANK``. One process: ``DataParallel``
+    on ``device``."""
+    world = world_size()
+    if world == 1:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_PORT" in os.environ:
+            print(
+                "warning: accelerate launch --cpu started ONE process (accelerate runs several CPU processes only "
+                "through MPI); for N CPU processes use --multi_gpu or examples/accelerate-cpu.yaml (torchrun)",
+                file=sys.stderr,
+            )
+        return DataParallel(device=device)
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK") or 0)
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+    rank, local_world = int(os.environ.get("RANK") or 0), int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    return DataParallel(rank, world, local_world, device)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -467,25 +602,31 @@ class LoraRun:
     train: TrainSettings
     pad_id: int
     device: str
+    dp: DataParallel = field(default_factory=DataParallel)
 
     def heldout_loss(self) -> float:
-        return heldout_loss(self.model, self.data.eval_examples, self.pad_id, self.device, self.train.eval_batch_size)
+        examples, batch = self.data.eval_examples, self.train.eval_batch_size
+        return heldout_loss(self.model, examples, self.pad_id, self.device, batch, self.dp)
 
     def step(self, group: list[list[int]], state: dict) -> float:
-        """One optimizer step on the batches in ``group`` (run in memory-bounded pieces); updates the counters
-        in ``state`` and returns the step's mean loss per label token."""
+        """One optimizer step on the batches in ``group`` (this process's share of each, run in memory-bounded
+        pieces); updates the counters in ``state`` and returns the step's mean loss per label token (all
+        processes' examples: the counters and curves are the same in every process)."""
         import torch
 
-        lengths = self.data.lengths
-        pieces = [piece for b in group for piece in micro_batches(b, lengths, self.train.micro_batch_tokens)]
-        chunks = [[self.data.examples[i] for i in piece] for piece in pieces]
-        n_labels = sum(e.n_label_tokens for chunk in chunks for e in chunk)
+        examples, lengths, max_tokens = self.data.examples, self.data.lengths, self.train.micro_batch_tokens
+        everything = [examples[i] for batch in group for i in batch]
+        n_labels = sum(e.n_label_tokens for e in everything)
+        shares = [self.dp.share(batch) for batch in group]
+        pieces = [piece for share in shares if share for piece in micro_batches(share, lengths, max_tokens)]
+        self.dp.reseed(self.train.seed, state["step"])
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for chunk in chunks:
-            loss = response_loss(self.model, collate(chunk, self.pad_id, self.device))
+        for piece in pieces:
+            loss = response_loss(self.model, collate([examples[i] for i in piece], self.pad_id, self.device))
             (loss / n_labels).backward()
             loss_sum += loss.detach().item()
+        loss_sum = self.dp.sum_grads(self.params, loss_sum)
         if self.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         self.optimizer.step()
@@ -493,7 +634,7 @@ class LoraRun:
         step_loss = loss_sum / n_labels
         state["step"] += 1
         state["batch_pos"] += len(group)
-        state["train_tokens"] += sum(len(e.input_ids) for chunk in chunks for e in chunk)
+        state["train_tokens"] += sum(len(e.input_ids) for e in everything)
         state["label_tokens"] += n_labels
         state["train_curve"].append((state["step"], step_loss))
         return step_loss
@@ -509,7 +650,7 @@ def run_steps(
 ) -> None:
     """Steps until ``total``, epoch after epoch of length-grouped batches, from the position in ``state``;
     held-out loss every ``eval_every`` steps and at the end, a checkpoint every ``save_every`` steps (not at
-    the last one: the caller saves the final state)."""
+    the last one: the caller saves the final state; only the main process writes)."""
     train, lengths = run.train, run.data.lengths
     started = time.perf_counter()
     while state["step"] < total:
@@ -526,7 +667,8 @@ def run_steps(
             if train.save_every and state["step"] % train.save_every == 0 and not last:
                 state["seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
-                save_checkpoint(out_dir, run.model, run.optimizer, run.scheduler, state)
+                if run.dp.main:
+                    save_checkpoint(out_dir, run.model, run.optimizer, run.scheduler, state)
         if state["batch_pos"] >= len(batches):
             state["epoch"] += 1
             state["batch_pos"] = 0
@@ -549,42 +691,50 @@ def train_lora(
     """LoRA-tune ``model`` on ``conversations`` (loss on every assistant turn); resumes from ``out_dir/checkpoint``.
 
     ``init_adapter`` starts from an existing adapter (e.g. the SFT one for collaborative tuning).
-    ``on_step(step, loss)`` is called after each optimizer step. ``description`` names the progress bar.
+    ``on_step(step, loss)`` is called after each optimizer step (in every process of a data-parallel launch).
+    ``description`` names the progress bar. Under ``accelerate launch`` / ``torchrun`` the steps are shared
+    by the processes (:class:`DataParallel`); the first one writes the files and every one returns the result.
     """
     import torch
 
     lora, train = lora or LoraSettings(), train or TrainSettings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(train.device)
-    threads = torch_threads(train.threads)
+    dp = data_parallel(resolve_device(train.device))
+    device = dp.device
+    threads = dp.threads(train.threads)
     folder = resolve_model_dir(model)
     tokenizer = load_tokenizer(folder, padding_side="right")
     data = split_examples(tokenizer, conversations, train)
-    (out_dir / "split.json").write_text(json.dumps({"train": data.train, "heldout": data.heldout, "eval": data.eval}))
+    if dp.main:
+        split = {"train": data.train, "heldout": data.heldout, "eval": data.eval}
+        (out_dir / "split.json").write_text(json.dumps(split))
 
     torch.manual_seed(train.seed)
     peft_model = build_peft_model(folder, device, lora, train, init_adapter)
     peft_model.train()
     total = total_steps(train, len(data.train))
     params, optimizer, scheduler = make_optimizer(peft_model, train, total)
-    run = LoraRun(peft_model, params, optimizer, scheduler, data, train, tokenizer.pad_token_id, device)
+    run = LoraRun(peft_model, params, optimizer, scheduler, data, train, tokenizer.pad_token_id, device, dp)
 
     fingerprint = run_fingerprint(conversations, model_identity(folder), lora, train, init_adapter)
     state = resume_checkpoint(out_dir, peft_model, optimizer, fingerprint, scheduler)
+    dp.broadcast(params)
+    dp.barrier()  # every process has read the checkpoint before the first one may replace it
     resumed_from = None if state is None else state["step"]
     if state is None:
         state = fresh_state(fingerprint)
         state["heldout_loss_before"] = run.heldout_loss()
         state["eval_curve"].append((0, state["heldout_loss_before"]))
 
-    with step_progress(description, total, enabled=progress) as update:
+    with step_progress(description, total, enabled=progress and dp.main) as update:
         run_steps(run, state, total, out_dir, on_step, lambda step, loss: update(step, f"loss {loss:.3f}"))
-    save_checkpoint(out_dir, peft_model, optimizer, scheduler, state)
     adapter_dir = out_dir / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    peft_model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    if dp.main:
+        save_checkpoint(out_dir, peft_model, optimizer, scheduler, state)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        peft_model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
 
     extra = {
         "model": str(model),
@@ -594,11 +744,14 @@ def train_lora(
         "train": asdict(train),
         "device": device,
         "threads": threads,
+        "processes": dp.world,
         "n_eval": len(data.eval),
         "tokens_per_s": round(state["train_tokens"] / max(state["seconds"], 1e-9), 1),
     }
     result = train_result(out_dir, adapter_dir, state, total, data, resumed_from, extra)
-    (out_dir / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+    if dp.main:
+        (out_dir / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+    dp.barrier()  # the files exist when any process returns
     return result
 
 
@@ -666,11 +819,12 @@ def train_sft(
     lora_settings = lora if isinstance(lora, LoraSettings) else settings_from(LoraSettings, dict(lora or {}))
     train = settings_from(TrainSettings, options)
     result = train_lora(conversations, out_dir, base_model, lora_settings, train, progress=progress)
-    held = json.loads((Path(out_dir) / "split.json").read_text())["heldout"]
-    heldout = {"user": [], "item": []}
-    for i in held:
-        heldout[keys[i][0]].append(keys[i][1])
-    (Path(out_dir) / "heldout.json").write_text(json.dumps(heldout))
     result.extra["teacher_file"] = str(path)
-    (Path(out_dir) / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+    if is_main_process():
+        held = json.loads((Path(out_dir) / "split.json").read_text())["heldout"]
+        heldout = {"user": [], "item": []}
+        for i in held:
+            heldout[keys[i][0]].append(keys[i][1])
+        (Path(out_dir) / "heldout.json").write_text(json.dumps(heldout))
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result

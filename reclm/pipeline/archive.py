@@ -35,10 +35,10 @@ import yaml
 
 from reclm import __version__
 from reclm.data.errors import DataError
-from reclm.pipeline.cache import Stage, now, outputs_intact, path_hash, read_json_file
+from reclm.pipeline.cache import Stage, now, outputs_intact, path_hash
 from reclm.pipeline.config import load_config, stable_hash
 from reclm.rundir import RunDir
-from reclm.utils import fsync_path
+from reclm.utils import fsync_path, read_json
 
 SUMS = "SHA256SUMS"
 INFO = "reclm-export.json"
@@ -130,7 +130,7 @@ def finished_stages(root: Path, stages: Sequence[Stage]) -> tuple[list[FinishedS
         if not path.is_file():
             continue
         raw = path.read_bytes()
-        record = read_json_file(path) or {}
+        record = read_json(path) or {}
         status = record.get("status", "unreadable")
         if status != "complete":
             if status != "off":
@@ -299,7 +299,7 @@ def imported_manifests(folder: Path, sums: dict[str, str], stages: Sequence[Stag
         if not (name.startswith("manifests/") and name.endswith(".json")):
             continue
         stage = name.removeprefix("manifests/").removesuffix(".json")
-        record = read_json_file(folder / name) or {}
+        record = read_json(folder / name) or {}
         if stage not in folders or record.get("status") != "complete" or record.get("folder") != folders[stage]:
             raise ArchiveError(f"{name}: not the manifest of a finished stage of this reclm")
         for output, info in (record.get("outputs") or {}).items():

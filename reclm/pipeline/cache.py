@@ -39,7 +39,7 @@ from rich.console import Console
 
 from reclm.pipeline.config import PipelineConfig, stable_hash
 from reclm.rundir import RunDir
-from reclm.utils import fsync_path, fsync_tree
+from reclm.utils import fsync_path, fsync_tree, publish, read_json, write_text_atomic
 
 MANIFEST_VERSION = 1
 PACKAGES = (
@@ -131,25 +131,6 @@ def outputs_intact(folder: Path, recorded: dict[str, dict[str, Any]]) -> bool:
 
 
 # ---------------------------------------------------------------- durable publishing
-
-
-def publish(src: Path, dst: Path) -> None:
-    """Rename ``src`` (a file or folder already written) over ``dst`` durably: its content is flushed to
-    disk before the rename and the rename itself after (a power loss leaves the old or the new, never empty
-    files behind a name that says complete). A folder ``dst`` must not exist."""
-    if src.is_dir():
-        fsync_tree(src)
-    else:
-        fsync_path(src)
-    src.replace(dst)
-    fsync_path(dst.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through ``path.tmp`` and a durable rename: readers see the old or the new text."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    publish(tmp, path)
 
 
 def package_versions() -> dict[str, str]:
@@ -446,7 +427,7 @@ class Pipeline:
         record = self.manifest(stage.name)
         if self.usable(record, input_hash, self.root / stage.folder):
             return record
-        parked_record = read_json_file(self.parked / f"{stage.name}.json")
+        parked_record = read_json(self.parked / f"{stage.name}.json")
         if not self.usable(parked_record, input_hash, self.parked / stage.folder):
             return None
         if restore:
@@ -729,13 +710,6 @@ def cpu_seconds() -> float:
 
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def read_json_file(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def now() -> str:

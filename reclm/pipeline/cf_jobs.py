@@ -8,12 +8,14 @@ Each run is committed on its own as soon as it finishes, so an interrupted stage
 a run cut short resumes from the state it saved in its folder (reclm.cf.trainer). Workers die with the
 pipeline process (:func:`die_with_parent`), ``kill -9`` included: none outlives it to write into a unit's
 ``.partial`` folder while a restarted run resumes there.
+With ``executor: ray`` (:func:`run_in_ray`) the runs are Ray tasks instead, on a local Ray or a cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import multiprocessing
 import os
 import resource
@@ -153,3 +155,73 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     for process in processes:
         process.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_in_ray(
+    root: Path,
+    jobs: Sequence[CFJob],
+    options: Any,
+    threads: int,
+    on_done: Callable[[CFJob, JobResult], None],
+    num_cpus: int | None = None,
+) -> None:
+    """Train ``jobs`` as Ray tasks (:func:`worker_train`, ``threads`` torch threads each); ``on_done`` runs
+    here as each one finishes, so every run is committed as soon as it is done, as in :func:`run_in_workers`.
+
+    ``options`` is the config's ``ray`` section (reclm.pipeline.config.RayOptions): ``address`` (else
+    ``RAY_ADDRESS``, else a local Ray of ``num_cpus`` CPUs started and stopped here; reclm.distributed) and
+    the CPUs / GPUs each task asks for. A worker process loads the run directory's data once, for every task
+    it runs. The workers read the feature files under ``root`` and write each run into its folder there by
+    path, so on a cluster the run directory must be on storage every node mounts at the same path (and reclm,
+    with the same versions, installed on every node); on one machine that holds by itself.
+    An exception here (a failed run, ``on_done``, Ctrl-C) cancels the outstanding tasks, killing the workers
+    of those already running (their runs resume from their saved state next time); Ray also ends the tasks of
+    a driver that dies.
+    """
+    from reclm.distributed import ray_session
+
+    if not jobs:
+        return
+    with ray_session(options.address, num_cpus) as ray:
+        task = ray.remote(num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run)(worker_train)
+        root_path = str(Path(root).resolve())
+        running: dict[Any, CFJob] = {task.remote(root_path, absolute_paths(job), threads): job for job in jobs}
+        try:
+            while running:
+                finished, _ = ray.wait(list(running), num_returns=1)
+                for ref in finished:
+                    job = running.pop(ref)
+                    on_done(job, task_result(ray, ref))
+        except BaseException:
+            cancel_ray_tasks(ray, list(running))
+            raise
+
+
+def task_result(ray: Any, ref: Any) -> JobResult:
+    """A task's result; a run that failed raises its own exception, as in a local worker (Ray's wrapper, whose
+    text carries the worker's traceback, is its ``__cause__``: one line for the stage's error)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from exc
+        raise
+
+
+def absolute_paths(job: CFJob) -> CFJob:
+    """``job`` with absolute paths (a Ray worker need not share this process's working directory)."""
+    files = {name: getattr(job, name) for name in ("out", "item_text", "user_profiles", "item_profiles")}
+    return dataclasses.replace(job, **{name: Path(f).resolve() for name, f in files.items() if f is not None})
+
+
+def cancel_ray_tasks(ray: Any, refs: list[Any], grace: float = 10.0) -> None:
+    """Cancel ``refs`` (killing the workers that run them) and wait up to ``grace`` seconds for them to end,
+    so that none writes into a run's folder after this returns."""
+    if not refs:
+        return
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    with contextlib.suppress(Exception):
+        ray.wait(refs, num_returns=len(refs), timeout=grace)

@@ -250,10 +250,25 @@ class GenerationOptions(Section):
     users: int | None = Field(None, ge=1)  # profile only the first N users (null = all)
     items: int | None = Field(None, ge=1)
     quantization: str | None = None  # ctranslate2; null: int8 on CPU, float32 where int8 is off (ct2.py)
-    base_url: str = "http://127.0.0.1:8000/v1"  # openai: a server with the tuned model loaded
+    # openai: a server with the tuned model loaded, or a list of servers with the same model (spread by load,
+    # failing over; reclm.llm.generation.openai)
+    base_url: str | list[str] = "http://127.0.0.1:8000/v1"
     served_model: str | None = None  # openai: the served model's name
     api_key_env: str | None = "OPENAI_API_KEY"  # null: no key (sent over https, or http to loopback only)
-    concurrency: int = Field(8, ge=1)
+    concurrency: int = Field(8, ge=1)  # openai: requests in flight on each server
+
+    @field_validator("base_url")
+    @classmethod
+    def base_urls(cls, value: str | list[str]) -> str | list[str]:
+        urls = [value] if isinstance(value, str) else value
+        if not urls:
+            raise ValueError("an empty list: expected one URL or more")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r}: expected http(s)://host[:port]/v1")
+        if len({url.rstrip("/") for url in urls}) != len(urls):
+            raise ValueError(f"{urls}: a URL is listed twice")
+        return value
 
 
 class EncoderOptions(Section):
@@ -299,11 +314,23 @@ class ReportOptions(Section):
     metric: str = Field("ndcg@20", pattern=r"^(recall|ndcg)@\d+$")  # per-user metric of the significance test
 
 
+class RayOptions(Section):
+    """Where ``executor: ray`` runs the CF grid (reclm.distributed; ``pip install 'reclm[ray]'``) and what each
+    CF run asks of it. Neither this nor ``executor`` is in train-cf's cache key: a run trained either way is reused."""
+
+    address: str | None = None  # null: RAY_ADDRESS, else a local Ray started for the run (threads caps its CPUs)
+    cpus_per_run: float = Field(1, gt=0)  # Ray CPUs per CF run (its torch threads: this, rounded down, at least 1)
+    gpus_per_run: float = Field(0, ge=0)  # Ray GPUs per CF run (a run sees only its GPUs: device auto uses them)
+
+
 class PipelineConfig(Section):
     dataset: str = "ml-100k"
     item_text: str | None = None
     out: str | None = None  # run directory (default runs/<config or dataset name>)
     threads: int | None = Field(None, ge=1)  # torch threads (default: the cores available)
+    # where the CF grid (stage 11) and profile generation (stage 9) run: this machine, or Ray (section `ray`)
+    executor: Literal["local", "ray"] = "local"
+    ray: RayOptions = RayOptions()
     split: SplitOptions = SplitOptions()
     stages: StageSwitches = StageSwitches()
     teacher: TeacherOptions = TeacherOptions()

@@ -35,6 +35,7 @@ import pandas as pd
 
 from reclm.data.errors import DataError
 from reclm.pipeline.config import STAGE_ORDER
+from reclm.utils import read_json
 
 SETTINGS = (("test", "full-shot"), ("zero_shot", "zero-shot"), ("zero_shot_cold_selected", "zero-shot cold-sel."))
 SETTING_CAPTIONS = {
@@ -104,13 +105,6 @@ class CFRun:
     def history(self) -> list[dict]:
         path = self.folder / "history.json"
         return json.loads(path.read_text()) if path.is_file() else []
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def load_runs(root: Path) -> list[CFRun]:

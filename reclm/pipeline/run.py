@@ -17,6 +17,7 @@ from rich.table import Table
 from reclm.data.dataset import RecDataset
 from reclm.data.errors import DataError
 from reclm.data.split import Split
+from reclm.distributed import refuse_data_parallel
 from reclm.pipeline import estimate as est
 from reclm.pipeline.cache import (
     Pipeline,
@@ -25,11 +26,10 @@ from reclm.pipeline.cache import (
     StageOutcome,
     StagePlan,
     format_seconds,
-    write_text_atomic,
 )
 from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.table import STAGES
-from reclm.utils import cache_root
+from reclm.utils import cache_root, write_text_atomic
 
 
 def speed_book() -> SpeedBook:
@@ -61,6 +61,7 @@ def preflight(config: PipelineConfig) -> None:
     from reclm.data.loaders import load_dataset
     from reclm.data.split import make_split
 
+    refuse_data_parallel("reclm run")
     data = load_dataset(str(config.dataset), item_text=config.item_text)
     problem = data_problem(config, data) or split_problem(config, data, make_split(data, config.split.spec()))
     if problem:

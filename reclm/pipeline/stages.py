@@ -21,7 +21,6 @@ Stage bodies call the areas' public functions
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from reclm.pipeline.cache import StageContext, StageError, StageUnavailable
 from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
 from reclm.rundir import RunDir
+from reclm.utils import write_json
 
 # ---------------------------------------------------------------- helpers
 
@@ -104,13 +104,6 @@ def lora_of(cfg: PipelineConfig) -> dict:
 
 def train_of(opts: Any) -> dict:
     return {k: getattr(opts, k) for k in ("steps", "batch_size", "lr", "max_seq_len", "seed")}
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
 
 
 def user_generator(cfg: PipelineConfig) -> str | None:
@@ -404,9 +397,24 @@ def run_profiles(ctx: StageContext) -> dict:
     ``stages.ablation``, by each earlier one into ``profiles/ablation/<stage>/``); with no generator
     (``sft: false``) the teacher's own user profiles are used as they are, and its item profiles too unless
     the item side is on (then the item writer profiles every item)."""
-    summary = copy_teacher_profiles(ctx) if user_generator(ctx.config) is None else generate_profiles(ctx)
+    with profiles_executor(ctx.config):
+        summary = copy_teacher_profiles(ctx) if user_generator(ctx.config) is None else generate_profiles(ctx)
     summary["quality"] = write_quality(ctx, ctx.out)
     return summary
+
+
+def profiles_executor(cfg: PipelineConfig) -> Any:
+    """``executor: ray`` with something to generate: one Ray session for the whole stage (a local Ray is
+    started once for users and items, and stopped with its workers when the stage ends or fails); else none.
+    Not part of the stage's key: Ray workers write the same profiles (reclm.llm.generation.ray_runner)."""
+    import contextlib
+
+    if cfg.executor != "ray" or (user_generator(cfg) is None and not cfg.stages.item_side):
+        return contextlib.nullcontext()
+    from reclm.distributed import ray_session
+    from reclm.utils import available_cores
+
+    return ray_session(cfg.ray.address, cfg.threads or available_cores())
 
 
 def copy_teacher_profiles(ctx: StageContext) -> dict:
@@ -438,7 +446,8 @@ def teacher_variant_items(ctx: StageContext) -> dict:
         raise StageUnavailable("stage 'profiles': stages.item_side is on but the run has no item_sft/adapter")
     params, cache = decode_params(ctx.config), generation.GenerationCache()
     try:
-        stats = write_item_profiles(ctx, generation, make_generator(generation, ctx.config, adapter), params, cache)
+        generator = profile_generator(generation, ctx.config, adapter)
+        stats = write_item_profiles(ctx, generation, generator, params, cache)
     finally:
         cache.close()
     info = {"params": params.key(), "adapters": adapters_json({}, adapter), "items": stats}
@@ -495,8 +504,10 @@ def generate_profiles(ctx: StageContext) -> dict:
     def generator_for(adapter: Path | None):
         key = str(adapter)
         if key not in generators:
-            generators.clear()  # one model in memory at a time
-            generators[key] = make_generator(generation, cfg, adapter)
+            for old in generators.values():
+                old.close()  # one model in memory at a time (a Ray pool's workers end with it)
+            generators.clear()
+            generators[key] = profile_generator(generation, cfg, adapter)
         return generators[key]
 
     users = range(min(gen.users, data.n_users)) if gen.users else None
@@ -519,6 +530,8 @@ def generate_profiles(ctx: StageContext) -> dict:
         shutil.copyfile(ctx.out / "items.jsonl", folder / "items.jsonl")
         write_quality(ctx, folder)
     cache.close()
+    for generator in generators.values():
+        generator.close()
     tokens = {
         "prompt": sum(int(v.get("prompt_tokens", 0)) for v in stats.values()),
         "completion": sum(int(v.get("new_tokens", 0)) for v in stats.values()),
@@ -544,6 +557,27 @@ def decode_params(cfg: PipelineConfig) -> Any:
 
     gen = cfg.generation
     return DecodeParams(gen.max_new_tokens, gen.temperature, gen.top_p, 0, gen.seed)
+
+
+def profile_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None) -> Any:
+    """The profiles' generator: :func:`make_generator`'s, or with ``executor: ray`` a pool of Ray workers that
+    each build that same generator themselves (reclm.llm.generation.ray_runner), ``ray.cpus_per_run`` CPUs
+    (its threads) and ``ray.gpus_per_run`` GPUs each, as many as the cluster holds: same cache identity,
+    same texts, the cache written by this process only."""
+    if cfg.executor != "ray":
+        return make_generator(generation, cfg, adapter)
+    from types import SimpleNamespace
+
+    from reclm.llm.generation.ray_runner import GeneratorSpec, RayGenerator
+    from reclm.utils import available_cores
+
+    spec = make_generator(SimpleNamespace(make_generator=GeneratorSpec.of), cfg, adapter)  # its arguments
+    spec.options.pop("threads", None)  # a worker's threads: its Ray CPUs
+    ray = cfg.ray
+    return RayGenerator(
+        spec, address=ray.address, cpus_per_worker=ray.cpus_per_run, gpus_per_worker=ray.gpus_per_run,
+        num_cpus=cfg.threads or available_cores(),
+    )  # fmt: skip
 
 
 def make_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None) -> Any:
@@ -717,7 +751,11 @@ def run_train_cf(ctx: StageContext) -> dict:
 
     device = str(cfg.cf.params.get("device", "auto"))
     workers, threads = cf_jobs.job_plan(cfg.cf.jobs, device, len(pending), cfg.threads)
-    if workers > 1:
+    on_ray = cfg.executor == "ray" and bool(pending)  # nothing to train: no Ray started
+    if on_ray:
+        train_cf_on_ray(ctx, pending, finished)
+        ctx.note(f"each Ray worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
+    elif workers > 1:
         ctx.note(f"{len(pending)} CF runs trained {workers} at a time, {threads} thread(s) each")
         from reclm.llm.teachers.base import progress_bar
 
@@ -739,9 +777,36 @@ def run_train_cf(ctx: StageContext) -> dict:
         "unit": CF_WORK_UNIT,
         "runs": len(runs),
         "trained": len(pending),
-        "jobs": workers,
-        "worker_peak_memory_mb": round(worker_peak, 1) if workers > 1 else None,
+        "jobs": None if on_ray else workers,  # on Ray: as many at a time as its resources allow
+        "executor": "ray" if on_ray else "local",
+        "worker_peak_memory_mb": round(worker_peak, 1) if workers > 1 or on_ray else None,
     }
+
+
+def train_cf_on_ray(ctx: StageContext, pending: list[Any], finished: Any) -> None:
+    """``executor: ray``: the pending runs as Ray tasks (reclm.pipeline.cf_jobs.run_in_ray), each committed by
+    ``finished`` as it ends. A local Ray gets the pipeline's thread budget as its CPUs."""
+    import os
+
+    from reclm.llm.teachers.base import progress_bar
+    from reclm.pipeline import cf_jobs
+    from reclm.utils import available_cores
+
+    options = ctx.config.ray
+    cores = ctx.config.threads or available_cores()
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    where = address or f"a local Ray ({cores} CPUs)"
+    threads = max(1, int(options.cpus_per_run))
+    gpus = f", {options.gpus_per_run:g} GPU(s)" if options.gpus_per_run else ""
+    each = f"{options.cpus_per_run:g} CPU(s){gpus} and {threads} thread(s) each"
+    ctx.note(f"{len(pending)} CF runs as Ray tasks at {where}, {each}")
+    with progress_bar(len(pending), "cf runs on ray") as advance:
+
+        def finished_and_shown(job: Any, result: Any) -> None:
+            finished(job, result)
+            advance()
+
+        cf_jobs.run_in_ray(ctx.root, pending, options, threads, finished_and_shown, num_cpus=cores)
 
 
 def resolved_cf_params(params: dict[str, Any]) -> dict[str, Any]:

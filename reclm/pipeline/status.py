@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from reclm.data.errors import DataError
-from reclm.pipeline.cache import PARTIAL_MARKER, UNIT_MARKER, Estimate, Stage, StagePlan, read_json_file
+from reclm.pipeline.cache import PARTIAL_MARKER, UNIT_MARKER, Estimate, Stage, StagePlan
 from reclm.pipeline.config import PipelineConfig, load_config
 from reclm.pipeline.table import STAGES
+from reclm.utils import read_json
 
 # a stage's work folder holds these while it runs; the next run resumes from them
 IN_PROGRESS = ("running", "interrupted", "failed")
@@ -128,7 +129,7 @@ def run_config(root: Path) -> tuple[PipelineConfig | None, str]:
 
 def stage_status(root: Path, stage: Stage, cfg: PipelineConfig | None, locked: bool, now: dt.datetime) -> StageStatus:
     """A stage's state and time from its manifest; a manifest that says running counts only while the lock is held."""
-    record = read_json_file(root / "manifests" / f"{stage.name}.json") or {}
+    record = read_json(root / "manifests" / f"{stage.name}.json") or {}
     status = StageStatus(stage.name, stage.folder, record.get("status", "not started"), started=record.get("started"))
     on = stage.enabled(cfg) if cfg is not None else None
     if status.state == "off" or on is False:
@@ -193,7 +194,7 @@ def unit_name(work: Path, folder: Path) -> str:
 
 def history_epochs(path: Path) -> int | None:
     """Epochs a CF run in progress has trained (its ``history.json`` is rewritten after each)."""
-    history = read_json_file(path)
+    history = read_json(path)
     if not isinstance(history, list) or not history:
         return None
     last = history[-1]

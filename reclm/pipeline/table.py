@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from reclm.pipeline import estimate as est
 from reclm.pipeline.cache import Stage
-from reclm.pipeline.config import STAGE_ORDER
+from reclm.pipeline.config import STAGE_ORDER, GenerationOptions, PipelineConfig
 from reclm.pipeline.stages import (
     dataset_files,
     generation_backend,
@@ -35,6 +35,18 @@ from reclm.pipeline.stages import (
     writer_backend,
     writer_options,
 )
+
+GENERATION_TRANSPORT = ("base_url", "api_key_env", "concurrency")  # where and how an openai backend is reached
+
+
+def generation_key(cfg: PipelineConfig) -> dict:
+    """The profiles stage's generation and prompt settings, with the transport set to its defaults: which
+    servers answer (more replicas, a moved server) does not change the profiles; the served model and the
+    adapter's fingerprint, part of the generation cache's key, do."""
+    section = cfg.section("generation", "prompt")
+    defaults = GenerationOptions().model_dump(mode="json")
+    section["generation"].update({k: defaults[k] for k in GENERATION_TRANSPORT})
+    return section
 
 
 def build_stages() -> list[Stage]:
@@ -156,7 +168,7 @@ def build_stages() -> list[Stage]:
             run_profiles,
             needs=("prepare", "teacher", "sft", "neighbours", "collab", "rl", "item_side"),
             config=lambda c: {
-                **c.section("generation", "prompt"),
+                **generation_key(c),
                 "resolved": {
                     "backend": generation_backend(c),
                     "batch_size": generation_batch_size(c),

@@ -109,3 +109,29 @@ def test_scoring_a_subset_of_items_matches_full_scores(backbone, tiny_split, tin
         full = scorer(torch.tensor([1, 4]))
         subset = scorer(torch.tensor([1, 4]), items)
     assert torch.allclose(full[:, items], subset, atol=1e-5)
+
+
+def test_contrast_nodes_caps_the_batch_nodes_at_random_and_leaves_small_batches_alone():
+    from reclm.cf.backbones.base import contrast_nodes
+
+    ids = torch.tensor([4, 1, 4, 9, 7, 1, 3, 8, 2, 9])
+    assert contrast_nodes(ids, None).tolist() == [1, 2, 3, 4, 7, 8, 9]
+    state = torch.get_rng_state()
+    assert contrast_nodes(ids, 7).tolist() == [1, 2, 3, 4, 7, 8, 9]
+    assert torch.equal(torch.get_rng_state(), state), "a cap that does not bind must not draw"
+    torch.manual_seed(0)
+    capped = contrast_nodes(ids, 3)
+    assert len(capped) == 3 and len(set(capped.tolist())) == 3 and set(capped.tolist()) <= set(ids.tolist())
+    torch.manual_seed(0)
+    assert torch.equal(contrast_nodes(ids, 3), capped)  # seeded runs repeat
+
+
+@pytest.mark.parametrize("backbone", ["sgl", "simgcl"])
+def test_ssl_nodes_changes_only_the_contrastive_term(backbone, tiny_split, tiny_features):
+    users = torch.tensor([0, 1, 2, 3, 4, 5])
+    pos = torch.as_tensor(tiny_split.train[:6, 1])
+    neg = torch.tensor([5, 6, 7, 9, 3, 2])
+    full = make(backbone, "text", tiny_split, tiny_features).batch_loss(users, pos, neg)
+    capped = make(backbone, "text", tiny_split, tiny_features, ssl_nodes=2).batch_loss(users, pos, neg)
+    assert capped["bpr"].item() == pytest.approx(full["bpr"].item())
+    assert capped["ssl"].item() > 0 and capped["ssl"].item() != pytest.approx(full["ssl"].item())

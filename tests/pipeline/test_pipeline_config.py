@@ -179,3 +179,18 @@ def test_the_stage_list_runs_in_the_documented_order():
     stages = build_stages()
     assert tuple(s.name for s in stages) == STAGE_ORDER
     assert set(stages[-1].needs) == set(STAGE_ORDER[:-1])  # the report reads every other stage
+
+
+def test_where_the_generation_servers_are_does_not_change_the_profiles_key():
+    from reclm.pipeline.table import build_stages
+
+    profiles = next(s for s in build_stages() if s.name == "profiles")
+
+    def key(generation: dict) -> dict:
+        return profiles.config(PipelineConfig.model_validate({"generation": {"backend": "openai", **generation}}))
+
+    one = key({"served_model": "writer"})
+    two_replicas = key({"served_model": "writer", "base_url": ["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"]})
+    assert two_replicas == one == key({"served_model": "writer", "concurrency": 32, "api_key_env": None})
+    assert key({"served_model": "other"}) != one  # what the servers run does change it
+    assert key({"served_model": "writer", "max_new_tokens": 20}) != one

@@ -54,6 +54,18 @@ def stage_lines(output: str) -> dict[str, str]:
     return dict(found)
 
 
+def slow_and_quick_jobs(cfg, out: Path, tmp_path: Path) -> list:
+    """Two CF jobs on a finished run: one that would train for 100,000 epochs, one of a single epoch."""
+    from reclm.pipeline import cf_jobs
+
+    slow = {**cfg.cf.run_params("lightgcn", "text", 1), "epochs": 100_000, "patience": 100_000}
+    quick = {**cfg.cf.run_params("bias-mf", "text", 1), "epochs": 1}
+    jobs = [cf_jobs.CFJob("slow", slow, tmp_path / "slow"), cf_jobs.CFJob("quick", quick, tmp_path / "quick")]
+    for job in jobs:
+        job.item_text = out / "embeddings" / "item_text.npz"
+    return jobs
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_dataset):
     base = tmp_path_factory.mktemp("e2e")
@@ -276,11 +288,7 @@ def test_an_interrupt_ends_the_cf_workers_at_once(finished_run, tmp_path):
 
     config, out, _, _ = finished_run
     cfg = load_config(config)
-    slow = {**cfg.cf.run_params("lightgcn", "text", 1), "epochs": 100_000, "patience": 100_000}
-    quick = {**cfg.cf.run_params("bias-mf", "text", 1), "epochs": 1}
-    jobs = [cf_jobs.CFJob("slow", slow, tmp_path / "slow"), cf_jobs.CFJob("quick", quick, tmp_path / "quick")]
-    for job in jobs:
-        job.item_text = out / "embeddings" / "item_text.npz"
+    jobs = slow_and_quick_jobs(cfg, out, tmp_path)
     done: list[str] = []
 
     def interrupt_after_first(job, result):

@@ -37,6 +37,15 @@ def info_nce(view1: torch.Tensor, view2: torch.Tensor, index: torch.Tensor, tau:
     return F.cross_entropy(logits, torch.arange(len(index), device=index.device))
 
 
+def contrast_nodes(ids: torch.Tensor, cap: int | None) -> torch.Tensor:
+    """The distinct ``ids`` of a batch that InfoNCE contrasts: all of them, or a random ``cap`` of them (torch's
+    generator, so seeded runs repeat; nothing is drawn when the cap does not bind)."""
+    nodes = torch.unique(ids)
+    if cap is None or len(nodes) <= cap:
+        return nodes
+    return nodes[torch.randperm(len(nodes), device=nodes.device)[:cap]]
+
+
 # scorer(users, items=None) -> (len(users), len(items) or n_items) scores
 Scorer = Callable[..., torch.Tensor]
 

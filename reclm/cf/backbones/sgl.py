@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reclm.cf.backbones.base import info_nce
+from reclm.cf.backbones.base import contrast_nodes, info_nce
 from reclm.cf.backbones.lightgcn import LightGCN
 from reclm.cf.graph import edge_dropout_keep, normalized_adjacency, to_torch_csr
 
@@ -32,8 +32,8 @@ class SGL(LightGCN):
         u1, i1 = self.propagate_layers(self.view1, users0, items0)
         u2, i2 = self.propagate_layers(self.view2, users0, items0)
         cfg = self.config
-        ssl = info_nce(u1, u2, torch.unique(users), cfg.sgl_ssl_tau, cfg.ssl_negatives) + info_nce(
-            i1, i2, torch.unique(pos), cfg.sgl_ssl_tau, cfg.ssl_negatives
+        ssl = info_nce(u1, u2, contrast_nodes(users, cfg.ssl_nodes), cfg.sgl_ssl_tau, cfg.ssl_negatives) + info_nce(
+            i1, i2, contrast_nodes(pos, cfg.ssl_nodes), cfg.sgl_ssl_tau, cfg.ssl_negatives
         )
         terms["ssl"] = cfg.sgl_ssl_weight * ssl
         terms["total"] = terms["total"] + terms["ssl"]

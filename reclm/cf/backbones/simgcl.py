@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reclm.cf.backbones.base import info_nce
+from reclm.cf.backbones.base import contrast_nodes, info_nce
 from reclm.cf.backbones.lightgcn import LightGCN
 
 
@@ -29,8 +29,8 @@ class SimGCL(LightGCN):
         u1, i1 = self.propagate_layers(self.adjacency, users0, items0, perturbed=True)
         u2, i2 = self.propagate_layers(self.adjacency, users0, items0, perturbed=True)
         cfg = self.config
-        ssl = info_nce(u1, u2, torch.unique(users), cfg.simgcl_ssl_tau, cfg.ssl_negatives) + info_nce(
-            i1, i2, torch.unique(pos), cfg.simgcl_ssl_tau, cfg.ssl_negatives
+        ssl = info_nce(u1, u2, contrast_nodes(users, cfg.ssl_nodes), cfg.simgcl_ssl_tau, cfg.ssl_negatives) + info_nce(
+            i1, i2, contrast_nodes(pos, cfg.ssl_nodes), cfg.simgcl_ssl_tau, cfg.ssl_negatives
         )
         terms["ssl"] = cfg.simgcl_ssl_weight * ssl
         terms["total"] = terms["total"] + terms["ssl"]

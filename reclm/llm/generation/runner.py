@@ -3,16 +3,18 @@
 Identical prompts are generated once (MIND: 57,128 users, 15,173 distinct train histories). Every answer is
 stored in a SQLite cache keyed by (generator identity = backend + base model + adapter hash + precision,
 decoding parameters, prompt hash) as soon as its chunk finishes, so a crashed or interrupted run, or a second
-run, generates only what is missing. The output is a records file (:mod:`reclm.llm.records`).
+run, generates only what is missing. The output is a records file (:mod:`reclm.llm.records`). The chunks may
+run elsewhere (:mod:`reclm.llm.generation.ray_runner`: Ray actors); their answers are still cached here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,6 +135,24 @@ def prompt_as_text(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
 
 
+def run_chunks(
+    generator: Generator, chunks: Sequence[Sequence[Prompt]], params: DecodeParams
+) -> Iterator[tuple[int, list[str | None], GenerationStopped | None]]:
+    """``(chunk index, texts, stopped)`` for each chunk as it finishes (``stopped``: the generator stopped early
+    and ``texts`` holds what it got). Here the chunks run in turn; a generator with its own ``generate_chunks``
+    (:class:`~reclm.llm.generation.ray_runner.RayGenerator`) runs them its way, e.g. in parallel on several
+    workers, yielding in the order they finish: the caller's dedup and cache logic is the same either way."""
+    own = getattr(generator, "generate_chunks", None)
+    if own is not None:
+        yield from own(chunks, params)
+        return
+    for index, chunk in enumerate(chunks):
+        try:
+            yield index, list(generator.generate(chunk, params)), None
+        except GenerationStopped as exc:
+            yield index, exc.texts, exc
+
+
 def generate_texts(
     generator: Generator,
     prompts: Sequence[Prompt],
@@ -144,8 +164,9 @@ def generate_texts(
 ) -> tuple[list[str | None], GenerationStats]:
     """Texts for ``prompts`` (``None`` where a remote request failed), each distinct prompt generated at most
     once and only when the cache lacks it (a generator that is not ``cacheable`` neither reads nor fills the
-    cache). Chunks of similar prompt length are generated and cached in turn; when the generator stops early
-    (:class:`GenerationStopped`) the answers it got are cached before the error is passed on."""
+    cache). Chunks of similar prompt length are generated (:func:`run_chunks`) and each is cached as soon as it
+    is done, here in this process only (one writer); when the generator stops early (:class:`GenerationStopped`)
+    the answers it got are cached before the error is passed on."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from reclm.progress import progress as make_progress
@@ -171,26 +192,23 @@ def generate_texts(
     try:
         with bar:
             task = bar.add_task(desc, total=len(todo), speed="")
-            for start in range(0, len(todo), chunk_size):
-                chunk = todo[start : start + chunk_size]
-                stopped: GenerationStopped | None = None
-                try:
-                    texts = generator.generate([distinct[k] for k in chunk], params)
-                except GenerationStopped as exc:
-                    texts, stopped = exc.texts, exc
-                done = [(k, t) for k, t in zip(chunk, texts) if t is not None]
-                if cacheable:
-                    cache.put(identity, params_key, done)
-                found.update(done)
-                stats.generated += len(done)
-                stats.failed += len(chunk) - len(done)
-                stats.seconds = time.perf_counter() - started
-                stats.prompt_tokens = generator.prompt_tokens - prompt_before
-                stats.new_tokens = generator.new_tokens - new_before
-                speed = f"{stats.profiles_per_s:.2f}/s {stats.tokens_per_s:.0f} tok/s"
-                bar.update(task, advance=len(chunk), speed=speed)
-                if stopped is not None:
-                    raise stopped
+            chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
+            with contextlib.closing(run_chunks(generator, [[distinct[k] for k in c] for c in chunks], params)) as runs:
+                for index, texts, stopped in runs:
+                    chunk = chunks[index]
+                    done = [(k, t) for k, t in zip(chunk, texts) if t is not None]
+                    if cacheable:
+                        cache.put(identity, params_key, done)
+                    found.update(done)
+                    stats.generated += len(done)
+                    stats.failed += len(chunk) - len(done)
+                    stats.seconds = time.perf_counter() - started
+                    stats.prompt_tokens = generator.prompt_tokens - prompt_before
+                    stats.new_tokens = generator.new_tokens - new_before
+                    speed = f"{stats.profiles_per_s:.2f}/s {stats.tokens_per_s:.0f} tok/s"
+                    bar.update(task, advance=len(chunk), speed=speed)
+                    if stopped is not None:
+                        raise stopped
     finally:
         if own_cache:
             cache.close()

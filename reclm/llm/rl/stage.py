@@ -25,6 +25,7 @@ import numpy as np
 
 from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
+from reclm.distributed import refuse_data_parallel
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
 from reclm.llm.rl import METHODS
 from reclm.llm.rl.common import tensors_digest
@@ -140,6 +141,7 @@ def run_rl(
     (the pipeline's ``llm.rl``) plus any PPOConfig / DPOConfig field."""
     from reclm.llm.rl.common import load_policy, load_reference, save_adapter, weight_change, weights_snapshot
 
+    refuse_data_parallel(f"RL ({method})")
     if method not in METHODS:
         raise ValueError(f"RL method {method!r}: expected one of {', '.join(METHODS)}")
     if method == "none":

@@ -21,6 +21,7 @@ from reclm.data.split import Split
 from reclm.data.tables import read_jsonl
 from reclm.llm.prompts import PromptBudget
 from reclm.rundir import RunDir
+from reclm.utils import write_json
 
 SIDES = ("user", "item")
 OUTPUT_FILES = {"user": "users.jsonl", "item": "items.jsonl"}
@@ -47,14 +48,6 @@ class TeacherReport:
         """report.json's content: no wall-clock time (the manifest has it), so a rerun that writes the same
         profiles writes the same bytes and the stages after it stay cached."""
         return {k: v for k, v in asdict(self).items() if k != "seconds"}
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (temporary file, then rename), so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
-    tmp.replace(path)
 
 
 def sample_ids(candidates: Sequence[int] | np.ndarray, n: int | None, seed: int) -> list[int]:

@@ -50,9 +50,8 @@ from reclm.llm.teachers.base import (
     progress_bar,
     restrict,
     sample_ids,
-    write_json,
 )
-from reclm.utils import is_loopback
+from reclm.utils import is_loopback, write_json
 
 if TYPE_CHECKING:
     from reclm.llm.generation.runner import GenerationCache
@@ -67,7 +66,13 @@ class EndpointError(ValueError):
 
 
 class RequestFailed(Exception):
-    """One prompt could not be answered (after retries, or a non-retryable error)."""
+    """One prompt could not be answered (after retries, or a non-retryable error). ``endpoint_down``: the
+    endpoint failed rather than the prompt (no connection, a timeout, or retryable errors until the retries
+    ran out), so a generator with several endpoints asks another one."""
+
+    def __init__(self, message: str, endpoint_down: bool = False):
+        super().__init__(message)
+        self.endpoint_down = endpoint_down
 
 
 class SpendingCapReached(ValueError):
@@ -111,24 +116,32 @@ class EndpointConfig:
             raise ValueError(f"max_cost {self.max_cost}: expected a cost of 0 or more (USD)")
         if self.max_retries < 0:
             raise ValueError(f"max_retries {self.max_retries}: expected 0 or more")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base URL {self.base_url!r}: expected http(s)://host[:port]/v1")
+        for base_url in self.urls:
+            if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base URL {base_url!r}: expected http(s)://host[:port]/v1")
+
+    @property
+    def urls(self) -> list[str]:
+        """The base URLs requests go to: one here (the generation endpoint may list several)."""
+        return [self.base_url]
 
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
 
     def headers(self) -> dict[str, str]:
-        """The Authorization header, when a key is set; refuses to send it in clear to another machine."""
+        """The Authorization header, when a key is set; refuses to send it in clear to another machine (checked
+        for every base URL)."""
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if not key:
             return {}
-        url = httpx.URL(self.base_url)
-        if url.scheme != "https" and not is_loopback(url.host):
-            raise EndpointError(
-                f"refusing to send ${self.api_key_env} in clear over http:// to {url.host}: use an https:// base "
-                f"URL, a loopback address, or no key (api_key_env null / --api-key-env '')"
-            )
+        for base_url in self.urls:
+            url = httpx.URL(base_url)
+            if url.scheme != "https" and not is_loopback(url.host):
+                raise EndpointError(
+                    f"refusing to send ${self.api_key_env} in clear over http:// to {url.host}: use an https:// "
+                    f"base URL, a loopback address, or no key (api_key_env null / --api-key-env '')"
+                )
         return {"Authorization": f"Bearer {key}"}
 
     def answer_key(self) -> tuple[str, str]:
@@ -226,7 +239,7 @@ class ChatClient:
         self.ledger = ledger
         self.on_change = on_change
         self.headers = config.headers()  # refuses an unsafe key before any request
-        self.pause_until = 0.0
+        self.pause_until: dict[str, float] = {}  # chat URL -> when its pause after a 429 ends
         self.rng = random.Random(0)
         self.reserved = 0.0  # estimated cost of the requests in flight
         self.tokens_per_char: float | None = None  # the largest prompt tokens / characters seen
@@ -236,8 +249,8 @@ class ChatClient:
         delay = min(self.config.max_backoff, self.config.backoff * 2**attempt)
         return delay * (0.5 + 0.5 * self.rng.random())
 
-    async def wait_for_pause(self) -> None:
-        while (delay := self.pause_until - time.monotonic()) > 0:
+    async def wait_for_pause(self, url: str) -> None:
+        while (delay := self.pause_until.get(url, 0.0) - time.monotonic()) > 0:
             await asyncio.sleep(delay)
 
     @staticmethod
@@ -274,22 +287,29 @@ class ChatClient:
         if prompt and characters:
             self.tokens_per_char = max(self.tokens_per_char or 0.0, prompt / characters)
 
-    async def ask(self, client: httpx.AsyncClient, prompt: str) -> Answer:
+    async def ask(
+        self, client: httpx.AsyncClient, prompt: str, base_url: str | None = None, failover: bool = False
+    ) -> Answer:
+        """One answer. ``base_url``: ask that endpoint rather than the config's (a 429 pauses that one only);
+        ``failover``: a dropped connection or a timeout fails at once (``endpoint_down``, so that another
+        endpoint is asked) rather than being retried here."""
         cfg = self.config
+        url = cfg.url if base_url is None else base_url.rstrip("/") + "/chat/completions"
         body = cfg.body(prompt)
         last = ""
         for attempt in range(cfg.max_retries + 1):
-            await self.wait_for_pause()
+            await self.wait_for_pause(url)
             delay = self.backoff(attempt)
             held = self.reserve(body)
+            unreachable = False
             try:
-                response = await client.post(cfg.url, json=body, headers=self.headers)
+                response = await client.post(url, json=body, headers=self.headers)
             except httpx.TimeoutException:
                 self.ledger.requests += 1
-                last = "timeout"
+                last, unreachable = "timeout", True
             except httpx.TransportError as exc:
                 self.ledger.requests += 1
-                last = f"connection: {type(exc).__name__}"
+                last, unreachable = f"connection: {type(exc).__name__}", True
             else:
                 self.ledger.requests += 1
                 status = response.status_code
@@ -302,7 +322,7 @@ class ChatClient:
                 elif status in FATAL_STATUS:
                     self.ledger.error(str(status))
                     raise EndpointError(
-                        f"{cfg.url} answered {status} for model {cfg.model!r}: {response.text[:200]!r} "
+                        f"{url} answered {status} for model {cfg.model!r}: {response.text[:200]!r} "
                         f"(check the base URL, the model name and ${cfg.api_key_env})"
                     )
                 elif status in RETRY_STATUS or status >= 500:
@@ -311,7 +331,7 @@ class ChatClient:
                     if wait is not None:
                         delay = wait
                     if status == 429:
-                        self.pause_until = max(self.pause_until, time.monotonic() + delay)
+                        self.pause_until[url] = max(self.pause_until.get(url, 0.0), time.monotonic() + delay)
                 else:
                     self.ledger.error(str(status))
                     raise RequestFailed(f"{status}: {response.text[:200]}")
@@ -319,11 +339,13 @@ class ChatClient:
                 self.reserved -= held
             self.ledger.error(last)
             self.on_change()
+            if failover and unreachable:
+                raise RequestFailed(f"{url}: {last}", endpoint_down=True)
             if attempt == cfg.max_retries:
                 break
             self.ledger.retries += 1
             await asyncio.sleep(delay)
-        raise RequestFailed(f"gave up after {cfg.max_retries + 1} attempts (last: {last})")
+        raise RequestFailed(f"gave up after {cfg.max_retries + 1} attempts (last: {last})", endpoint_down=True)
 
     @staticmethod
     def parse(response: httpx.Response) -> Answer | None:
