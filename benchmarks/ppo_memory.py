@@ -43,7 +43,7 @@ def measure(args: argparse.Namespace, micro: int | None) -> dict:
 
     from reclm.llm.rl.common import load_policy, load_reference
     from reclm.llm.rl.ppo import PPOConfig, PPOTrainer
-    from reclm.pipeline.cache import process_status_mb
+    from reclm.pipeline.memory import process_status_mb
 
     torch.manual_seed(0)
     policy, tokenizer = load_policy(args.model, lora={"r": 8, "alpha": 16})

@@ -13,8 +13,8 @@ from rich.markup import escape
 
 from reclm.cli.common import app, console, err_console, friendly_errors
 from reclm.cli.data import parse_ratios
-from reclm.pipeline.cache import StageError
 from reclm.pipeline.config import default_config, load_config
+from reclm.pipeline.engine import StageError
 from reclm.pipeline.table import STAGE_NAMES
 
 

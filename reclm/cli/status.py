@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from reclm.cli.common import app, console, friendly_errors
-from reclm.pipeline.cache import format_seconds
+from reclm.pipeline.formatting import format_seconds
 from reclm.pipeline.status import RunStatus, StageStatus, run_status, to_json
 
 COLUMNS = ("#", "stage", "state", "time", "progress", "left", "note")

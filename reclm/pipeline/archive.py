@@ -35,8 +35,10 @@ import yaml
 
 from reclm import __version__
 from reclm.data.errors import DataError
-from reclm.pipeline.cache import Stage, now, outputs_intact, path_hash
 from reclm.pipeline.config import load_config, stable_hash
+from reclm.pipeline.engine import Stage
+from reclm.pipeline.formatting import now
+from reclm.pipeline.hashing import outputs_intact, path_hash
 from reclm.rundir import RunDir
 from reclm.utils import fsync_path, read_json
 

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from reclm.data.errors import DataError
-from reclm.pipeline.cache import Estimate, SpeedBook
 from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.engine import Estimate
+from reclm.pipeline.speed import SpeedBook
 from reclm.pipeline.stages import (
     adapter_of,
     cf_runs,

@@ -387,7 +387,7 @@ def ablation_table(runs: list[CFRun], manifests: dict[str, dict]) -> list[Any]:
 
 
 def cost_table(manifests: dict[str, dict]) -> list[Any]:
-    from reclm.pipeline.cache import format_bytes_mb, format_seconds
+    from reclm.pipeline.formatting import format_bytes_mb, format_seconds
 
     rows = []
     total = 0.0

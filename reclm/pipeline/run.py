@@ -19,15 +19,10 @@ from reclm.data.errors import DataError
 from reclm.data.split import Split
 from reclm.distributed import refuse_data_parallel
 from reclm.pipeline import estimate as est
-from reclm.pipeline.cache import (
-    Pipeline,
-    SpeedBook,
-    StageError,
-    StageOutcome,
-    StagePlan,
-    format_seconds,
-)
 from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.engine import Pipeline, StageError, StageOutcome, StagePlan
+from reclm.pipeline.formatting import format_seconds
+from reclm.pipeline.speed import SpeedBook
 from reclm.pipeline.table import STAGES
 from reclm.utils import cache_root, write_text_atomic
 

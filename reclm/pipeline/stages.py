@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from reclm.cf.features import uses_item_profiles, uses_user_profiles
-from reclm.pipeline.cache import StageContext, StageError, StageUnavailable
 from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.engine import StageContext, StageError, StageUnavailable
 from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
 from reclm.rundir import RunDir
 from reclm.utils import write_json
@@ -826,7 +826,7 @@ def train_cf_config(cfg: PipelineConfig) -> dict[str, Any]:
 def cf_job(ctx: StageContext, run: dict[str, Any]) -> tuple[Any, Any]:
     """The job of one CF run and its cached unit (keyed by its parameters, split and feature files)."""
     from reclm.pipeline import cf_jobs
-    from reclm.pipeline.cache import path_hash
+    from reclm.pipeline.hashing import path_hash
 
     embeddings = ctx.run.embeddings
     folder = embeddings if run["final"] else embeddings / "ablation" / str(run["variant"])

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from reclm.data.errors import DataError
-from reclm.pipeline.cache import PARTIAL_MARKER, UNIT_MARKER, Estimate, Stage, StagePlan
 from reclm.pipeline.config import PipelineConfig, load_config
+from reclm.pipeline.engine import PARTIAL_MARKER, UNIT_MARKER, Estimate, Stage, StagePlan
 from reclm.pipeline.table import STAGES
 from reclm.utils import read_json
 

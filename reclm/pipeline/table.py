@@ -7,8 +7,8 @@ Stage bodies and their keys live in :mod:`reclm.pipeline.stages`, estimates in
 from __future__ import annotations
 
 from reclm.pipeline import estimate as est
-from reclm.pipeline.cache import Stage
 from reclm.pipeline.config import STAGE_ORDER, GenerationOptions, PipelineConfig
+from reclm.pipeline.engine import Stage
 from reclm.pipeline.stages import (
     dataset_files,
     generation_backend,

@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 
 from reclm.cli.main import app
 from reclm.pipeline.archive import SUMS, rebase_manifests, rebased_files
-from reclm.pipeline.cache import Stage, path_hash, walk_files
 from reclm.pipeline.config import stable_hash
+from reclm.pipeline.engine import Stage
+from reclm.pipeline.hashing import path_hash, walk_files
 
 FASTEST_CF = {"epochs": 2, "patience": 2, "dim": 8, "batch_size": 128, "eval_batch_size": 64, "feature_hidden": [16]}
 EXPORTED = ["prepare", "teacher", "profiles", "encode", "train_cf", "report"]

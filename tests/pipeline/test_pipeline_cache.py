@@ -10,8 +10,8 @@ import pytest
 from rich.console import Console
 
 from reclm.llm.generation import DecodeParams
-from reclm.pipeline.cache import Pipeline, Stage, StageContext, StageError
 from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.engine import Pipeline, Stage, StageContext, StageError
 
 
 class Calls:
@@ -324,7 +324,7 @@ def test_a_second_run_on_the_same_directory_is_refused(setup, tmp_path):
 
 def test_dry_run_estimates_use_speeds_measured_on_this_machine(tmp_path):
     from reclm.pipeline import estimate
-    from reclm.pipeline.cache import SpeedBook
+    from reclm.pipeline.speed import SpeedBook
 
     book = SpeedBook(tmp_path / "speeds.json")
     size = estimate.DataSize(users=100, items=50, interactions=10_000, train=8_000, measured=True)
@@ -346,8 +346,8 @@ def test_default_speeds_scale_with_this_cpus_matmul_speed(tmp_path, monkeypatch)
     """The reference machine's speeds times (reference GFLOPS / this CPU's) ** SPEED_EXPONENT; measured
     speeds and an endpoint's are not scaled (conftest pins RECLM_SPEED_FACTOR=1 for the other tests)."""
     from reclm.pipeline import estimate
-    from reclm.pipeline.cache import SpeedBook
     from reclm.pipeline.run import speed_note
+    from reclm.pipeline.speed import SpeedBook
 
     assert estimate.speed_factor_for(estimate.REFERENCE_MATMUL_GFLOPS) == pytest.approx(1.0)
     assert estimate.speed_factor_for(59.0) == pytest.approx(2.72, abs=0.01)  # a Zen 1: 2.5-3.3x the Xeon's time
@@ -495,7 +495,7 @@ def test_measured_speeds_apply_to_the_same_setup_scaled_by_tokens(tmp_path):
     import os
 
     from reclm.pipeline import estimate
-    from reclm.pipeline.cache import SpeedBook
+    from reclm.pipeline.speed import SpeedBook
 
     book = SpeedBook(tmp_path / "speeds.json")
     cores = len(os.sched_getaffinity(0))
@@ -524,7 +524,7 @@ def test_a_measured_dpo_speed_is_not_used_for_ppo(tmp_path):
     import os
 
     from reclm.pipeline import estimate
-    from reclm.pipeline.cache import SpeedBook
+    from reclm.pipeline.speed import SpeedBook
 
     book = SpeedBook(tmp_path / "speeds.json")
     dpo = PipelineConfig.model_validate({"stages": {"rl": "dpo"}})
@@ -578,7 +578,7 @@ import sys, time
 from pathlib import Path
 from rich.console import Console
 from reclm.llm.generation import DecodeParams
-from reclm.pipeline.cache import Pipeline, Stage
+from reclm.pipeline.engine import Pipeline, Stage
 from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.run import terminate_as_interrupt
 
@@ -647,7 +647,7 @@ def test_cf_estimate_grows_with_users_and_items_and_carries_a_measured_speed_acr
     import os
 
     from reclm.pipeline import estimate, work
-    from reclm.pipeline.cache import SpeedBook
+    from reclm.pipeline.speed import SpeedBook
 
     config = PipelineConfig.model_validate({"cf": {"backbones": ["bias-mf", "simgcl"], "features": ["text"]}})
     small = estimate.DataSize(943, 1_682, 100_000, 80_000, True)
@@ -701,7 +701,7 @@ def test_dry_run_estimates_what_is_left_of_an_interrupted_training_stage(tmp_pat
 
 
 def vm_rss_mb() -> float:
-    from reclm.pipeline.cache import process_status_mb
+    from reclm.pipeline.memory import process_status_mb
 
     return process_status_mb("VmRSS") or 0.0
 
@@ -711,7 +711,7 @@ def test_a_stage_peak_does_not_count_memory_that_earlier_work_freed():
     """glibc keeps freed heap for reuse: after PPO the next stage of the same process started at 16 GB it no
     longer used. PeakMemory hands the free heap back first, so a block that allocates nothing reports
     about the memory in use."""
-    from reclm.pipeline.cache import PeakMemory
+    from reclm.pipeline.memory import PeakMemory
 
     before = vm_rss_mb()
     blocks = [bytes(4000) + bytes([k % 256]) for k in range(250_000)]  # ~1 GB of heap chunks
@@ -750,7 +750,7 @@ def test_a_unit_committed_but_killed_before_its_rename_is_finished_not_redone(tm
         runs.append("a")
         scratch = unit.scratch()
         (scratch / "out.txt").write_text("finished")
-        from reclm.pipeline.cache import UNIT_MARKER, write_marker
+        from reclm.pipeline.engine import UNIT_MARKER, write_marker
 
         write_marker(scratch / UNIT_MARKER, unit.key)  # commit's first step, then the "kill"
         raise RuntimeError("killed before the rename")

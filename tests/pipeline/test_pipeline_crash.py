@@ -329,7 +329,7 @@ PUBLISH_SCRIPT = """
 import sys
 from pathlib import Path
 from rich.console import Console
-from reclm.pipeline.cache import Pipeline, Stage
+from reclm.pipeline.engine import Pipeline, Stage
 from reclm.pipeline.config import PipelineConfig
 
 def body(ctx):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from reclm.pipeline.cache import StageError
 from reclm.pipeline.config import PipelineConfig
+from reclm.pipeline.engine import StageError
 from reclm.pipeline.run import run
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from rich.console import Console
 
 from reclm.data.loaders import load_dataset
 from reclm.llm.records import read_profiles, read_records
-from reclm.pipeline.cache import Pipeline
 from reclm.pipeline.config import load_config
+from reclm.pipeline.engine import Pipeline
 from reclm.pipeline.table import STAGE_NAMES, STAGES
 from reclm.rundir import RunDir
 

@@ -20,8 +20,8 @@ from reclm.llm.generation import DecodeParams, GenerationCache, generate_texts, 
 from reclm.llm.prompts import format_profile
 from reclm.llm.records import read_records
 from reclm.llm.teachers import EndpointConfig, EndpointError, Ledger, OpenAITeacher, SpendingCapReached
-from reclm.pipeline.cache import Pipeline, StageError
 from reclm.pipeline.config import validate_config
+from reclm.pipeline.engine import Pipeline, StageError
 from reclm.pipeline.stages import make_teacher
 from reclm.pipeline.table import build_stages
 

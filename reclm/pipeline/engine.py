@@ -1,11 +1,10 @@
-"""Stage cache: manifests, input/output hashing, crash-safe outputs and resume.
+"""The pipeline engine: stages, manifests, crash-safe outputs and resume.
 
 A stage's *input hash* covers its code version, the config subset it reads, the *output hashes* of
-the stages it needs, and the content of the external files it reads. Its *output hash* covers the
-content of its output folder. A stage is skipped when ``RUN/manifests/<stage>.json`` is complete,
-has the same input hash, and the output folder still holds exactly the files it recorded. Because
-downstream keys use upstream *output* hashes, a stage that reruns and writes the same bytes does not
-invalidate anything after it.
+the stages it needs, and the content of the external files it reads (``reclm.pipeline.hashing``). A
+stage is skipped when ``RUN/manifests/<stage>.json`` is complete, has the same input hash, and the
+output folder still holds exactly the files it recorded. Because downstream keys use upstream
+*output* hashes, a stage that reruns and writes the same bytes does not invalidate anything after it.
 
 Crash safety: a stage writes into ``RUN/.work/<folder>``; only when it returns is the old output
 moved aside, the new one renamed into place, and the manifest written (the manifest is the commit
@@ -15,19 +14,19 @@ lose nothing. ``ctx.unit`` gives the same guarantee to sub-units of a stage (one
 profile variant) and reuses units of the previous output whose key is unchanged. Every rename that
 publishes a result (``publish``) comes after an fsync of what it publishes and before one of its folder,
 so a power loss cannot leave empty files behind a manifest or marker that says complete.
+
+Around it: ``hashing`` (content hashes), ``memory`` (peak memory, CPU time), ``speed`` (the speed
+book a finished stage teaches) and ``formatting`` (its progress lines).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import platform
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,10 @@ from typing import Any
 from rich.console import Console
 
 from reclm.pipeline.config import PipelineConfig, stable_hash
+from reclm.pipeline.formatting import format_cost, now
+from reclm.pipeline.hashing import describe_outputs, outputs_hash, outputs_intact, path_hash
+from reclm.pipeline.memory import PeakMemory, cpu_seconds
+from reclm.pipeline.speed import SpeedBook
 from reclm.rundir import RunDir
 from reclm.utils import fsync_path, fsync_tree, publish, read_json, write_text_atomic
 
@@ -66,71 +69,7 @@ class StageUnavailable(StageError):
     """The code a stage needs is not part of this installation yet."""
 
 
-# ---------------------------------------------------------------- hashing
-
-
-def file_sha256(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - process-wide memo
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _memo:
-        h = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                h.update(chunk)
-        _memo[key] = h.hexdigest()
-    return _memo[key]
-
-
-def walk_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def path_hash(path: Path) -> str:
-    """Content hash of a file, or of every file under a folder (names included)."""
-    if path.is_file():
-        return file_sha256(path)[:16]
-    if path.is_dir():
-        h = hashlib.sha256()
-        for file in walk_files(path):
-            h.update(str(file.relative_to(path)).encode() + b"\0" + file_sha256(file).encode())
-        return h.hexdigest()[:16]
-    return "missing"
-
-
-def describe_outputs(folder: Path) -> dict[str, dict[str, Any]]:
-    out = {}
-    for file in walk_files(folder):
-        stat = file.stat()
-        out[str(file.relative_to(folder))] = {
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "sha256": file_sha256(file),
-        }
-    return out
-
-
-def outputs_hash(files: dict[str, dict[str, Any]]) -> str:
-    return stable_hash({name: info["sha256"] for name, info in files.items()})
-
-
-def outputs_intact(folder: Path, recorded: dict[str, dict[str, Any]]) -> bool:
-    """True when ``folder`` holds exactly the recorded files with the recorded content (size and
-    mtime unchanged are trusted; otherwise the file is hashed again)."""
-    if not folder.is_dir():
-        return False
-    present = {str(p.relative_to(folder)): p for p in walk_files(folder)}
-    if set(present) != set(recorded):
-        return False
-    for name, path in present.items():
-        info, stat = recorded[name], path.stat()
-        if stat.st_size != info["size"]:
-            return False
-        if stat.st_mtime_ns != info["mtime_ns"] and file_sha256(path) != info["sha256"]:
-            return False
-    return True
-
-
-# ---------------------------------------------------------------- durable publishing
+# ---------------------------------------------------------------- package versions (manifests record them)
 
 
 def package_versions() -> dict[str, str]:
@@ -139,85 +78,6 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     return versions
-
-
-# ---------------------------------------------------------------- memory
-
-
-def process_status_mb(key: str) -> float | None:
-    """A memory line of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB; None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere only a garbage collection).
-    glibc keeps what a process frees for reuse: after PPO (21 GB) the next stage in the same process started
-    at 16 GB of resident memory it no longer used, and would have reported that as its own peak."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class PeakMemory:
-    """Peak resident memory of this process during a block (Linux: VmHWM reset through
-    /proc/self/clear_refs; elsewhere a 50 ms sampler), plus the CUDA peak when a GPU is used. The block
-    starts from the memory in use: what earlier work freed is handed back first."""
-
-    def __init__(self) -> None:
-        self.rss_mb = 0.0
-        self.gpu_mb: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._hwm = False
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            self.rss_mb = max(self.rss_mb, process_status_mb("VmRSS") or 0.0)
-
-    def __enter__(self) -> PeakMemory:
-        release_free_memory()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self._hwm = process_status_mb("VmHWM") is not None
-        except OSError:
-            self._hwm = False
-        if not self._hwm:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        self._cuda = self._cuda_available()
-        if self._cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    @staticmethod
-    def _cuda_available() -> bool:
-        import sys
-
-        torch = sys.modules.get("torch")
-        return bool(torch is not None and torch.cuda.is_available())
-
-    def __exit__(self, *exc: object) -> None:
-        if self._hwm:
-            self.rss_mb = process_status_mb("VmHWM") or 0.0
-        else:
-            self._stop.set()
-            if self._thread:
-                self._thread.join()
-        if self._cuda or self._cuda_available():
-            import torch
-
-            self.gpu_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
 # ---------------------------------------------------------------- stages and their context
@@ -701,95 +561,3 @@ def attempts_summary(attempts: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_memory_mb": max(peaks) if peaks else None,
         "attempts": attempts,
     }
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (user + system): on a shared machine it
-    tells how much work a stage was, whatever else was running."""
-    import resource
-
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def format_bytes_mb(mb: float | None) -> str:
-    if mb is None:
-        return "-"
-    return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
-
-
-def format_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def format_cost(record: dict[str, Any]) -> str:
-    parts = [
-        f"{format_seconds(record.get('seconds', 0.0)):>9}",
-        f"peak {format_bytes_mb(record.get('peak_memory_mb'))}",
-    ]
-    if record.get("tokens_total"):
-        parts.append(f"tokens {record['tokens_total']:,}")
-    if len(record.get("attempts") or ()) > 1:
-        parts.append(f"(over {len(record['attempts'])} attempts)")
-    elif record.get("resumed"):
-        parts.append("(resumed)")
-    return "  ".join(parts)
-
-
-# ---------------------------------------------------------------- measured speeds for --dry-run
-
-
-class SpeedBook:
-    """Seconds per unit measured by finished stages on this machine (``speeds.json`` in the reclm
-    cache), used by ``--dry-run`` in place of the default constants. An entry holds for one stage and
-    one ``setup`` (what sets the speed: base model, backend, device; see
-    ``reclm.pipeline.estimate.speed_setup``): a CTranslate2 speed is never used for a transformers run.
-    Stages shorter than ``min_seconds`` are not recorded: their time is mostly fixed overhead (loading a model)."""
-
-    def __init__(self, path: Path, min_seconds: float = 20.0):
-        self.path = path
-        self.min_seconds = min_seconds
-
-    def load(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    @staticmethod
-    def key(stage: str, setup: str) -> str:
-        return f"{stage} @ {setup}" if setup else stage
-
-    def record(self, stage: str, record: dict[str, Any], setup: str = "") -> None:
-        units = record.get("units")
-        if not units or not record.get("unit") or record.get("seconds", 0) < self.min_seconds:
-            return
-        book = self.load()
-        book[self.key(stage, setup)] = {
-            "unit": record["unit"],
-            "seconds_per_unit": record["seconds"] / units,
-            "tokens_per_unit": record.get("tokens_total", 0) / units,
-            "cores": record.get("host", {}).get("cores"),
-            "measured": record.get("finished"),
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, json.dumps(book, indent=2))
-
-    def lookup(self, stage: str, unit: str, setup: str = "") -> dict[str, Any] | None:
-        """The entry measured for ``stage`` in ``setup`` with ``unit``s on this many cores, if any."""
-        entry = self.load().get(self.key(stage, setup))
-        if entry and entry.get("unit") == unit and entry.get("cores") == len(os.sched_getaffinity(0)):
-            return entry
-        return None
-
-    def seconds_per_unit(self, stage: str, unit: str, setup: str = "") -> float | None:
-        entry = self.lookup(stage, unit, setup)
-        return None if entry is None else float(entry["seconds_per_unit"])

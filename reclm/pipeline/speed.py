@@ -1,0 +1,62 @@
+"""Measured speeds for ``--dry-run``: the speed book.
+
+Every finished stage that did enough work records its seconds (and tokens) per unit on this machine;
+the dry-run estimate uses these in place of the default constants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from reclm.utils import write_text_atomic
+
+
+class SpeedBook:
+    """Seconds per unit measured by finished stages on this machine (``speeds.json`` in the reclm
+    cache), used by ``--dry-run`` in place of the default constants. An entry holds for one stage and
+    one ``setup`` (what sets the speed: base model, backend, device; see
+    ``reclm.pipeline.estimate.speed_setup``): a CTranslate2 speed is never used for a transformers run.
+    Stages shorter than ``min_seconds`` are not recorded: their time is mostly fixed overhead (loading a model)."""
+
+    def __init__(self, path: Path, min_seconds: float = 20.0):
+        self.path = path
+        self.min_seconds = min_seconds
+
+    def load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def key(stage: str, setup: str) -> str:
+        return f"{stage} @ {setup}" if setup else stage
+
+    def record(self, stage: str, record: dict[str, Any], setup: str = "") -> None:
+        units = record.get("units")
+        if not units or not record.get("unit") or record.get("seconds", 0) < self.min_seconds:
+            return
+        book = self.load()
+        book[self.key(stage, setup)] = {
+            "unit": record["unit"],
+            "seconds_per_unit": record["seconds"] / units,
+            "tokens_per_unit": record.get("tokens_total", 0) / units,
+            "cores": record.get("host", {}).get("cores"),
+            "measured": record.get("finished"),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps(book, indent=2))
+
+    def lookup(self, stage: str, unit: str, setup: str = "") -> dict[str, Any] | None:
+        """The entry measured for ``stage`` in ``setup`` with ``unit``s on this many cores, if any."""
+        entry = self.load().get(self.key(stage, setup))
+        if entry and entry.get("unit") == unit and entry.get("cores") == len(os.sched_getaffinity(0)):
+            return entry
+        return None
+
+    def seconds_per_unit(self, stage: str, unit: str, setup: str = "") -> float | None:
+        entry = self.lookup(stage, unit, setup)
+        return None if entry is None else float(entry["seconds_per_unit"])
