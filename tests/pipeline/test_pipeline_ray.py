@@ -95,7 +95,7 @@ def test_an_interrupt_cancels_the_ray_tasks_still_running_and_a_failed_run_raise
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             cf_jobs.run_in_ray(out, jobs, RayOptions(), 1, interrupt_after_first)
-        assert done == ["quick"] and time.monotonic() - started < 60, "the 100,000-epoch run was not waited for"
+        assert done == ["quick"] and time.monotonic() - started < 300, "the 100,000-epoch run (hours) was waited for"
         assert (tmp_path / "quick" / "metrics.json").is_file() and not (tmp_path / "slow" / "metrics.json").exists()
         deadline = time.monotonic() + 30
         while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
