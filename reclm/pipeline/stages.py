@@ -21,7 +21,9 @@ Stage bodies call the areas' public functions
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.engine import StageContext, StageError, StageUnavailable
 from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
 from reclm.rundir import RunDir
-from reclm.utils import write_json
+from reclm.utils import available_cores, write_json
 
 # ---------------------------------------------------------------- helpers
 
@@ -407,14 +409,11 @@ def profiles_executor(cfg: PipelineConfig) -> Any:
     """``executor: ray`` with something to generate: one Ray session for the whole stage (a local Ray is
     started once for users and items, and stopped with its workers when the stage ends or fails); else none.
     Not part of the stage's key: Ray workers write the same profiles (reclm.llm.generation.ray_runner)."""
-    import contextlib
-
     if cfg.executor != "ray" or (user_generator(cfg) is None and not cfg.stages.item_side):
         return contextlib.nullcontext()
     from reclm.distributed import ray_session
-    from reclm.utils import available_cores
 
-    return ray_session(cfg.ray.address, cfg.threads or available_cores())
+    return ray_session(cfg.ray.address, local_ray_cpus(cfg))
 
 
 def copy_teacher_profiles(ctx: StageContext) -> dict:
@@ -569,14 +568,13 @@ def profile_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None
     from types import SimpleNamespace
 
     from reclm.llm.generation.ray_runner import GeneratorSpec, RayGenerator
-    from reclm.utils import available_cores
 
     spec = make_generator(SimpleNamespace(make_generator=GeneratorSpec.of), cfg, adapter)  # its arguments
     spec.options.pop("threads", None)  # a worker's threads: its Ray CPUs
     ray = cfg.ray
     return RayGenerator(
         spec, address=ray.address, cpus_per_worker=ray.cpus_per_run, gpus_per_worker=ray.gpus_per_run,
-        num_cpus=cfg.threads or available_cores(),
+        num_cpus=local_ray_cpus(cfg),
     )  # fmt: skip
 
 
@@ -757,14 +755,7 @@ def run_train_cf(ctx: StageContext) -> dict:
         ctx.note(f"each Ray worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
     elif workers > 1:
         ctx.note(f"{len(pending)} CF runs trained {workers} at a time, {threads} thread(s) each")
-        from reclm.llm.teachers.base import progress_bar
-
-        with progress_bar(len(pending), f"cf runs, {workers} at a time") as advance:
-
-            def finished_and_shown(job: cf_jobs.CFJob, result: cf_jobs.JobResult) -> None:
-                finished(job, result)
-                advance()
-
+        with counted(finished, len(pending), f"cf runs, {workers} at a time") as finished_and_shown:
             cf_jobs.run_in_workers(ctx.root, pending, workers, threads, finished_and_shown)
         ctx.note(f"each worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
     else:
@@ -788,25 +779,38 @@ def train_cf_on_ray(ctx: StageContext, pending: list[Any], finished: Any) -> Non
     ``finished`` as it ends. A local Ray gets the pipeline's thread budget as its CPUs."""
     import os
 
-    from reclm.llm.teachers.base import progress_bar
     from reclm.pipeline import cf_jobs
-    from reclm.utils import available_cores
 
     options = ctx.config.ray
-    cores = ctx.config.threads or available_cores()
+    cores = local_ray_cpus(ctx.config)
     address = options.address or os.environ.get("RAY_ADDRESS")
     where = address or f"a local Ray ({cores} CPUs)"
     threads = max(1, int(options.cpus_per_run))
     gpus = f", {options.gpus_per_run:g} GPU(s)" if options.gpus_per_run else ""
     each = f"{options.cpus_per_run:g} CPU(s){gpus} and {threads} thread(s) each"
     ctx.note(f"{len(pending)} CF runs as Ray tasks at {where}, {each}")
-    with progress_bar(len(pending), "cf runs on ray") as advance:
+    with counted(finished, len(pending), "cf runs on ray") as finished_and_shown:
+        cf_jobs.run_in_ray(ctx.root, pending, options, threads, finished_and_shown, num_cpus=cores)
+
+
+@contextlib.contextmanager
+def counted(finished: Any, total: int, label: str) -> Iterator[Any]:
+    """``finished`` that also advances a progress bar of ``total`` runs (the CF executors' ``on_done``)."""
+    from reclm.llm.teachers.base import progress_bar
+
+    with progress_bar(total, label) as advance:
 
         def finished_and_shown(job: Any, result: Any) -> None:
             finished(job, result)
             advance()
 
-        cf_jobs.run_in_ray(ctx.root, pending, options, threads, finished_and_shown, num_cpus=cores)
+        yield finished_and_shown
+
+
+def local_ray_cpus(cfg: PipelineConfig) -> int:
+    """CPUs of a local Ray started for a stage (without ``ray.address`` / ``RAY_ADDRESS``): the pipeline's
+    thread budget."""
+    return cfg.threads or available_cores()
 
 
 def resolved_cf_params(params: dict[str, Any]) -> dict[str, Any]:
