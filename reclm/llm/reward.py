@@ -36,8 +36,8 @@ from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.distributed import refuse_data_parallel
 from reclm.llm.chat import SYSTEM_PROMPT, as_conversation, render
+from reclm.llm.loop import Checkpointing, ShuffledBatches, TrainingLoop, before_training
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
-from reclm.llm.sft import Checkpointing, before_training
 from reclm.utils import atomic_write, write_json
 
 NEGATIVE_SHARES: dict[str, float] = {
@@ -408,20 +408,12 @@ def train_reward_model(
         [{"params": body, "lr": config.lr}, {"params": head, "lr": config.head_lr or 10 * config.lr}],
         weight_decay=0.0,
     )
-    rng = np.random.default_rng(config.seed)
-    state = {"step": 0, "order": rng.permutation(len(train)), "cursor": 0, "losses": []}
-    checkpoints = checkpoints or Checkpointing()
-    saved = checkpoints.resume(model, optimizer)
-    if saved is not None:
-        state = saved
-        rng.bit_generator.state = state["numpy_rng"]
-    losses = state["losses"]
-    model.train()
-    while state["step"] < config.steps:
-        if state["cursor"] + config.batch_size > len(state["order"]):
-            state["order"], state["cursor"] = rng.permutation(len(train)), 0
-        batch = [train[k] for k in state["order"][state["cursor"] : state["cursor"] + config.batch_size]]
-        state["cursor"] += config.batch_size
+    loop = TrainingLoop(model, optimizer, ShuffledBatches(len(train), config.batch_size, config.seed, full=True),
+                        checkpoints or Checkpointing())  # fmt: skip
+    state, _ = loop.start()
+
+    def step(rows: list[int], _state: dict) -> float:
+        batch = [train[k] for k in rows]
         optimizer.zero_grad()
         loss = 0.0
         for start in range(0, len(batch), max(1, config.micro_batch)):
@@ -435,13 +427,11 @@ def train_reward_model(
             loss += float(part_loss.detach())
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
-        losses.append(loss)
-        state["step"] += 1
-        if progress:
-            progress(state["step"] - 1, losses[-1])
-        if checkpoints.due(state["step"]):
-            state["numpy_rng"] = rng.bit_generator.state
-            checkpoints.save(model, optimizer, state)
+        return loss
+
+    model.train()
+    after = None if progress is None else (lambda s, loss: progress(s - 1, loss))
+    losses = loop.run(state, config.steps, step, after)["history"]
     model.eval()
     return losses
 

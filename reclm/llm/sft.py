@@ -4,8 +4,9 @@ One training function, :func:`train_lora`, serves every stage that tunes the gen
 SFT on teacher pairs (:func:`train_sft`), the collaborative two-turn dialogues and the item side. It is a
 small loop on torch + peft rather than trl's ``SFTTrainer``: it computes the vocabulary projection only at
 response positions (most of a profile prompt is not a response, and the 49k-word projection is the costliest
-part of a small model's step), groups batches by length, and checkpoints the optimizer and RNG state so that
-a crashed run resumes at its last saved step with the same result as an uninterrupted one.
+part of a small model's step) and groups batches by length. It steps through the LM stages' one loop
+(:class:`reclm.llm.loop.TrainingLoop`), whose checkpoints let a crashed run resume at its last saved step with
+the same result as an uninterrupted one.
 
 Started by ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs data-parallel
 (:class:`DataParallel`): every process builds the same batches, computes a disjoint share of each step and the
@@ -23,10 +24,8 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 
 from reclm.distributed import is_main_process, world_size
 from reclm.llm.chat import IGNORE_INDEX, Conversation, TrainingExample, pair_conversation, training_example
+from reclm.llm.loop import Checkpointing, LengthGroupedBatches, TrainingLoop
 from reclm.llm.model import (
     DEFAULT_MODEL,
     default_dtype,
@@ -45,7 +45,7 @@ from reclm.llm.model import (
     resolve_model_dir,
 )
 from reclm.progress import step_progress
-from reclm.utils import available_cores, fsync_tree, torch_threads
+from reclm.utils import available_cores, torch_threads
 
 
 @dataclass
@@ -387,126 +387,6 @@ def data_parallel(device: str) -> DataParallel:
     return DataParallel(rank, world, local_world, device)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(out_dir: Path, model: Any, optimizer: Any, scheduler: Any | None, state: dict) -> None:
-    """Adapter + optimizer + scheduler (if any) + RNG + loop state, written aside then swapped in (crash-safe)."""
-    import torch
-
-    final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "state": state,
-            "rng": rng,
-        },
-        tmp / "trainer_state.pt",
-    )
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    fsync_tree(tmp)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(out_dir: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash in the middle of a swap
-        path = out_dir / name
-        if (path / "trainer_state.pt").is_file():
-            return path
-    return None
-
-
-def load_trainer_state(path: Path) -> dict:
-    """``trainer_state.pt`` read with ``weights_only=True``: tensors, plain data and numeric numpy arrays and
-    scalars (``np.random.get_state()``, the loops' example orders), nothing whose unpickling could run code
-    (object arrays included): a planted file is refused with an error."""
-    from reclm.cf.trainer import load_checkpoint_file
-
-    numeric = tuple(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFD")  # bool, integer, float, complex
-    # numpy.(_)core.multiarray._reconstruct and .scalar, as numpy 1 or 2 names them
-    builders = (np.zeros(0).__reduce__()[0], np.int64(0).__reduce__()[0])
-    return load_checkpoint_file(path, allow=(*builders, np.ndarray, np.dtype, *numeric))
-
-
-def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any | None) -> dict:
-    import torch
-    from peft import load_peft_weights, set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, load_peft_weights(str(path)))
-    saved = load_trainer_state(path / "trainer_state.pt")
-    optimizer.load_state_dict(saved["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    np.random.set_state(saved["rng"]["numpy"])
-    random.setstate(saved["rng"]["python"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return saved["state"]
-
-
-def resume_checkpoint(
-    folder: Path | None, model: Any, optimizer: Any, fingerprint: str, scheduler: Any | None = None
-) -> dict | None:
-    """Restore ``folder/checkpoint`` into ``model``, ``optimizer`` (and ``scheduler``) and the random
-    states, and return the loop state saved with it; None when there is none. A checkpoint of another
-    run (``fingerprint`` differs) is an error, not silently resumed. SFT, collab, item side, the reward
-    model, PPO and DPO resume through this."""
-    found = find_checkpoint(folder) if folder is not None else None
-    if found is None:
-        return None
-    state = restore_checkpoint(found, model, optimizer, scheduler)
-    if state.get("fingerprint") != fingerprint:
-        raise ValueError(f"{found} was saved by a run with other data or settings; delete it to start afresh")
-    return state
-
-
-@dataclass
-class Checkpointing:
-    """Where a training loop saves its state (``folder/checkpoint``; None: never), every how many steps, and
-    the fingerprint of the run (settings, data, starting point) that a resume must match. The reward model,
-    PPO and DPO loops take one."""
-
-    folder: Path | None = None
-    fingerprint: str = ""
-    every: int = 10
-
-    def resume(self, model: Any, optimizer: Any) -> dict | None:
-        """The saved loop state (model and optimizer restored), or None when there is no checkpoint."""
-        return resume_checkpoint(self.folder, model, optimizer, self.fingerprint)
-
-    def due(self, step: int) -> bool:
-        return self.folder is not None and self.every > 0 and step % self.every == 0
-
-    def save(self, model: Any, optimizer: Any, state: dict) -> None:
-        assert self.folder is not None
-        save_checkpoint(self.folder, model, optimizer, None, {**state, "fingerprint": self.fingerprint})
-
-
-def fingerprint_of(*parts: Any) -> str:
-    """A short hash of what defines a training run (settings, data, starting point)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def before_training(path: Path, checkpoint_dir: Path, measure: Callable[[], dict]) -> dict:
-    """A measurement of the untrained model (``measure()``, saved to ``path``), or the saved one when
-    training resumes from a checkpoint in ``checkpoint_dir`` (the model in memory is no longer untrained)."""
-    if path.is_file() and find_checkpoint(checkpoint_dir) is not None:
-        return json.loads(path.read_text())
-    result = measure()
-    path.write_text(json.dumps(result, indent=2))
-    return result
-
-
 def run_fingerprint(conversations: Sequence[Conversation], model_id: str, lora: LoraSettings, train: TrainSettings,
                     init_adapter: Any) -> str:  # fmt: skip
     """What a checkpoint must match to be resumed: data, base model, LoRA and step-defining settings."""
@@ -575,16 +455,11 @@ def make_optimizer(model: Any, train: TrainSettings, total: int) -> tuple[list, 
 
 
 def fresh_state(fingerprint: str) -> dict[str, Any]:
-    """The loop state a checkpoint saves: position in the data, counters and curves."""
+    """What SFT adds to the loop state a checkpoint saves: counters and the held-out curve."""
     return {
         "fingerprint": fingerprint,
-        "step": 0,
-        "epoch": 0,
-        "batch_pos": 0,
-        "seconds": 0.0,
         "train_tokens": 0,
         "label_tokens": 0,
-        "train_curve": [],
         "eval_curve": [],
         "heldout_loss_before": None,
     }
@@ -610,7 +485,7 @@ class LoraRun:
 
     def step(self, group: list[list[int]], state: dict) -> float:
         """One optimizer step on the batches in ``group`` (this process's share of each, run in memory-bounded
-        pieces); updates the counters in ``state`` and returns the step's mean loss per label token (all
+        pieces); updates the token counters in ``state`` and returns the step's mean loss per label token (all
         processes' examples: the counters and curves are the same in every process)."""
         import torch
 
@@ -631,50 +506,38 @@ class LoraRun:
             torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        step_loss = loss_sum / n_labels
-        state["step"] += 1
-        state["batch_pos"] += len(group)
         state["train_tokens"] += sum(len(e.input_ids) for e in everything)
         state["label_tokens"] += n_labels
-        state["train_curve"].append((state["step"], step_loss))
-        return step_loss
+        return loss_sum / n_labels
 
 
-def run_steps(
-    run: LoraRun,
-    state: dict,
-    total: int,
-    out_dir: Path,
-    on_step: Callable[[int, float], None] | None,
-    bar_update: Callable[[int, float], None],
-) -> None:
-    """Steps until ``total``, epoch after epoch of length-grouped batches, from the position in ``state``;
-    held-out loss every ``eval_every`` steps and at the end, a checkpoint every ``save_every`` steps (not at
-    the last one: the caller saves the final state; only the main process writes)."""
-    train, lengths = run.train, run.data.lengths
-    started = time.perf_counter()
-    while state["step"] < total:
-        batches = length_grouped_batches(run.data.train, lengths, train.batch_size, train.seed + state["epoch"])
-        while state["batch_pos"] < len(batches) and state["step"] < total:
-            group = batches[state["batch_pos"] : state["batch_pos"] + train.grad_accum]
-            step_loss = run.step(group, state)
-            bar_update(state["step"], step_loss)
-            if on_step is not None:
-                on_step(state["step"], step_loss)
-            last = state["step"] >= total
-            if train.eval_every and state["step"] % train.eval_every == 0 and not last:
-                state["eval_curve"].append((state["step"], run.heldout_loss()))
-            if train.save_every and state["step"] % train.save_every == 0 and not last:
-                state["seconds"] += time.perf_counter() - started
-                started = time.perf_counter()
-                if run.dp.main:
-                    save_checkpoint(out_dir, run.model, run.optimizer, run.scheduler, state)
-        if state["batch_pos"] >= len(batches):
-            state["epoch"] += 1
-            state["batch_pos"] = 0
-    if not state["eval_curve"] or state["eval_curve"][-1][0] != state["step"]:
-        state["eval_curve"].append((state["step"], run.heldout_loss()))
-    state["seconds"] += time.perf_counter() - started
+def lora_loop(run: LoraRun, out_dir: Path, fingerprint: str) -> TrainingLoop:
+    """The training loop over ``run``: epochs of length-grouped batches (``grad_accum`` per step), a checkpoint
+    every ``save_every`` steps and at the end (only the first process writes)."""
+    train, lengths, indices = run.train, run.data.lengths, run.data.train
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        return length_grouped_batches(indices, lengths, train.batch_size, train.seed + epoch)
+
+    return TrainingLoop(
+        run.model,
+        run.optimizer,
+        LengthGroupedBatches(epoch_batches, train.grad_accum),
+        Checkpointing(out_dir, fingerprint, every=train.save_every or 0),
+        scheduler=run.scheduler,
+        writes=run.dp.main,
+    )
+
+
+def held_out_every(run: LoraRun, state: dict, total: int) -> Callable[[int], None]:
+    """After a step: the held-out loss every ``eval_every`` steps and at the last one."""
+
+    def measure(step: int) -> None:
+        every = run.train.eval_every
+        if (every and step % every == 0) or step >= total:
+            state["eval_curve"].append((step, run.heldout_loss()))
+
+    return measure
 
 
 def train_lora(
@@ -718,20 +581,26 @@ def train_lora(
     run = LoraRun(peft_model, params, optimizer, scheduler, data, train, tokenizer.pad_token_id, device, dp)
 
     fingerprint = run_fingerprint(conversations, model_identity(folder), lora, train, init_adapter)
-    state = resume_checkpoint(out_dir, peft_model, optimizer, fingerprint, scheduler)
+    loop = lora_loop(run, out_dir, fingerprint)
+    state, resumed_from = loop.start(fresh_state(fingerprint))
     dp.broadcast(params)
     dp.barrier()  # every process has read the checkpoint before the first one may replace it
-    resumed_from = None if state is None else state["step"]
-    if state is None:
-        state = fresh_state(fingerprint)
+    if resumed_from is None:
         state["heldout_loss_before"] = run.heldout_loss()
         state["eval_curve"].append((0, state["heldout_loss_before"]))
 
+    measure = held_out_every(run, state, total)
     with step_progress(description, total, enabled=progress and dp.main) as update:
-        run_steps(run, state, total, out_dir, on_step, lambda step, loss: update(step, f"loss {loss:.3f}"))
+
+        def after_step(step: int, loss: float) -> None:
+            update(step, f"loss {loss:.3f}")
+            if on_step is not None:
+                on_step(step, loss)
+            measure(step)
+
+        loop.run(state, total, run.step, after_step)
     adapter_dir = out_dir / "adapter"
     if dp.main:
-        save_checkpoint(out_dir, peft_model, optimizer, scheduler, state)
         shutil.rmtree(adapter_dir, ignore_errors=True)
         peft_model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
@@ -771,9 +640,9 @@ def train_result(
         skipped_too_long=data.skipped_too_long,
         heldout_loss_before=state["heldout_loss_before"],
         heldout_loss_after=state["eval_curve"][-1][1],
-        final_train_loss=state["train_curve"][-1][1] if state["train_curve"] else None,
+        final_train_loss=state["history"][-1] if state["history"] else None,
         resumed_from=resumed_from,
-        train_curve=[tuple(x) for x in state["train_curve"]],
+        train_curve=list(enumerate(state["history"], start=1)),
         eval_curve=[tuple(x) for x in state["eval_curve"]],
         extra=extra,
     )

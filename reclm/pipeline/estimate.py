@@ -404,7 +404,7 @@ def item_side(cfg: PipelineConfig, size: DataSize, speeds: SpeedBook | None = No
 def saved_step(root: Path, folder: str, input_hash: str | None) -> int | None:
     """The step an interrupted LoRA, reward or RL stage resumes at: its checkpoint in the kept work folder
     (None when there is none, or the folder was made for other inputs and will be cleared)."""
-    from reclm.llm.sft import find_checkpoint, load_trainer_state
+    from reclm.llm.loop import find_checkpoint, load_trainer_state
 
     work = root / ".work" / folder
     key = root / ".work" / f"{folder}.key"

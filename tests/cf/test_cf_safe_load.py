@@ -54,7 +54,7 @@ def test_a_torn_cf_checkpoint_still_starts_afresh(tmp_path, tiny_split):
 
 
 def lora_trainer_state(path: Path) -> dict:
-    """``trainer_state.pt`` with what ``reclm.llm.sft.save_checkpoint`` puts in it: AdamW and scheduler state
+    """``trainer_state.pt`` with what ``reclm.llm.loop.save_checkpoint`` puts in it: AdamW and scheduler state
     dicts, the loop state, and the torch / numpy / python random states."""
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -75,7 +75,7 @@ def lora_trainer_state(path: Path) -> dict:
 
 
 def test_the_lora_trainer_state_loads_weights_only_and_restores_the_random_states(tmp_path):
-    from reclm.llm.sft import load_trainer_state
+    from reclm.llm.loop import load_trainer_state
 
     saved = lora_trainer_state(tmp_path / "trainer_state.pt")
     expected = np.random.random(3), random.random()  # what follows the saved states
@@ -98,7 +98,7 @@ def test_a_planted_lora_trainer_state_is_refused_and_a_dry_run_runs_nothing(tmp_
     (tmp_path / ".work" / "sft.key").write_text("abc")
     assert estimate.saved_step(tmp_path, "sft", "abc") is None, "the dry run took the planted file's step"
     assert not ran.exists(), "the dry run ran the planted call"
-    from reclm.llm.sft import load_trainer_state
+    from reclm.llm.loop import load_trainer_state
 
     with pytest.raises(ValueError, match=r"trainer_state\.pt: refused to load: .*\(io\.open\)"):
         load_trainer_state(checkpoint / "trainer_state.pt")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from reclm.llm.chat import IGNORE_INDEX, pair_conversation, training_example
+from reclm.llm.loop import Checkpointing, ShuffledBatches, TrainingLoop
 from reclm.llm.rl.common import gather_logprobs, last_hidden, output_head, trainable_parameters
-from reclm.llm.sft import Checkpointing
 
 
 @dataclass
@@ -153,28 +153,17 @@ class DPOTrainer:
         if not triples:
             raise ValueError("DPO needs at least one preference pair")
         steps = self.config.steps if steps is None else steps
-        rng = np.random.default_rng(self.config.seed)
-        order, cursor, history = rng.permutation(len(triples)), 0, []
-        checkpoints = checkpoints or Checkpointing()
-        saved = checkpoints.resume(self.policy, self.optimizer)
-        if saved is not None:
-            order, cursor, history, self.step_count = saved["order"], saved["cursor"], saved["history"], saved["step"]
-            rng.bit_generator.state = saved["numpy_rng"]
-        while self.step_count < steps:
-            if cursor >= len(order):
-                order, cursor = rng.permutation(len(triples)), 0
-            rows = [triples[k] for k in order[cursor : cursor + self.config.batch_size]]
-            cursor += self.config.batch_size
-            prompts, chosen, rejected = zip(*rows)
-            stats = self.step(prompts, chosen, rejected)
-            history.append(stats)
-            if log:
-                log(stats)
-            if checkpoints.due(self.step_count):
-                state = {"step": self.step_count, "order": order, "cursor": cursor, "history": history,
-                         "numpy_rng": rng.bit_generator.state}  # fmt: skip
-                checkpoints.save(self.policy, self.optimizer, state)
-        return history
+        batches = ShuffledBatches(len(triples), self.config.batch_size, self.config.seed)
+        loop = TrainingLoop(self.policy, self.optimizer, batches, checkpoints or Checkpointing())
+        state, resumed = loop.start({"step": self.step_count})
+        if resumed is not None:
+            self.step_count = resumed
+
+        def step(rows: list[int], _state: dict) -> dict:
+            prompts, chosen, rejected = zip(*(triples[k] for k in rows))
+            return self.step(prompts, chosen, rejected)
+
+        return loop.run(state, steps, step, None if log is None else lambda _step, stats: log(stats))["history"]
 
     def evaluate(self, triples: Sequence[tuple[str, str, str]], batch: int = 8) -> dict:
         """Implicit-reward accuracy and margin on held-out triples."""

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reclm.llm.loop import Checkpointing, CyclicBatches, TrainingLoop
 from reclm.llm.rl.common import (
     encode_prompts,
     gather_logprobs,
@@ -20,7 +21,6 @@ from reclm.llm.rl.common import (
     output_head,
     trainable_parameters,
 )
-from reclm.llm.sft import Checkpointing
 
 # reward_fn(prompts, response texts, response token ids) -> one score per response
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
@@ -286,25 +286,24 @@ class PPOTrainer:
         ``steps`` counts from the trainer's first step (a resumed or stepped trainer does what is left). With
         ``checkpoints`` the state is saved as they say and a rerun resumes from it."""
         steps = self.config.steps if steps is None else steps
-        history: list[dict] = []
-        n = len(prompts)
-        if n == 0:
+        if not prompts:
             raise ValueError("PPO needs at least one prompt")
-        checkpoints = checkpoints or Checkpointing()
-        saved = checkpoints.resume(self.policy, self.optimizer)
-        if saved is not None:
-            history, self.step_count = saved["history"], saved["step"]
-            self.generator.set_state(saved["generator"])
-            self.value_head.load_state_dict(saved["value_head"])
-        for s in range(self.step_count, steps):
-            start = (s * self.config.batch_size) % n
-            batch = [prompts[(start + k) % n] for k in range(self.config.batch_size)]
-            stats = self.step(batch)
-            history.append(stats)
-            if log:
-                log(stats)
-            if checkpoints.due(self.step_count):
-                state = {"step": self.step_count, "history": history, "generator": self.generator.get_state(),
-                         "value_head": self.value_head.state_dict()}  # fmt: skip
-                checkpoints.save(self.policy, self.optimizer, state)
-        return history
+        batches = CyclicBatches(len(prompts), self.config.batch_size)
+        batches.taken = self.step_count
+        loop = TrainingLoop(self.policy, self.optimizer, batches, checkpoints or Checkpointing(), parts=[self])
+        state, resumed = loop.start({"step": self.step_count})
+        if resumed is not None:
+            self.step_count = resumed
+
+        def step(rows: list[int], _state: dict) -> dict:
+            return self.step([prompts[k] for k in rows])
+
+        return loop.run(state, steps, step, None if log is None else lambda _step, stats: log(stats))["history"]
+
+    def state(self) -> dict:
+        """What a checkpoint keeps besides the adapter and optimizer: the shuffling generator, the value head."""
+        return {"generator": self.generator.get_state(), "value_head": self.value_head.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.value_head.load_state_dict(state["value_head"])

@@ -26,10 +26,10 @@ import numpy as np
 from reclm.data.dataset import RecDataset
 from reclm.data.split import Split
 from reclm.distributed import refuse_data_parallel
+from reclm.llm.loop import Checkpointing, before_training, fingerprint_of
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
 from reclm.llm.rl import METHODS
 from reclm.llm.rl.common import tensors_digest
-from reclm.llm.sft import Checkpointing, before_training, fingerprint_of
 from reclm.progress import step_progress
 
 PROMPTS_FILE = "prompts.jsonl"

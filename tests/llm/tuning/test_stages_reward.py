@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from reclm.llm.loop import Checkpointing
 from reclm.llm.prompts import PromptBudget, parse_profile, user_histories
 from reclm.llm.records import ProfileRecord, write_records
 from reclm.llm.reward import (
@@ -29,7 +30,6 @@ from reclm.llm.reward import (
     train_reward_model,
     write_pairs,
 )
-from reclm.llm.sft import Checkpointing
 
 OWN = "User identity: Student, Gamer, Night owl; User interests: Comedy, Horror, Sci-fi."
 OTHER = "User identity: Retiree, Gardener; User interests: Westerns, History."

@@ -8,10 +8,10 @@ import contextlib
 import pytest
 import torch
 
+from reclm.llm.loop import Checkpointing
 from reclm.llm.rl.common import encode_prompts, forward, load_policy, load_reference, weight_change, weights_snapshot
 from reclm.llm.rl.dpo import DPOConfig, DPOTrainer, dpo_loss
 from reclm.llm.rl.ppo import PPOConfig, PPOTrainer, gae
-from reclm.llm.sft import Checkpointing
 
 YES_NO_PROMPTS = ["Will the user like it?", "Is this a match?"]  # the prompts yes_no_model was tuned on
 
