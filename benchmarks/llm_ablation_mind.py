@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from reclm.llm.rl.stage import run_rl
     from reclm.llm.sft import train_sft
     from reclm.llm.teachers.file import FileTeacher
+    from reclm.pipeline.inputs import collab_inputs, reward_inputs, rl_inputs
     from reclm.rundir import RunDir
     from reclm.text.encoder import TextEncoder
     from reclm.utils import torch_threads
@@ -197,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         "collab",
         (run.stage("collab") / "adapter").is_dir(),
         lambda: run_collab(
-            run,
             data,
             split,
             args.base_model,
+            run.stage("collab"),
+            **collab_inputs(run, data),
             budget=CollabBudget(8, 4, args.max_words, 3, 1024),
             prompt_budget=budget,
             train={"steps": args.collab_steps, "batch_size": 4, "lr": 2e-4, "eval_every": 0, "save_every": 10},
@@ -213,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         "reward",
         (run.stage("reward") / "adapter").is_dir(),
         lambda: run_reward(
-            run,
             data,
             split,
             args.base_model,
+            run.stage("reward"),
+            **reward_inputs(run, data, split, "teacher"),
             config=RewardConfig(steps=args.reward_steps, batch_size=8, max_seq_len=384, seed=args.seed),
             budget=budget,
             log=log,
@@ -226,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         "rl",
         (run.stage("rl") / "adapter").is_dir(),
         lambda: run_rl(
-            run,
             data,
             split,
             args.base_model,
             args.rl,
+            run.stage("rl"),
+            **rl_inputs(run, data, args.rl),
             options={"steps": args.rl_steps, "batch_size": 4, "lr": args.rl_lr, "seed": args.seed},
             budget=budget,
             log=log,

@@ -61,6 +61,44 @@ class RunDir:
         """Folder of a training stage (sft, collab, reward, rl, item_sft, neighbours...)."""
         return self.path(name)
 
+    # ------------------------------------------------------------ what stages left for later ones
+    def stage_adapter(self, name: str) -> Path | None:
+        """``<name>/adapter`` when stage ``name`` left a LoRA adapter there, else None."""
+        path = self.stage(name) / "adapter"
+        return path if (path / "adapter_config.json").is_file() else None
+
+    def collab_start_adapter(self) -> Path:
+        """``sft/adapter``: the distillation adapter collaborative tuning continues."""
+        found = self.stage_adapter("sft")
+        if found is None:
+            raise FileNotFoundError(f"{self.root}: no sft/adapter to start collaborative tuning from (run `reclm sft`)")
+        return found
+
+    def rl_start_adapter(self) -> Path:
+        """The adapter RL starts from: ``collab/adapter`` if collaborative tuning ran, else ``sft/adapter``."""
+        for name in ("collab", "sft"):
+            found = self.stage_adapter(name)
+            if found is not None:
+                return found
+        raise FileNotFoundError(
+            f"{self.root}: no sft/adapter or collab/adapter to start RL from (run `reclm sft` first)"
+        )
+
+    def sft_heldout(self, kind: str = "user") -> set[str] | None:
+        """Raw ids of ``kind`` whose teacher profiles SFT held out (``sft/heldout.json``); None before SFT ran."""
+        path = self.stage("sft") / "heldout.json"
+        if not path.is_file():
+            return None
+        return {str(i) for i in json.loads(path.read_text()).get(kind, [])}
+
+    def user_profiles(self, source: str) -> Path:
+        """The user profiles of ``source``: ``teacher`` (``teacher/users.jsonl``) or ``distilled`` (the
+        writer's, ``profiles/users.jsonl``)."""
+        folders = {"teacher": self.teacher, "distilled": self.profiles}
+        if source not in folders:
+            raise ValueError(f"chosen profile source {source!r}: expected teacher or distilled")
+        return folders[source] / "users.jsonl"
+
     # ------------------------------------------------------------ dataset and split
     def prepare(self, dataset: str, spec: SplitSpec, item_text: str | None = None) -> tuple[RecDataset, Split]:
         """Load the dataset, split it and record both in ``data/`` (the split is saved, not recomputed)."""

@@ -82,12 +82,13 @@ def collab_command(
 ) -> None:
     """Collaborative instruction tuning: two-turn dialogues, continuing the SFT adapter (RUN/collab/adapter)."""
     from reclm.llm.collab import CollabBudget, run_collab
+    from reclm.pipeline.inputs import collab_inputs
 
     rundir, data, split = load_run(run)
     budget = CollabBudget(target_items, neighbour_items, max_words, neighbours, max_tokens)
     summary = run_collab(
-        rundir, data, split, base_model, dialogues=dialogues, budget=budget, prompt_budget=prompt_budget(),
-        lora=lora_options(lora_r, 2 * lora_r), writer=writer_options(),
+        data, split, base_model, rundir.stage("collab"), **collab_inputs(rundir, data), dialogues=dialogues,
+        budget=budget, prompt_budget=prompt_budget(), lora=lora_options(lora_r, 2 * lora_r), writer=writer_options(),
         train={"steps": steps, "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "seed": seed},
         profile_source=profiles, seed=seed, evaluate=evaluate, backend=backend, log=say,
     )  # fmt: skip
@@ -117,13 +118,15 @@ def reward_command(
     """Preference pairs (RUN/reward/pairs.jsonl) and the reward model (RUN/reward/adapter), with held-out
     pairwise accuracy per negative kind."""
     from reclm.llm.reward import RewardConfig, run_reward
+    from reclm.pipeline.inputs import reward_inputs
 
     rundir, data, split = load_run(run)
     config = RewardConfig(
         steps=steps, batch_size=batch_size, lr=lr, max_seq_len=max_seq_len, seed=seed, lora_layers=lora_layers
     )
     result = run_reward(
-        rundir, data, split, base_model, config=config, source=source, max_pairs=pairs, eval_share=eval_share,
+        data, split, base_model, rundir.stage("reward"), **reward_inputs(rundir, data, split, source),
+        config=config, source=source, max_pairs=pairs, eval_share=eval_share,
         budget=prompt_budget(max_items=max_history, max_words=max_words, style=prompt_style), log=say,
     )  # fmt: skip
     show({"pairs": result.pairs, "before": result.before, "after": result.after, "seconds": result.seconds})
@@ -149,13 +152,14 @@ def rl_command(
 ) -> None:
     """PPO (reward model + KL penalty) or DPO (preference pairs) on the profile writer (RUN/rl/adapter)."""
     from reclm.llm.rl.stage import run_rl
+    from reclm.pipeline.inputs import rl_inputs
 
     rundir, data, split = load_run(run)
     options = {"steps": steps, "batch_size": batch_size, "lr": lr, "kl_coef": kl_coef, "beta": beta, "seed": seed}
     budget = prompt_budget(max_items=max_history, max_words=max_words, style=prompt_style)
     summary = run_rl(
-        rundir, data, split, base_model, method, options=options, budget=budget,
-        eval_users=eval_users, max_new_tokens=max_new_tokens, log=say,
+        data, split, base_model, method, rundir.stage("rl"), **rl_inputs(rundir, data, method), options=options,
+        budget=budget, eval_users=eval_users, max_new_tokens=max_new_tokens, log=say,
     )  # fmt: skip
     show({k: v for k, v in summary.items() if k != "steps"})
 
@@ -182,34 +186,37 @@ def item_side_command(
     from reclm.distributed import is_main_process, refuse_data_parallel
     from reclm.llm.collab import profile_writer
     from reclm.llm.item_side import generate_item_profiles, train_item_writer
+    from reclm.pipeline.inputs import item_inputs
 
     if generate:  # before training, not after it: under accelerate launch only the training is shared
         refuse_data_parallel("item-side generation (pass --no-generate, then generate in one process)")
     rundir, data, split = load_run(run)
     budget = prompt_budget(max_words=max_words, max_neighbours=max_neighbours, style=prompt_style)
     folder = rundir.stage("item_sft")
+    recipe = item_inputs(rundir, data)
     if steps > 0:
         init_adapter = None
         if init == "sft":
-            init_adapter = rundir.stage("sft") / "adapter"
-            if not (init_adapter / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"{init_adapter}: no SFT adapter (run `reclm sft` or pass --init fresh)")
+            init_adapter = rundir.stage_adapter("sft")
+            if init_adapter is None:
+                missing = rundir.stage("sft") / "adapter"
+                raise FileNotFoundError(f"{missing}: no SFT adapter (run `reclm sft` or pass --init fresh)")
         train = {"steps": steps, "batch_size": batch_size, "lr": lr, "max_seq_len": max_seq_len, "seed": ITEM.seed}
         summary = train_item_writer(
-            rundir, data, split, base_model, budget=budget, train=train, init_adapter=init_adapter
+            data, split, base_model, folder, **recipe, budget=budget, train=train, init_adapter=init_adapter
         )
         if is_main_process():
             say(f"item writer: {summary['examples']} examples, held-out loss {summary['heldout_loss_before']} -> "
                 f"{summary['heldout_loss_after']}")  # fmt: skip
     if generate:
-        adapter = folder / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: no item writer yet (run with --steps > 0)")
+        adapter = rundir.stage_adapter("item_sft")
+        if adapter is None:
+            raise FileNotFoundError(f"{folder / 'adapter'}: no item writer yet (run with --steps > 0)")
         items = list(range(min(limit, data.n_items))) if limit else None
         writer = profile_writer(base_model, adapter, backend, **writer_options())
         try:
             summary = generate_item_profiles(
-                rundir, data, split, writer, budget=budget, items=items, keep_teacher=keep_teacher
+                data, split, writer, folder, **recipe, budget=budget, items=items, keep_teacher=keep_teacher
             )
         finally:
             writer.close()

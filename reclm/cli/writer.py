@@ -188,8 +188,9 @@ def profile_command(
         report("users", stats)
     if items:
         from reclm.llm.item_side import generate_item_profiles
+        from reclm.pipeline.inputs import item_inputs
 
-        chosen = None if no_adapter else existing_adapter(item_adapter) or default_adapter(rundir, "item_sft")
+        chosen = None if no_adapter else existing_adapter(item_adapter) or rundir.stage_adapter("item_sft")
         generator = generator_for(chosen or user_adapter)
         item_stats = []
 
@@ -199,17 +200,14 @@ def profile_command(
             return [t or "" for t in texts]
 
         wanted_items = list(range(min(limit, data.n_items))) if limit else None
-        written = generate_item_profiles(rundir, data, split, write, out=out, budget=budget, items=wanted_items)
+        written = generate_item_profiles(
+            data, split, write, out, **item_inputs(rundir, data), budget=budget, items=wanted_items
+        )
         merged = merge_stats(item_stats)
         summary["items"] = {**written, **merged}
         report("items", merged)
     (out / "generation.json").write_text(json.dumps({"params": params.key(), **summary}, indent=2))
     cache.close()
-
-
-def default_adapter(run: RunDir, stage: str) -> Path | None:
-    path = run.stage(stage) / "adapter"
-    return path if (path / "adapter_config.json").is_file() else None
 
 
 def latest_user_adapter(run: RunDir) -> Path | None:

@@ -395,9 +395,9 @@ def yes_no_accuracy(model, tokenizer, records: Sequence[dict]) -> dict:
 
 
 def collect_profiles(
-    run,
     data: RecDataset,
     split: Split,
+    teacher_users: Path,
     users: Sequence[int],
     source: str,
     generate: Callable[[list[str]], list[str]] | None,
@@ -405,15 +405,15 @@ def collect_profiles(
     out: Path,
 ) -> tuple[dict[int, str], dict[str, int]]:
     """Turn-1 responses: the distilled model's profiles of ``users`` (written to ``out/profiles.jsonl``), with
-    the teacher's where the distilled one is missing or malformed; ``source="teacher"`` uses teacher ones only."""
+    the teacher's (``teacher_users``, a profiles file) where the distilled one is missing or malformed;
+    ``source="teacher"`` uses teacher ones only."""
     from reclm.llm.prompts import parse_profile, user_prompts
     from reclm.llm.records import ProfileRecord, read_profiles, write_records
 
     index = data.user_index()
-    teacher_path = run.teacher / "users.jsonl"
     teacher = (
-        {index[r]: p for r, p in read_profiles(teacher_path, "user").items() if r in index}
-        if teacher_path.is_file()
+        {index[r]: p for r, p in read_profiles(teacher_users, "user").items() if r in index}
+        if teacher_users.is_file()
         else {}
     )
     counts = {"distilled": 0, "teacher": 0, "missing": 0}
@@ -461,14 +461,6 @@ def collab_settings(budget: CollabBudget, train: dict, seed: int) -> tuple[Colla
     return budget, settings_from(TrainSettings, train)
 
 
-def sft_adapter(run) -> Path:
-    """The distillation adapter collaborative tuning starts from."""
-    candidate = run.stage("sft") / "adapter"
-    if not (candidate / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{run.root}: no sft/adapter to start collaborative tuning from (run `reclm sft`)")
-    return candidate
-
-
 def dialogue_count(steps: int | None, batch_size: int, holdout: float) -> int:
     """The default number of dialogues: one pass of ``steps x batch_size`` after the held-out share."""
     return max(8, math.ceil((steps or 1) * batch_size / (1 - holdout)))
@@ -497,17 +489,18 @@ def yes_no_before_after(base_model: str, adapters: Mapping[str, Any], records: S
 
 
 def run_collab(
-    run,
     data: RecDataset,
     split: Split,
     base_model: str,
-    out: Path | None = None,
+    out: Path,
+    init_adapter: str | Path,
+    neighbours: Mapping[int, Sequence[int]],
+    teacher_users: Path,
     dialogues: int | None = None,
     budget: CollabBudget | None = None,
     prompt_budget=None,
     lora: dict | None = None,
     train: dict | None = None,
-    init_adapter: str | Path | None = None,
     profile_source: str = "distilled",
     generate: Callable[[list[str]], list[str]] | None = None,
     seed: int = 0,
@@ -517,37 +510,39 @@ def run_collab(
     writer: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Build the dialogues (``out/dialogues.jsonl``) and continue the SFT adapter on them (``out/adapter``).
+    """Build the dialogues (``out/dialogues.jsonl``) and continue ``init_adapter`` (the SFT adapter) on them
+    (``out/adapter``).
 
-    ``dialogues``: how many targets (default: one pass of ``train.steps x train.batch_size``). ``train`` and
-    ``lora``: :class:`reclm.llm.sft.TrainSettings` / ``LoraSettings`` fields. ``writer``: ProfileWriter options
-    (batch_size, max_new_tokens) of the distilled profiles."""
+    ``neighbours``: similar users per user (the run's neighbour lists); ``teacher_users``: the teacher's user
+    profiles (turn-1 responses where a distilled one is missing). ``dialogues``: how many targets (default:
+    one pass of ``train.steps x train.batch_size``). ``train`` and ``lora``: :class:`reclm.llm.sft.TrainSettings`
+    / ``LoraSettings`` fields. ``writer``: ProfileWriter options (batch_size, max_new_tokens) of the distilled
+    profiles."""
     from reclm.distributed import refuse_data_parallel
     from reclm.llm.model import load_tokenizer
-    from reclm.llm.neighbours import load_neighbours
     from reclm.llm.prompts import PromptBudget
     from reclm.llm.sft import LoraSettings, settings_from, train_lora
 
     refuse_data_parallel("collab tuning (its profile generation and Yes/No evaluation)")
-    out = Path(out or run.stage("collab"))
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     budget, train_settings = collab_settings(budget or CollabBudget(), dict(train or {}), seed)
     prompt_budget = prompt_budget or PromptBudget()
-    init_adapter = init_adapter or sft_adapter(run)
-    near = load_neighbours(run, data, "user").as_dict()
     n = dialogues or dialogue_count(train_settings.steps, train_settings.batch_size, train_settings.holdout)
-    targets = dialogue_targets(data, split, near, n, seed)
-    needed = sorted({*targets, *(v for u in targets for v in near.get(u, ())[: budget.neighbours])})
+    targets = dialogue_targets(data, split, neighbours, n, seed)
+    needed = sorted({*targets, *(v for u in targets for v in neighbours.get(u, ())[: budget.neighbours])})
     own_writer = None
     if profile_source == "distilled" and generate is None:
         log(f"collab: writing distilled profiles of {len(needed)} users with {init_adapter}")
         generate = own_writer = profile_writer(base_model, init_adapter, backend, progress=progress, **(writer or {}))
     try:
-        profiles, counts = collect_profiles(run, data, split, needed, profile_source, generate, prompt_budget, out)
+        profiles, counts = collect_profiles(
+            data, split, teacher_users, needed, profile_source, generate, prompt_budget, out
+        )
     finally:
         if own_writer is not None:
             own_writer.close()  # free the generation model before training
-    built = build_dialogues(data, split, near, profiles, targets, budget, load_tokenizer(base_model), seed)
+    built = build_dialogues(data, split, neighbours, profiles, targets, budget, load_tokenizer(base_model), seed)
     write_dialogues(out / DIALOGUES_FILE, data, built.dialogues)
     log(f"collab: {len(built.dialogues)} dialogues (Yes share {built.balance():.2f}), profiles {counts}")
     conversations = [d.messages for d in built.dialogues]

@@ -10,7 +10,8 @@ none, so a trained item's prompt must not carry them either (``prompt.max_profil
   a profile and a new item's prompt uses only what is known at training time. When the teacher wrote no usable
   item profile, the pool is every item seen in train and neighbours are shown as text alone.
 - Text similarity: cosine of item-text embeddings (``RUN/neighbours/item_text.npz``, written by the neighbours
-  stage; computed here when it is missing). An item is never its own neighbour.
+  stage and passed in as ``text_vectors``; computed here when it is missing). An item is never its own
+  neighbour.
 - A neighbour's profile is always its TEACHER profile, never one generated earlier in the same run: one
   generation pass writes every item, and a prompt does not depend on the order items are written in.
 
@@ -53,9 +54,10 @@ def held_out_items(split: Split) -> set[int]:
     return set(np.flatnonzero(split.held_out_mask).tolist())
 
 
-def teacher_item_profiles(run, data: RecDataset, split: Split) -> dict[int, str]:
-    """The teacher's item profiles the item side may use: in the profile format, not of a held-out item."""
-    profiles = load_profiles_by_index(run.teacher / "items.jsonl", data.item_index(), "item")
+def teacher_item_profiles(path: Path, data: RecDataset, split: Split) -> dict[int, str]:
+    """The teacher's item profiles (``path``: its ``items.jsonl``) the item side may use: in the profile format,
+    not of a held-out item."""
+    profiles = load_profiles_by_index(path, data.item_index(), "item")
     held = held_out_items(split)
     return {i: p for i, p in profiles.items() if i not in held and parse_profile(p)}
 
@@ -72,13 +74,14 @@ def neighbour_pool(split: Split, teacher: Mapping[int, str]) -> np.ndarray:
     return pool if pool.any() else seen
 
 
-def item_neighbour_lists(run, data: RecDataset, k: int, pool: np.ndarray) -> dict[int, list[int]]:
-    """Every item's ``k`` text-nearest pool items (the run's item-text embeddings, or computed now)."""
-    from reclm.llm.neighbours import item_text_vectors, load_item_text, text_neighbours
+def item_neighbour_lists(
+    data: RecDataset, k: int, pool: np.ndarray, text_vectors: np.ndarray | None
+) -> dict[int, list[int]]:
+    """Every item's ``k`` text-nearest pool items (by ``text_vectors``, the run's item-text embeddings, or by
+    ones computed now when None)."""
+    from reclm.llm.neighbours import item_text_vectors, text_neighbours
 
-    vectors = load_item_text(run.stage("neighbours"), data)
-    if vectors is None:
-        vectors = item_text_vectors(data)
+    vectors = text_vectors if text_vectors is not None else item_text_vectors(data)
     table = text_neighbours(vectors, k, pool)
     return {i: table.of(i) for i in range(data.n_items)}
 
@@ -103,35 +106,43 @@ def item_records(
 
 
 def recipe_inputs(
-    run, data: RecDataset, split: Split, budget: PromptBudget, neighbours: Mapping[int, Sequence[int]] | None
+    data: RecDataset,
+    split: Split,
+    budget: PromptBudget,
+    teacher_items: Path,
+    text_vectors: np.ndarray | None,
+    neighbours: Mapping[int, Sequence[int]] | None,
 ) -> tuple[dict[int, str], Mapping[int, Sequence[int]]]:
-    """(teacher item profiles, neighbour lists): what every item prompt of the run is built from."""
-    teacher = teacher_item_profiles(run, data, split)
+    """(teacher item profiles, neighbour lists): what every item prompt of the run is built from (``neighbours``
+    when given, else the text-nearest pool items by ``text_vectors``)."""
+    teacher = teacher_item_profiles(teacher_items, data, split)
     if neighbours is None:
-        neighbours = item_neighbour_lists(run, data, budget.max_neighbours, neighbour_pool(split, teacher))
+        neighbours = item_neighbour_lists(data, budget.max_neighbours, neighbour_pool(split, teacher), text_vectors)
     return teacher, neighbours
 
 
 def training_records(
-    run,
     data: RecDataset,
     split: Split,
     budget: PromptBudget,
+    teacher_items: Path,
+    text_vectors: np.ndarray | None = None,
     neighbours: Mapping[int, Sequence[int]] | None = None,
 ) -> list[ProfileRecord]:
     """The item writer's examples: one per teacher item profile, its prompt built as at generation."""
-    teacher, neighbours = recipe_inputs(run, data, split, budget, neighbours)
+    teacher, neighbours = recipe_inputs(data, split, budget, teacher_items, text_vectors, neighbours)
     if not teacher:
-        raise ValueError(f"{run.teacher / 'items.jsonl'}: no teacher item profiles to train the item writer on")
+        raise ValueError(f"{teacher_items}: no teacher item profiles to train the item writer on")
     return item_records(data, sorted(teacher), teacher, neighbours, budget, teacher)
 
 
 def train_item_writer(
-    run,
     data: RecDataset,
     split: Split,
     base_model: str,
-    out: Path | None = None,
+    out: Path,
+    teacher_items: Path,
+    text_vectors: np.ndarray | None = None,
     budget: PromptBudget | None = None,
     lora: dict | None = None,
     train: dict | None = None,
@@ -139,13 +150,14 @@ def train_item_writer(
     neighbours: Mapping[int, Sequence[int]] | None = None,
     progress: bool = True,
 ) -> dict:
-    """LoRA SFT of the item-profile writer on the teacher's item profiles (reusing :func:`reclm.llm.sft.train_lora`)."""
+    """LoRA SFT of the item-profile writer on the teacher's item profiles (``teacher_items``; prompts show
+    neighbours by ``text_vectors``), reusing :func:`reclm.llm.sft.train_lora`."""
     from reclm.distributed import is_main_process
     from reclm.llm.chat import pair_conversation
     from reclm.llm.sft import LoraSettings, TrainSettings, settings_from, train_lora
 
-    out = Path(out or run.stage("item_sft"))
-    records = training_records(run, data, split, budget or PromptBudget(), neighbours)
+    out = Path(out)
+    records = training_records(data, split, budget or PromptBudget(), teacher_items, text_vectors, neighbours)
     if is_main_process():  # under accelerate launch every process trains, the first one writes
         write_records(out / TRAIN_FILE, records)
     conversations = [pair_conversation(r.prompt, r.profile) for r in records]
@@ -168,11 +180,12 @@ def train_item_writer(
 
 
 def generate_item_profiles(
-    run,
     data: RecDataset,
     split: Split,
     generate: Generate,
-    out: Path | None = None,
+    out: Path,
+    teacher_items: Path,
+    text_vectors: np.ndarray | None = None,
     budget: PromptBudget | None = None,
     items: Sequence[int] | None = None,
     neighbours: Mapping[int, Sequence[int]] | None = None,
@@ -180,15 +193,16 @@ def generate_item_profiles(
 ) -> dict:
     """Profiles for ``items`` (default EVERY item) written to ``out/items.jsonl`` in ONE call of
     ``generate(prompts) -> profiles`` (the item writer, e.g. the generation runner with the item adapter).
+    Prompts are built from ``teacher_items`` and ``text_vectors`` as in :func:`train_item_writer`.
     ``keep_teacher``: items with a teacher profile keep it instead of being written."""
     from reclm.distributed import refuse_data_parallel
     from reclm.llm.neighbours import items_with_train
 
     refuse_data_parallel("item profile generation")
-    out = Path(out or run.stage("item_sft"))
+    out = Path(out)
     budget = budget or PromptBudget()
     wanted = list(range(data.n_items)) if items is None else [int(i) for i in items]
-    teacher, neighbours = recipe_inputs(run, data, split, budget, neighbours)
+    teacher, neighbours = recipe_inputs(data, split, budget, teacher_items, text_vectors, neighbours)
     kept = {i: teacher[i] for i in wanted if keep_teacher and i in teacher}
     records = {i: ProfileRecord("item", data.item_ids[i], "", p, {"source": "teacher"}) for i, p in kept.items()}
     todo = [i for i in wanted if i not in kept]

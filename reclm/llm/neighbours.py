@@ -371,6 +371,14 @@ def load_neighbours(run: RunDir, data: RecDataset, side: str = "user") -> Neighb
     raise DataError(f"no {side} neighbours in this run (run `reclm neighbours RUN` first)", folder)
 
 
+def user_neighbour_lists(run: RunDir, data: RecDataset) -> dict[int, list[int]] | None:
+    """The run's similar users as lists; None when it has none that load (callers then use random users)."""
+    try:
+        return load_neighbours(run, data, "user").as_dict()
+    except Exception:  # noqa: BLE001 - no neighbour stage: random other users stand in
+        return None
+
+
 def user_vectors(run: RunDir, split: Split) -> np.ndarray | None:
     """The user embeddings the run's neighbours came from (a train-only CF model), if they are on disk."""
     folder = run.stage("neighbours")

@@ -453,102 +453,98 @@ class RewardResult:
 
 
 def chosen_profiles(
-    run,
     data: RecDataset,
-    source: str = "teacher",
+    path: Path,
     exclude: set[str] | None = None,
     shipped: bool = True,
 ) -> dict[int, str]:
     """``{user index: good profile}`` of users not in ``exclude`` (raw ids used for SFT).
 
-    ``teacher``: the run's teacher records, plus (``shipped``) the dataset's shipped teacher profiles of
-    users the run's teacher file lacks; ``distilled``: the run's generated ``profiles/users.jsonl``."""
+    ``path``: the run's user profiles (its teacher's, or the distilled ``profiles/users.jsonl``); ``shipped``:
+    plus the dataset's shipped teacher profiles of users ``path`` lacks (for teacher profiles)."""
     from reclm.data.tables import read_jsonl
     from reclm.llm.records import read_profiles
 
     exclude = exclude or set()
     index = data.user_index()
     found: dict[str, str] = {}
-    if source == "teacher":
-        path = run.teacher / "users.jsonl"
-        if path.is_file():
-            found.update(read_profiles(path, "user"))
-        resource = data.resources.get("teacher_user_profiles")
-        if shipped and resource is not None:
-            for record in read_jsonl(Path(resource), ["user", "profile"]):
-                found.setdefault(str(record["user"]), str(record["profile"]).strip())
-    elif source == "distilled":
-        path = run.profiles / "users.jsonl"
-        if path.is_file():
-            found.update(read_profiles(path, "user"))
-    else:
-        raise ValueError(f"chosen profile source {source!r}: expected teacher or distilled")
+    if path.is_file():
+        found.update(read_profiles(path, "user"))
+    resource = data.resources.get("teacher_user_profiles")
+    if shipped and resource is not None:
+        for record in read_jsonl(Path(resource), ["user", "profile"]):
+            found.setdefault(str(record["user"]), str(record["profile"]).strip())
     return {index[raw]: p for raw, p in found.items() if raw in index and raw not in exclude and parse_profile(p)}
 
 
-def sft_user_ids(run) -> set[str]:
-    """Raw ids of the users whose teacher profiles the SFT stage may have trained on: the run's teacher
-    users minus those SFT held out (``sft/heldout.json``, written by :func:`reclm.llm.sft.train_sft`); every
-    teacher user when SFT has not run (the safe assumption)."""
+def sft_user_ids(teacher: Path, heldout: set[str] | None) -> set[str]:
+    """Raw ids of the users whose teacher profiles the SFT stage may have trained on: the users of the
+    ``teacher`` profiles file minus those SFT held out (``heldout``, see
+    :meth:`reclm.rundir.RunDir.sft_heldout`); every teacher user when SFT has not run (the safe assumption)."""
     from reclm.llm.records import read_profiles
 
-    path = run.teacher / "users.jsonl"
-    teacher = set(read_profiles(path, "user")) if path.is_file() else set()
-    heldout = run.stage("sft") / "heldout.json"
-    if heldout.is_file():
-        held = json.loads(heldout.read_text()).get("user", [])
-        return teacher - {str(i) for i in held}
-    return teacher
+    users = set(read_profiles(teacher, "user")) if teacher.is_file() else set()
+    return users - heldout if heldout is not None else users
 
 
-def pool_neighbours(run, data: RecDataset, split: Split, users: list[int], pool: list[int]):
-    """Neighbours for the neighbour / concat negatives: the nearest users (by the run's CF user embeddings)
-    among those with a profile; else the run's neighbour lists; else none (a random other user is used)."""
-    from reclm.llm.neighbours import load_neighbours, nearest_among, user_vectors
+def pool_neighbours(
+    users: list[int],
+    pool: list[int],
+    vectors: np.ndarray | None,
+    lists: Mapping[int, Sequence[int]] | None,
+) -> tuple[Mapping[int, Sequence[int]], str]:
+    """Neighbours for the neighbour / concat negatives: the nearest users (by the run's CF user ``vectors``)
+    among those with a profile; else the run's neighbour ``lists``; else none (a random other user is used)."""
+    from reclm.llm.neighbours import nearest_among
 
-    vectors = user_vectors(run, split)
     if vectors is not None:
         return nearest_among(vectors, users, pool, 10), "nearest CF users with a profile"
-    try:
-        return load_neighbours(run, data, "user").as_dict(), "the run's neighbour lists"
-    except Exception:  # noqa: BLE001 - no neighbour stage: random other users stand in
-        return {}, "random other users (no neighbours in this run)"
+    if lists is not None:
+        return lists, "the run's neighbour lists"
+    return {}, "random other users (no neighbours in this run)"
 
 
 def run_reward(
-    run,
     data: RecDataset,
     split: Split,
     base_model: str,
-    out: Path | None = None,
+    out: Path,
+    profiles: Path,
+    sft_users: set[str],
     config: RewardConfig | None = None,
     source: str = "teacher",
     max_pairs: int | None = None,
     eval_share: float = 0.2,
     budget: PromptBudget | None = None,
     neighbours: Mapping[int, Sequence[int]] | None = None,
+    user_vectors: np.ndarray | None = None,
+    neighbour_lists: Mapping[int, Sequence[int]] | None = None,
     log: Callable[[str], None] = print,
 ) -> RewardResult:
     """Build the pairs (``out/pairs.jsonl``), train the reward model (``out/adapter``) and report held-out
-    accuracy before and after training (``out/metrics.json``)."""
+    accuracy before and after training (``out/metrics.json``).
+
+    ``profiles``: the ``source`` user profiles (teacher or distilled) the good profiles come from, of users not
+    in ``sft_users`` (raw ids SFT may have trained on). Neighbour negatives: ``neighbours`` when given, else
+    the nearest by ``user_vectors`` (the run's CF user embeddings), else ``neighbour_lists``, else random."""
     refuse_data_parallel("the reward model")
     config = config or RewardConfig()
-    out = Path(out or run.stage("reward"))
+    out = Path(out)
     start = time.perf_counter()
-    excluded = sft_user_ids(run)
-    chosen = chosen_profiles(run, data, source, exclude=excluded)
+    shipped = source == "teacher"
+    chosen = chosen_profiles(data, profiles, exclude=sft_users, shipped=shipped)
     if len(chosen) < 2:
         raise ValueError(
             f"only {len(chosen)} users have a {source} profile and were not used for SFT: the reward model needs "
             "more (sample fewer teacher users for SFT, or use --source distilled after `reclm profile`)"
         )
-    pool = chosen_profiles(run, data, source)  # any user's profile may serve as a neighbour negative
+    pool = chosen_profiles(data, profiles, shipped=shipped)  # any user's profile may serve as a neighbour negative
     users = sorted(chosen)
     if max_pairs is not None and max_pairs < len(users):
         users = sorted(np.random.default_rng(config.seed).choice(users, size=max_pairs, replace=False).tolist())
     neighbour_source = "given"
     if neighbours is None:
-        neighbours, neighbour_source = pool_neighbours(run, data, split, users, sorted(pool))
+        neighbours, neighbour_source = pool_neighbours(users, sorted(pool), user_vectors, neighbour_lists)
     pairs = build_pairs(data, split, chosen, users, neighbours, budget, seed=config.seed, pool=pool)
     train, held = split_by_user(pairs, eval_share, config.seed)
     write_pairs(out / PAIRS_FILE, data, pairs, {p.user: "eval" for p in held})
@@ -575,7 +571,7 @@ def run_reward(
             "eval": len(held),
             "kinds": kind_counts(pairs),
             "source": source,
-            "excluded_sft_users": len(excluded),
+            "excluded_sft_users": len(sft_users),
         },
         before=before,
         after=after,

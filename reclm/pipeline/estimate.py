@@ -30,7 +30,6 @@ from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.engine import Estimate
 from reclm.pipeline.speed import SpeedBook
 from reclm.pipeline.stages import (
-    adapter_of,
     cf_runs,
     decode_params,
     generation_backend,
@@ -524,7 +523,7 @@ def cached_user_profiles(cfg: PipelineConfig, root: Path, size: DataSize, rerun:
     found = 0
     try:
         for stage in user_writers(cfg):
-            adapter = adapter_of(run, stage)
+            adapter = run.stage_adapter(stage)
             if adapter is None or stage in rerun:
                 continue
             identity = cache_identity(backend, cfg.llm.base_model, adapter, quantization=quantization)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from reclm.cf.features import uses_item_profiles, uses_user_profiles
+from reclm.pipeline import inputs
 from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.engine import StageContext, StageError, StageUnavailable
 from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
@@ -93,11 +94,6 @@ def prompt_budget(cfg: PipelineConfig):
 def logger(ctx: StageContext):
     """The tuning stages' ``log`` callback: indented lines under the stage."""
     return lambda text: ctx.console.print(f"    {text}", highlight=False, soft_wrap=True)
-
-
-def adapter_of(run: RunDir, stage: str) -> Path | None:
-    path = run.stage(stage) / "adapter"
-    return path if (path / "adapter_config.json").is_file() else None
 
 
 def lora_of(cfg: PipelineConfig) -> dict:
@@ -225,7 +221,7 @@ def run_collab(ctx: StageContext) -> dict:
         opts.target_items, opts.neighbour_items, opts.max_words, opts.neighbours, opts.max_tokens
     )
     summary = collab.run_collab(
-        RunDir(ctx.root, redirect={"collab": ctx.out}), data, split, cfg.llm.base_model, out=ctx.out,
+        data, split, cfg.llm.base_model, ctx.out, **inputs.collab_inputs(ctx.run, data),
         dialogues=opts.dialogues, budget=budget, prompt_budget=prompt_budget(cfg), lora=lora_of(cfg),
         train=train_of(opts), profile_source=opts.profiles, seed=opts.seed, evaluate=opts.evaluate,
         log=logger(ctx), backend=writer_backend(cfg), writer=writer_options(cfg),
@@ -297,7 +293,7 @@ def run_reward(ctx: StageContext) -> dict:
     data, split = ctx.data()
     config = reward.RewardConfig(**train_of(opts), lora=lora_of(cfg))
     result = reward.run_reward(
-        RunDir(ctx.root, redirect={"reward": ctx.out}), data, split, cfg.llm.base_model, out=ctx.out,
+        data, split, cfg.llm.base_model, ctx.out, **inputs.reward_inputs(ctx.run, data, split, opts.source),
         config=config, source=opts.source, max_pairs=opts.pairs, eval_share=opts.eval_share,
         budget=prompt_budget(cfg), log=logger(ctx),
     )  # fmt: skip
@@ -312,7 +308,7 @@ def run_rl(ctx: StageContext) -> dict:
     data, split = ctx.data()
     options = {**train_of(opts), "kl_coef": opts.kl_coef, "beta": opts.beta}
     summary = rl.run_rl(
-        RunDir(ctx.root, redirect={"rl": ctx.out}), data, split, cfg.llm.base_model, cfg.stages.rl, out=ctx.out,
+        data, split, cfg.llm.base_model, cfg.stages.rl, ctx.out, **inputs.rl_inputs(ctx.run, data, cfg.stages.rl),
         options=options, budget=prompt_budget(cfg), eval_users=opts.eval_users,
         max_new_tokens=cfg.generation.max_new_tokens, log=logger(ctx),
     )  # fmt: skip
@@ -329,11 +325,11 @@ def run_item_side(ctx: StageContext) -> dict:
     data, split = ctx.data()
     init = None
     if opts.init == "sft":
-        init = adapter_of(ctx.run, "sft")
+        init = ctx.run.stage_adapter("sft")
         if init is None:
             raise StageUnavailable("stage 'item_side': llm.item_side.init is 'sft' but the run has no sft/adapter")
     summary = item_side.train_item_writer(
-        RunDir(ctx.root, redirect={"item_sft": ctx.out}), data, split, cfg.llm.base_model, out=ctx.out,
+        data, split, cfg.llm.base_model, ctx.out, **inputs.item_inputs(ctx.run, data),
         budget=prompt_budget(cfg), lora=lora_of(cfg), train=train_of(opts), init_adapter=init,
     )  # fmt: skip
     summary.pop("train_curve", None)
@@ -440,7 +436,7 @@ def teacher_variant_items(ctx: StageContext) -> dict:
     """Every item's profile from the item writer (``item_sft/adapter``) in the teacher-only variant."""
     from reclm.llm import generation
 
-    adapter = adapter_of(ctx.run, "item_sft")
+    adapter = ctx.run.stage_adapter("item_sft")
     if adapter is None:
         raise StageUnavailable("stage 'profiles': stages.item_side is on but the run has no item_sft/adapter")
     params, cache = decode_params(ctx.config), generation.GenerationCache()
@@ -472,9 +468,8 @@ def write_item_profiles(ctx: StageContext, generation: Any, generator: Any, para
 
     items = list(range(min(cfg.generation.items, data.n_items))) if cfg.generation.items else None
     written = item_side.generate_item_profiles(
-        RunDir(ctx.root, redirect={"profiles": ctx.out}), data, split, write, out=ctx.out,
-        budget=prompt_budget(cfg), items=items,
-        keep_teacher=cfg.llm.item_side.keep_teacher if cfg.stages.item_side else False,
+        data, split, write, ctx.out, **inputs.item_inputs(ctx.run, data), budget=prompt_budget(cfg),
+        items=items, keep_teacher=cfg.llm.item_side.keep_teacher if cfg.stages.item_side else False,
     )  # fmt: skip
     stats = {**written, **merge_generation(parts)}
     ctx.console.print(f"    items: {format_generation(stats)}", highlight=False)
@@ -490,7 +485,7 @@ def generate_profiles(ctx: StageContext) -> dict:
     cfg, gen = ctx.config, ctx.config.generation
     data, split = ctx.data()
     chain = cfg.stages.generators()
-    adapters = {stage: adapter_of(ctx.run, stage) for stage in chain}
+    adapters = {stage: ctx.run.stage_adapter(stage) for stage in chain}
     missing = [stage for stage, path in adapters.items() if path is None]
     if missing:
         raise StageUnavailable(f"stage 'profiles': no adapter from {', '.join(missing)} (expected <stage>/adapter)")
@@ -523,7 +518,7 @@ def generate_profiles(ctx: StageContext) -> dict:
         stats[label] = result.to_dict()
         ctx.console.print(f"    {label}: {format_generation(result.to_dict())}", highlight=False)
 
-    item_adapter = adapter_of(ctx.run, "item_sft") or adapters[final]
+    item_adapter = ctx.run.stage_adapter("item_sft") or adapters[final]
     stats["items"] = write_item_profiles(ctx, generation, generator_for(item_adapter), params, cache)
     for _, folder in variants[1:]:  # ablation variants share the final item profiles
         shutil.copyfile(ctx.out / "items.jsonl", folder / "items.jsonl")

@@ -346,7 +346,7 @@ class Recommender:
         """The item side's teacher profiles and neighbour pool (reclm.llm.item_side), as at generation."""
         from reclm.llm.item_side import neighbour_pool, teacher_item_profiles
 
-        teacher = teacher_item_profiles(self.run, self.data, self.split)
+        teacher = teacher_item_profiles(self.run.teacher / "items.jsonl", self.data, self.split)
         return teacher, neighbour_pool(self.split, teacher)
 
     def item_neighbours(self, text_vector: np.ndarray) -> list[int]:

@@ -88,8 +88,8 @@ def find_adapter(run: RunDir, kind: str) -> Path | None:
     item writer (``item_sft``) when the run has one, else the user writer."""
     stages = (("item_sft",) if kind == "item" else ()) + USER_GENERATORS
     for stage in stages:
-        path = run.stage(stage) / "adapter"
-        if (path / "adapter_config.json").is_file():
+        path = run.stage_adapter(stage)
+        if path is not None:
             return path
     return None
 

@@ -4,6 +4,7 @@ exactly where it stopped. Stages whose loops are not data-parallel refuse to sta
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -120,8 +121,9 @@ def test_loops_that_are_not_data_parallel_refuse_several_processes(monkeypatch):
     refuse_data_parallel("anything")  # one process: nothing to refuse
     monkeypatch.setenv("WORLD_SIZE", "2")
     for start in (run_reward, run_rl, run_collab, generate_item_profiles):
+        required = [p for p in inspect.signature(start).parameters.values() if p.default is inspect.Parameter.empty]
         with pytest.raises(ValueError, match="does not run data-parallel"):
-            start(None, None, None, "model")
+            start(*[None] * len(required))  # refused before any input is read
 
 
 def test_reclm_run_refuses_several_processes_with_one_line(monkeypatch, tmp_path):

@@ -1,12 +1,13 @@
 """The RL stage: ``--rl ppo|dpo|none`` on the profile writer, with reward and KL logged per step.
 
-The policy starts from the last tuned adapter (``collab/adapter`` when collaborative tuning ran, else
-``sft/adapter``) and the reference is that same adapter, frozen (the supervised model RL must stay near).
-PPO maximises the reward model's score (``reward/adapter``) minus ``kl_coef`` x KL; DPO fits the
-preference pairs (``reward/pairs.jsonl``, built here when the reward stage is off). Both are judged the same
-way before and after: the reward model's mean score of greedy profiles for held-out users (when a reward
-model exists) and the share of profiles in the expected format; DPO also reports its implicit-reward
-accuracy on the held-out pairs.
+The policy starts from the adapter it is given (the run's last tuned one: ``collab/adapter`` when
+collaborative tuning ran, else ``sft/adapter``, see :meth:`reclm.rundir.RunDir.rl_start_adapter`) and the
+reference is that same adapter, frozen (the supervised model RL must stay near). PPO maximises the reward
+model's score (``reward/adapter``) minus ``kl_coef`` x KL; DPO fits the preference pairs (``reward/pairs.jsonl``,
+built here from the chosen profiles when the reward stage is off). Both are judged the same way before and
+after: the reward model's mean score of greedy profiles for held-out users (when a reward model is given) and
+the share of profiles in the expected format; DPO also reports its implicit-reward accuracy on the held-out
+pairs. The callers (pipeline, CLI) resolve these inputs in the run directory.
 
 Outputs: ``RUN/rl/adapter``, ``RUN/rl/metrics.json`` (per step: score / reward / KL for PPO; loss, implicit
 rewards and log-ratio for DPO), ``RUN/rl/prompts.jsonl`` (the RL prompts, with their history item ids).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,18 +36,11 @@ from reclm.progress import step_progress
 PROMPTS_FILE = "prompts.jsonl"
 
 
-def stage_adapter(run, name: str) -> Path | None:
-    path = run.stage(name) / "adapter"
-    return path if (path / "adapter_config.json").is_file() else None
-
-
-def starting_adapter(run) -> Path:
-    """``collab/adapter`` if collaborative tuning ran, else ``sft/adapter``."""
-    for name in ("collab", "sft"):
-        found = stage_adapter(run, name)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"{run.root}: no sft/adapter or collab/adapter to start RL from (run `reclm sft` first)")
+def check_method(method: str) -> None:
+    """Refuse several processes and an unknown method: before any input is looked up."""
+    refuse_data_parallel(f"RL ({method})")
+    if method not in METHODS:
+        raise ValueError(f"RL method {method!r}: expected one of {', '.join(METHODS)}")
 
 
 def user_prompt_set(
@@ -124,41 +118,44 @@ class RewardModelScorer:
 
 
 def run_rl(
-    run,
     data: RecDataset,
     split: Split,
     base_model: str,
-    method: str = "dpo",
-    out: Path | None = None,
+    method: str,
+    out: Path,
+    init_adapter: str | Path | None,
+    reward_adapter: Path | None = None,
+    pairs: Path | None = None,
+    chosen: Mapping[int, str] | None = None,
+    neighbours: Mapping[int, Sequence[int]] | None = None,
     options: dict | None = None,
-    init_adapter: Path | None = None,
     budget: PromptBudget | None = None,
     eval_users: int = 16,
     max_new_tokens: int = 48,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run PPO or DPO (``method``); ``options``: steps, batch_size, lr, kl_coef, beta, max_seq_len, seed
-    (the pipeline's ``llm.rl``) plus any PPOConfig / DPOConfig field."""
+    """Run PPO or DPO (``method``) from ``init_adapter`` (None only for ``none``) into ``out``.
+
+    ``reward_adapter``: the reward model (PPO's reward; the before/after score when given). DPO trains on
+    ``pairs`` (a ``pairs.jsonl``), else on pairs built from ``chosen`` (``{user: good profile}``) with
+    ``neighbours`` (similar users) for the neighbour negatives. ``options``: steps, batch_size, lr, kl_coef,
+    beta, max_seq_len, seed (the pipeline's ``llm.rl``) plus any PPOConfig / DPOConfig field."""
     from reclm.llm.rl.common import load_policy, load_reference, save_adapter, weight_change, weights_snapshot
 
-    refuse_data_parallel(f"RL ({method})")
-    if method not in METHODS:
-        raise ValueError(f"RL method {method!r}: expected one of {', '.join(METHODS)}")
+    check_method(method)
     if method == "none":
         return {"method": "none"}
+    check_inputs(method, init_adapter, reward_adapter, pairs, chosen)
     options = dict(options or {})
-    out = Path(out or run.stage("rl"))
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     budget = budget or PromptBudget()
-    init_adapter = Path(init_adapter) if init_adapter else starting_adapter(run)
+    init_adapter = Path(init_adapter)
     start = time.perf_counter()
     seed = int(options.get("seed", 0))
-    reward_adapter = stage_adapter(run, "reward")
     scorer = None
     if reward_adapter is not None:
         scorer = RewardModelScorer(base_model, reward_adapter, int(options.get("max_seq_len", 512)))
-    elif method == "ppo":
-        raise FileNotFoundError(f"{run.root}: PPO needs the reward model (reward/adapter): run `reclm reward` first")
 
     policy, tokenizer = load_policy(base_model, init_adapter)
     reference = load_reference(base_model, init_adapter)
@@ -174,10 +171,11 @@ def run_rl(
     start_point = fingerprint_of(base_model, tensors_digest(snapshot))  # a checkpoint resumes only this start
     extra: dict = {}
     if method == "ppo":
-        history, extra = train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget,
+        history, extra = train_ppo(data, split, policy, reference, tokenizer, scorer, options, budget,
                                    set(held_users), out, max_new_tokens, start_point)  # fmt: skip
     else:
-        history, extra = train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out, start_point)
+        history, extra = train_dpo(data, split, policy, reference, tokenizer, options, budget, out,
+                                   pairs, chosen, neighbours, start_point)  # fmt: skip
     after = judge(policy, tokenizer, h_prompts, scorer, max_new_tokens)
     save_adapter(policy, out / "adapter")
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
@@ -201,6 +199,16 @@ def run_rl(
     return summary
 
 
+def check_inputs(method: str, init_adapter, reward_adapter, pairs, chosen) -> None:
+    """What PPO / DPO cannot run without (the pipeline and the CLI resolve these in the run, with its errors)."""
+    if init_adapter is None:
+        raise ValueError(f"RL ({method}) needs the adapter it starts from (init_adapter)")
+    if method == "ppo" and reward_adapter is None:
+        raise ValueError("PPO needs the reward model (reward_adapter)")
+    if method == "dpo" and pairs is None and chosen is None:
+        raise ValueError("DPO needs the preference pairs (pairs) or the profiles to build them from (chosen)")
+
+
 def pick(options: dict, cls) -> dict:
     names = set(cls.__dataclass_fields__)
     return {k: v for k, v in options.items() if k in names}
@@ -211,7 +219,7 @@ def run_settings(config) -> dict:
     return {k: v for k, v in asdict(config).items() if k not in type(config).RESUMABLE}
 
 
-def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, budget, exclude, out, max_new_tokens,
+def train_ppo(data, split, policy, reference, tokenizer, scorer, options, budget, exclude, out, max_new_tokens,
               start_point: str = ""):  # fmt: skip
     from reclm.llm.rl.ppo import PPOConfig, PPOTrainer
 
@@ -232,29 +240,23 @@ def train_ppo(run, data, split, policy, reference, tokenizer, scorer, options, b
     return history, {"config": asdict(config), "prompts": len(prompts)}
 
 
-def train_dpo(run, data, split, policy, reference, tokenizer, options, budget, out, start_point: str = ""):
-    from reclm.llm.reward import PAIRS_FILE, build_pairs, chosen_profiles, read_pairs, sft_user_ids, split_by_user
+def train_dpo(data, split, policy, reference, tokenizer, options, budget, out, pairs: Path | None,
+              chosen: Mapping[int, str] | None, neighbours: Mapping[int, Sequence[int]] | None,
+              start_point: str = ""):  # fmt: skip
+    """DPO on ``pairs`` (a ``pairs.jsonl``), or on pairs built from ``chosen`` and ``neighbours`` (no neighbours:
+    random other users) and written to ``out/pairs.jsonl``."""
+    from reclm.llm.reward import PAIRS_FILE, build_pairs, read_pairs, split_by_user, write_pairs
     from reclm.llm.rl.dpo import DPOConfig, DPOTrainer
 
     config = DPOConfig(**pick(options, DPOConfig))
-    path = run.stage("reward") / PAIRS_FILE
-    if path.is_file():
-        train, held = read_pairs(path, data)
-        source = str(path)
+    if pairs is not None:
+        train, held = read_pairs(pairs, data)
+        source = str(pairs)
     else:
-        from reclm.llm.neighbours import load_neighbours
-
-        chosen = chosen_profiles(run, data, "teacher", exclude=sft_user_ids(run))
-        try:
-            near = load_neighbours(run, data, "user").as_dict()
-        except Exception:  # noqa: BLE001 - neighbour negatives fall back to random other users
-            near = {}
-        pairs = build_pairs(data, split, chosen, sorted(chosen), near, budget, seed=config.seed)
-        train, held = split_by_user(pairs, 0.2, config.seed)
+        built = build_pairs(data, split, chosen, sorted(chosen), neighbours or {}, budget, seed=config.seed)
+        train, held = split_by_user(built, 0.2, config.seed)
         source = "built (no reward stage)"
-        from reclm.llm.reward import write_pairs
-
-        write_pairs(out / PAIRS_FILE, data, pairs, {p.user: "eval" for p in held})
+        write_pairs(out / PAIRS_FILE, data, built, {p.user: "eval" for p in held})
     triples = [(p.prompt, p.chosen, p.rejected) for p in train]
     held_triples = [(p.prompt, p.chosen, p.rejected) for p in held][:64]
     trainer = DPOTrainer(policy, reference, tokenizer, config)

@@ -16,6 +16,7 @@ from reclm.llm.prompts import PromptBudget, parse_profile
 from reclm.llm.records import read_records
 from reclm.llm.reward import RewardConfig, run_reward
 from reclm.llm.rl.stage import run_rl
+from reclm.pipeline.inputs import collab_inputs, item_inputs, reward_inputs, rl_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,8 @@ def test_stages_chain_and_audit(tuned_run, tiny_model, tmp_path, monkeypatch):
     run, data, split, budget = tuned_run
     base = str(tiny_model)
     collab = run_collab(
-        run, data, split, base, dialogues=12, budget=CollabBudget(3, 2, 8, 2, 512), prompt_budget=budget,
+        data, split, base, run.stage("collab"), **collab_inputs(run, data), dialogues=12,
+        budget=CollabBudget(3, 2, 8, 2, 512), prompt_budget=budget,
         train={"steps": 2, "batch_size": 4, "holdout": 0.25, "save_every": 0, "eval_every": 0}, log=quiet,
         progress=False,
     )  # fmt: skip
@@ -64,8 +66,9 @@ def test_stages_chain_and_audit(tuned_run, tiny_model, tmp_path, monkeypatch):
     assert collab["yes_no_after"]["dialogues"] == 3
     assert collab["profiles"]["distilled"] + collab["profiles"]["teacher"] > 0
 
-    reward = run_reward(run, data, split, base, config=RewardConfig(steps=2, batch_size=4, max_seq_len=256),
-                        budget=budget, log=quiet)  # fmt: skip
+    reward = run_reward(data, split, base, run.stage("reward"), **reward_inputs(run, data, split, "teacher"),
+                        config=RewardConfig(steps=2, batch_size=4, max_seq_len=256), budget=budget,
+                        log=quiet)  # fmt: skip
     used = json.loads((run.stage("sft") / "heldout.json").read_text())["user"]
     pair_users = {json.loads(line)["id"] for line in (run.stage("reward") / "pairs.jsonl").read_text().splitlines()}
     teacher_users = {r.id for r in read_records(run.teacher / "users.jsonl", "user")}
@@ -74,25 +77,29 @@ def test_stages_chain_and_audit(tuned_run, tiny_model, tmp_path, monkeypatch):
     assert set(reward.after["per_kind"]) <= {"neighbour", "concat", "identity_only", "identity_dup",
                                              "identity_empty", "dot"}  # fmt: skip
 
-    ppo = run_rl(run, data, split, base, "ppo", options={"steps": 2, "batch_size": 2, "lr": 1e-3},
-                 budget=budget, eval_users=2, max_new_tokens=8, log=quiet)  # fmt: skip
+    ppo = run_rl(data, split, base, "ppo", run.stage("rl"), **rl_inputs(run, data, "ppo"),
+                 options={"steps": 2, "batch_size": 2, "lr": 1e-3}, budget=budget, eval_users=2, max_new_tokens=8,
+                 log=quiet)  # fmt: skip
     metrics = json.loads((run.stage("rl") / "metrics.json").read_text())
     assert metrics["method"] == "ppo" and len(metrics["steps"]) == 2
     assert all({"score", "kl", "reward"} <= set(s) for s in metrics["steps"])
     assert ppo["init_adapter"].endswith("collab/adapter") and ppo["weight_change"] > 0
     assert "score" in ppo["before"] and "score" in ppo["after"]
 
-    dpo = run_rl(run, data, split, base, "dpo", out=run.root / "rl-dpo", options={"steps": 2, "batch_size": 2},
-                 budget=budget, eval_users=2, max_new_tokens=8, log=quiet)  # fmt: skip
+    dpo = run_rl(data, split, base, "dpo", run.root / "rl-dpo", **rl_inputs(run, data, "dpo"),
+                 options={"steps": 2, "batch_size": 2}, budget=budget, eval_users=2, max_new_tokens=8,
+                 log=quiet)  # fmt: skip
     assert dpo["method"] == "dpo" and dpo["weight_change"] > 0 and dpo["pairs"]["train"] > 0
 
-    item = train_item_writer(run, data, split, base, budget=budget, progress=False,
+    item = train_item_writer(data, split, base, run.stage("item_sft"), **item_inputs(run, data), budget=budget,
+                             progress=False,
                              train={"steps": 2, "batch_size": 4, "save_every": 0, "eval_every": 0})  # fmt: skip
     zero_shot = {data.item_ids[i] for i in split.zero_shot_items.tolist()}
     targets = [r for r in read_records(run.teacher / "items.jsonl") if parse_profile(r.profile)]
     assert item["examples"] == len([r for r in targets if r.id not in zero_shot])  # zero-shot items never train
     fixed = "User identity: A; User interests: B."
-    generated = generate_item_profiles(run, data, split, lambda prompts: [fixed] * len(prompts), budget=budget)
+    generated = generate_item_profiles(data, split, lambda prompts: [fixed] * len(prompts), run.stage("item_sft"),
+                                       **item_inputs(run, data), budget=budget)  # fmt: skip
     assert generated["items"] == data.n_items and generated["zero_shot_items"] == len(split.zero_shot_items)
     records = {r.id: r for r in read_records(run.stage("item_sft") / "items.jsonl")}
     for i in split.zero_shot_items.tolist():

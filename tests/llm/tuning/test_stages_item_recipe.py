@@ -57,6 +57,7 @@ def expected_neighbours(data, split, teacher: dict[str, str], encoder, k: int) -
 
 def generate_all(run, data, split, budget):
     from reclm.llm.item_side import generate_item_profiles
+    from reclm.pipeline.inputs import item_inputs
 
     calls: list[list[str]] = []
 
@@ -64,7 +65,8 @@ def generate_all(run, data, split, budget):
         calls.append(list(prompts))
         return [GENERATED] * len(prompts)
 
-    summary = generate_item_profiles(run, data, split, writer, budget=budget)
+    out = run.stage("item_sft")
+    summary = generate_item_profiles(data, split, writer, out, **item_inputs(run, data), budget=budget)
     records = {r.id: r for r in read_records(run.stage("item_sft") / "items.jsonl")}
     return summary, records, calls
 
@@ -91,10 +93,13 @@ def test_trained_and_new_items_get_prompts_of_one_kind(recipe_run, encoder):
 
 def test_training_prompts_are_built_as_generation_prompts(recipe_run):
     from reclm.llm.item_side import training_records
+    from reclm.llm.neighbours import load_item_text
 
     run, data, split, budget = recipe_run
     teacher = read_profiles(run.teacher / "items.jsonl", "item")
-    train = {r.id: r for r in training_records(run, data, split, budget)}
+    vectors = load_item_text(run.stage("neighbours"), data)
+    assert vectors is not None and len(vectors) == data.n_items  # the neighbours stage's, not computed again
+    train = {r.id: r for r in training_records(data, split, budget, run.teacher / "items.jsonl", vectors)}
     zero_shot = {data.item_ids[i] for i in split.zero_shot_items.tolist()}
     assert set(train) == set(teacher) - zero_shot
     _, generated, _ = generate_all(run, data, split, budget)
@@ -114,6 +119,7 @@ def test_one_generation_pass_writes_every_item(recipe_run):
 
 def test_keep_teacher_writes_only_the_items_without_one(recipe_run):
     from reclm.llm.item_side import generate_item_profiles
+    from reclm.pipeline.inputs import item_inputs
 
     run, data, split, budget = recipe_run
     teacher = read_profiles(run.teacher / "items.jsonl", "item")
@@ -124,7 +130,9 @@ def test_keep_teacher_writes_only_the_items_without_one(recipe_run):
         calls.append(len(prompts))
         return [GENERATED] * len(prompts)
 
-    summary = generate_item_profiles(run, data, split, writer, budget=budget, keep_teacher=True)
+    summary = generate_item_profiles(
+        data, split, writer, run.stage("item_sft"), **item_inputs(run, data), budget=budget, keep_teacher=True
+    )
     records = {r.id: r for r in read_records(run.stage("item_sft") / "items.jsonl")}
     kept = set(teacher) - zero_shot
     assert calls == [data.n_items - len(kept)] and summary["kept_teacher"] == len(kept)

@@ -105,13 +105,15 @@ def test_pairs_leave_out_users_used_for_sft(tiny_run, tmp_path):
     run, data, split = tiny_run
     profiles = profiles_for(data.n_users)
     records = [ProfileRecord("user", data.user_ids[u], "p", profiles[u]) for u in range(10)]
-    write_records(run.teacher / "users.jsonl", records)
-    assert sft_user_ids(run) == {data.user_ids[u] for u in range(10)}  # no SFT record yet: all teacher users
+    teacher = run.teacher / "users.jsonl"
+    write_records(teacher, records)
+    assert run.sft_heldout() is None
+    assert sft_user_ids(teacher, run.sft_heldout()) == {data.user_ids[u] for u in range(10)}  # no SFT: all
     (run.stage("sft")).mkdir()
     (run.stage("sft") / "heldout.json").write_text(json.dumps({"user": [data.user_ids[8], data.user_ids[9]]}))
-    used = sft_user_ids(run)
+    used = sft_user_ids(teacher, run.sft_heldout())
     assert used == {data.user_ids[u] for u in range(8)}
-    chosen = chosen_profiles(run, data, "teacher", exclude=used)
+    chosen = chosen_profiles(data, run.user_profiles("teacher"), exclude=used)
     assert sorted(chosen) == [8, 9]
     pairs = build_pairs(data, split, chosen, sorted(chosen), {}, seed=0)
     path = tmp_path / "pairs.jsonl"
