@@ -235,7 +235,7 @@ def test_the_commands_build_the_pipelines_prompt_budget():
     """PromptBudget's own defaults are the paper's (a run without a config is served with them); the commands
     build it from the config's ``prompt``, every field included, as the pipeline does."""
     from reclm.cli.defaults import prompt_budget
-    from reclm.pipeline.stages import prompt_budget as pipeline_budget
+    from reclm.pipeline.stages.common import prompt_budget as pipeline_budget
 
     assert prompt_budget() == pipeline_budget(RUN)
     assert prompt_budget(max_items=3).max_items == 3

@@ -29,16 +29,15 @@ from reclm.data.errors import DataError
 from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.engine import Estimate
 from reclm.pipeline.speed import SpeedBook
-from reclm.pipeline.stages import (
-    cf_runs,
+from reclm.pipeline.stages.cf import cf_runs
+from reclm.pipeline.stages.common import prompt_budget
+from reclm.pipeline.stages.data import make_teacher, users_need_neighbours
+from reclm.pipeline.stages.generation import (
     decode_params,
     generation_backend,
     generation_batch_size,
     generation_quantization,
-    make_teacher,
-    prompt_budget,
     user_writers,
-    users_need_neighbours,
 )
 from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
 

@@ -179,7 +179,7 @@ def work_progress(
         if unit not in progress.units_done and any(p.name != PARTIAL_MARKER for p in marker.parent.iterdir()):
             progress.units_started[unit] = history_epochs(marker.parent / "history.json")
     if name == "train_cf" and cfg is not None:
-        from reclm.pipeline.stages import cf_runs
+        from reclm.pipeline.stages.cf import cf_runs
 
         progress.units_total = len(cf_runs(cfg))
     for file in sorted(work.rglob("*.jsonl")):
@@ -271,7 +271,7 @@ def stage_left(pipeline: Any, plan: StagePlan, plans: list[StagePlan], size: Any
 def cf_left(cfg: PipelineConfig, size: Any, speeds: Any, progress: Progress, work: Path) -> Estimate:
     """The CF runs not committed yet, at their full epoch count less the epochs a saved checkpoint holds."""
     from reclm.pipeline import estimate as est
-    from reclm.pipeline.stages import cf_runs
+    from reclm.pipeline.stages.cf import cf_runs
 
     epoch_pairs: dict[str, float] = {}
     for run in cf_runs(cfg):

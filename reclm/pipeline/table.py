@@ -9,32 +9,18 @@ from __future__ import annotations
 from reclm.pipeline import estimate as est
 from reclm.pipeline.config import STAGE_ORDER, GenerationOptions, PipelineConfig
 from reclm.pipeline.engine import Stage
-from reclm.pipeline.stages import (
-    dataset_files,
+from reclm.pipeline.stages.cf import run_report, run_train_cf, train_cf_config
+from reclm.pipeline.stages.common import dataset_files, generators_on, resource_files, teacher_files
+from reclm.pipeline.stages.data import run_neighbours, run_prepare, run_teacher, teacher_key, users_need_neighbours
+from reclm.pipeline.stages.generation import (
     generation_backend,
     generation_batch_size,
-    generators_on,
     precision_key,
-    resource_files,
-    run_collab,
-    run_encode,
-    run_item_side,
-    run_neighbours,
-    run_prepare,
-    run_profiles,
-    run_report,
-    run_reward,
-    run_rl,
-    run_sft,
-    run_teacher,
-    run_train_cf,
-    teacher_files,
-    teacher_key,
-    train_cf_config,
-    users_need_neighbours,
     writer_backend,
     writer_options,
 )
+from reclm.pipeline.stages.profiles import run_encode, run_profiles
+from reclm.pipeline.stages.tuning import run_collab, run_item_side, run_reward, run_rl, run_sft
 
 GENERATION_TRANSPORT = ("base_url", "api_key_env", "concurrency")  # where and how an openai backend is reached
 

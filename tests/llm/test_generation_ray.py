@@ -167,7 +167,7 @@ def test_the_profiles_stage_on_ray_hands_its_workers_the_local_generator_and_kee
     from reclm.llm import generation
     from reclm.llm.generation import ray_runner
     from reclm.pipeline.config import PipelineConfig
-    from reclm.pipeline.stages import profile_generator
+    from reclm.pipeline.stages.generation import profile_generator
     from reclm.pipeline.table import build_stages
 
     made = []

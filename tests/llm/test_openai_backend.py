@@ -269,7 +269,7 @@ def test_the_config_and_the_cli_take_one_url_or_a_list(tmp_path):
     from reclm.cli.writer import split_urls
     from reclm.llm import generation
     from reclm.pipeline.config import ConfigError, validate_config
-    from reclm.pipeline.stages import make_generator as stage_generator
+    from reclm.pipeline.stages.generation import make_generator as stage_generator
 
     a, b = "http://127.0.0.1:8001/v1", "http://127.0.0.1:8002/v1"
     base = {"stages": {"teacher": "offline"}}

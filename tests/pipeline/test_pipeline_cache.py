@@ -401,7 +401,7 @@ def test_dry_run_sizes_sft_by_the_pairs_the_teacher_writes(tmp_path):
     a temporary folder and measures them, and writes nothing into the run directory."""
     from reclm.llm.records import read_records
     from reclm.pipeline import estimate
-    from reclm.pipeline.stages import make_teacher
+    from reclm.pipeline.stages.data import make_teacher
     from reclm.rundir import RunDir
 
     config = two_history_config(tmp_path)
@@ -459,7 +459,7 @@ def test_dry_run_prices_only_the_user_profiles_the_generation_cache_lacks(tmp_pa
     from reclm.llm.generation import GenerationCache, cache_identity
     from reclm.llm.model import build_tiny_model
     from reclm.pipeline import estimate
-    from reclm.pipeline.stages import decode_params, generation_backend, user_writers
+    from reclm.pipeline.stages.generation import decode_params, generation_backend, user_writers
 
     model = build_tiny_model(tmp_path / "model")
     base = two_history_config(tmp_path)

@@ -146,7 +146,7 @@ def test_cli_rejects_an_unknown_stage_name():
 def test_auto_generation_backend_follows_the_device(monkeypatch):
     """`auto`: CTranslate2 on CPU (faster there), transformers on CUDA; the MIND and Netflix configs use it."""
     import reclm.llm.model as model
-    from reclm.pipeline.stages import generation_backend, writer_backend
+    from reclm.pipeline.stages.generation import generation_backend, writer_backend
 
     config = load_config(CONFIGS / "mind-paper.yaml")
     assert config.generation.backend == "auto"
@@ -161,7 +161,7 @@ def test_auto_generation_backend_follows_the_device(monkeypatch):
 
 def test_null_generation_batch_follows_the_device(monkeypatch):
     import reclm.llm.model as model
-    from reclm.pipeline.stages import generation_batch_size, writer_options
+    from reclm.pipeline.stages.generation import generation_batch_size, writer_options
 
     config = load_config(CONFIGS / "mind-paper.yaml")
     assert config.generation.batch_size is None

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from reclm.cli.main import app
 from reclm.distributed import RAY_MISSING
 from reclm.pipeline.config import ConfigError, PipelineConfig, RayOptions, load_config, validate_config
-from reclm.pipeline.stages import train_cf_config
+from reclm.pipeline.stages.cf import train_cf_config
 
 ray = pytest.importorskip("ray")
 

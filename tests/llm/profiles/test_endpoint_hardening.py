@@ -22,7 +22,7 @@ from reclm.llm.records import read_records
 from reclm.llm.teachers import EndpointConfig, EndpointError, Ledger, OpenAITeacher, SpendingCapReached
 from reclm.pipeline.config import validate_config
 from reclm.pipeline.engine import Pipeline, StageError
-from reclm.pipeline.stages import make_teacher
+from reclm.pipeline.stages.data import make_teacher
 from reclm.pipeline.table import build_stages
 
 KEY_ENV = "RECLM_TEST_HARDENING_KEY"
