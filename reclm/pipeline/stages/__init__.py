@@ -16,5 +16,6 @@
 |12 | report     | report/     | every stage above                       |
 
 Stage bodies call the areas' public functions
-(``reclm.llm``, ``reclm.cf``, ``reclm.text``); this module only wires them to the run directory.
+(``reclm.llm``, ``reclm.cf``, ``reclm.text``); this package only wires them to the run directory. The
+stage table that joins bodies, keys and estimates is :mod:`reclm.pipeline.table`.
 """
