@@ -66,6 +66,16 @@ def slow_and_quick_jobs(cfg, out: Path, tmp_path: Path) -> list:
     return jobs
 
 
+def interrupt_after_first(done: list[str]):
+    """An ``on_done`` that records the finished job, then acts as a Ctrl-C."""
+
+    def on_done(job, result) -> None:
+        done.append(job.name)
+        raise KeyboardInterrupt("simulated Ctrl-C")
+
+    return on_done
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_dataset):
     base = tmp_path_factory.mktemp("e2e")
@@ -290,14 +300,9 @@ def test_an_interrupt_ends_the_cf_workers_at_once(finished_run, tmp_path):
     cfg = load_config(config)
     jobs = slow_and_quick_jobs(cfg, out, tmp_path)
     done: list[str] = []
-
-    def interrupt_after_first(job, result):
-        done.append(job.name)
-        raise KeyboardInterrupt("simulated Ctrl-C")
-
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        cf_jobs.run_in_workers(out, jobs, workers=2, threads=1, on_done=interrupt_after_first)
+        cf_jobs.run_in_workers(out, jobs, workers=2, threads=1, on_done=interrupt_after_first(done))
     assert done == ["quick"]
     assert time.monotonic() - started < 60, "the 100,000-epoch run was not waited for"
     assert (tmp_path / "quick" / "metrics.json").is_file() and not (tmp_path / "slow" / "metrics.json").exists()

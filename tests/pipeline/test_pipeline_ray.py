@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline_end_to_end import invoke, slow_and_quick_jobs, stage_lines, tiny_config
+from test_pipeline_end_to_end import interrupt_after_first, invoke, slow_and_quick_jobs, stage_lines, tiny_config
 from typer.testing import CliRunner
 
 from reclm.cli.main import app
@@ -86,15 +86,11 @@ def test_an_interrupt_cancels_the_ray_tasks_still_running_and_a_failed_run_raise
     jobs = slow_and_quick_jobs(cfg, out, tmp_path)
     done: list[str] = []
 
-    def interrupt_after_first(job, result):
-        done.append(job.name)
-        raise KeyboardInterrupt("simulated Ctrl-C")
-
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # kept up here, to look at it afterwards
     try:
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            cf_jobs.run_in_ray(out, jobs, RayOptions(), 1, interrupt_after_first)
+            cf_jobs.run_in_ray(out, jobs, RayOptions(), 1, interrupt_after_first(done))
         assert done == ["quick"] and time.monotonic() - started < 300, "the 100,000-epoch run (hours) was waited for"
         assert (tmp_path / "quick" / "metrics.json").is_file() and not (tmp_path / "slow" / "metrics.json").exists()
         deadline = time.monotonic() + 30
