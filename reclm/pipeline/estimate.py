@@ -80,9 +80,10 @@ class DataSize:
     user_prompt_keys: list[str] | None = None  # generation-cache keys of the distinct user prompts
 
 
-def data_size(cfg: PipelineConfig, root: Path) -> DataSize:
-    """Counts from the run's saved split when prepared, else from the split made here (not saved)."""
-    data, split, saved = split_of(cfg, root)
+def data_size(cfg: PipelineConfig, root: Path, made: tuple[Any, Any] | None = None) -> DataSize:
+    """Counts from the run's saved split when prepared, else from ``made`` (the dataset and split the config
+    makes, when the caller has them already) or the split made here (not saved)."""
+    data, split, saved = split_of(cfg, root, made)
     stats = split.stats()
     size = DataSize(data.n_users, data.n_items, stats["train"] + stats["valid"] + stats["test"], stats["train"], saved)
     if cfg.stages.generators():
@@ -116,8 +117,9 @@ def teacher_pair_tokens(cfg: PipelineConfig, data: Any, split: Any) -> float | N
     return mean_tokens(pairs, token_counter(cfg.llm.base_model))
 
 
-def split_of(cfg: PipelineConfig, root: Path) -> tuple[Any, Any, bool]:
-    """``(data, split, saved)``: the run's saved split, or the one ``cfg`` makes (computed in memory)."""
+def split_of(cfg: PipelineConfig, root: Path, made: tuple[Any, Any] | None = None) -> tuple[Any, Any, bool]:
+    """``(data, split, saved)``: the run's saved split, or the one ``cfg`` makes (``made``, else computed in
+    memory)."""
     from reclm.data.loaders import load_dataset
     from reclm.data.split import make_split
     from reclm.rundir import RunDir
@@ -128,6 +130,8 @@ def split_of(cfg: PipelineConfig, root: Path) -> tuple[Any, Any, bool]:
             return data, split, True
         except DataError:  # the dataset changed since: prepare will redo the split
             pass
+    if made is not None:
+        return made[0], made[1], False
     data = load_dataset(str(cfg.dataset), item_text=cfg.item_text)
     return data, make_split(data, cfg.split.spec()), False
 

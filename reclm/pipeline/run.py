@@ -50,17 +50,20 @@ def save_config(config: PipelineConfig, out: Path) -> None:
     write_text_atomic(out / "config.yaml", yaml.safe_dump(effective, sort_keys=False))
 
 
-def preflight(config: PipelineConfig) -> None:
+def preflight(config: PipelineConfig) -> tuple[RecDataset, Split]:
     """The whole effective config checked against the data it will run on, before stage 1: a run that
-    could not finish stops here with one line (a DataError: exit code 2) instead of at a late stage."""
+    could not finish stops here with one line (a DataError: exit code 2) instead of at a late stage.
+    Returns the dataset and the split the config makes (a dry run's estimates reuse them)."""
     from reclm.data.loaders import load_dataset
     from reclm.data.split import make_split
 
     refuse_data_parallel("reclm run")
     data = load_dataset(str(config.dataset), item_text=config.item_text)
-    problem = data_problem(config, data) or split_problem(config, data, make_split(data, config.split.spec()))
+    split = make_split(data, config.split.spec())
+    problem = data_problem(config, data) or split_problem(config, data, split)
     if problem:
         raise DataError(problem, config.dataset)
+    return data, split
 
 
 def data_problem(config: PipelineConfig, data: RecDataset) -> str | None:
@@ -124,9 +127,9 @@ def dry_run(
 ) -> list[StagePlan]:
     """Check the config against the data (:func:`preflight`), then print which stages would run or come
     from cache, with time and token estimates."""
-    preflight(pipeline.config)
+    made = preflight(pipeline.config)
     plans = pipeline.plan(force=forced(pipeline, from_stage, only), only=only)
-    size = est.data_size(pipeline.config, pipeline.root)
+    size = est.data_size(pipeline.config, pipeline.root, made)
     table = Table(title=f"plan for {pipeline.root}", title_justify="left")
     for column in ("#", "stage", "action", "why", "work", "est. time", "est. tokens", "basis"):
         table.add_column(column, justify="right" if column in ("#", "est. time", "est. tokens") else "left")

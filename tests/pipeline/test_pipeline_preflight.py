@@ -120,3 +120,25 @@ def test_file_teacher_without_profiles_is_one_line(own_data, tmp_path):
     line = one_error_line(["run", str(path), "--out", str(tmp_path / "r")])
     assert "stages.teacher: file needs user profiles: the dataset ships no teacher_user_profiles.jsonl" in line
     assert not (tmp_path / "r").exists()
+
+
+def test_a_dry_run_reads_the_dataset_once(own_data, tmp_path, monkeypatch):
+    """The preflight check's dataset and split are the ones the estimates count (a full-size dataset takes
+    seconds to load and split)."""
+    import reclm.data.loaders as loaders
+
+    clicks, items = own_data
+    reads = []
+    real = loaders.load_dataset
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loaders, "load_dataset", counted)
+    result = CliRunner().invoke(
+        app, ["run", "--dataset", str(clicks), "--item-text", str(items), "--out", str(tmp_path / "r"), "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert reads == [str(clicks)]
+    assert "150 users" in result.output
