@@ -256,6 +256,7 @@ class GenerationOptions(Section):
     served_model: str | None = None  # openai: the served model's name
     api_key_env: str | None = "OPENAI_API_KEY"  # null: no key (sent over https, or http to loopback only)
     concurrency: int = Field(8, ge=1)  # openai: requests in flight on each server
+    cooldown: float = Field(30.0, ge=0)  # openai, several servers: seconds a failing one is left out
 
     @field_validator("base_url")
     @classmethod

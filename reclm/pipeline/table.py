@@ -22,7 +22,8 @@ from reclm.pipeline.stages.generation import (
 from reclm.pipeline.stages.profiles import run_encode, run_profiles
 from reclm.pipeline.stages.tuning import run_collab, run_item_side, run_reward, run_rl, run_sft
 
-GENERATION_TRANSPORT = ("base_url", "api_key_env", "concurrency")  # where and how an openai backend is reached
+# where and how an openai backend is reached, not what it writes: kept out of the profiles stage key
+GENERATION_TRANSPORT = ("base_url", "api_key_env", "concurrency", "cooldown")
 
 
 def generation_key(cfg: PipelineConfig) -> dict:

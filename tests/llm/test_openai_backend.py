@@ -290,3 +290,22 @@ def test_the_config_and_the_cli_take_one_url_or_a_list(tmp_path):
     assert single.endpoint.urls == [a] and pair.endpoint.urls == [a, b]
     assert single.identity == pair.identity  # a second replica of the same served adapter keeps the cache
     assert split_urls(f"{a}, {b}") == [a, b] and split_urls(a) == a
+    slow = validate_config({**base, "generation": {"backend": "openai", "base_url": [a, b], "cooldown": 120}})
+    assert stage_generator(generation, slow, adapter).endpoint.cooldown == 120 and pair.endpoint.cooldown == 30
+    with pytest.raises(ConfigError, match="cooldown"):
+        validate_config({**base, "generation": {"cooldown": -1}})
+
+
+def test_the_profiles_stage_key_leaves_out_where_the_servers_are():
+    """More replicas, a moved server, another concurrency or cooldown: the same profiles, the same stage key;
+    what is asked of the model (here its length) changes it."""
+    from reclm.pipeline.config import validate_config
+    from reclm.pipeline.table import generation_key
+
+    def key(**generation):
+        return generation_key(validate_config({"generation": {"backend": "openai", **generation}}))
+
+    one = key(base_url="http://127.0.0.1:8001/v1")
+    moved = key(base_url=["http://127.0.0.1:8002/v1", "http://127.0.0.1:8003/v1"], concurrency=32, cooldown=5)
+    assert one == moved
+    assert key(base_url="http://127.0.0.1:8001/v1", max_new_tokens=64) != one

@@ -118,6 +118,7 @@ def make_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None) -
             "base_url": gen.base_url,
             "api_key_env": gen.api_key_env,
             "concurrency": gen.concurrency,
+            "cooldown": gen.cooldown,
         }
         return generation.make_generator("openai", gen.served_model, adapter, generation_batch_size(cfg), **options)
     options = {"threads": cfg.threads}
