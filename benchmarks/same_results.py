@@ -44,9 +44,11 @@ def digest(path: Path) -> str | None:
     return h.hexdigest()[:16]
 
 
-def file_differences(a: Path, b: Path) -> list[str]:
-    return [f"{name}: {digest(a / name)} != {digest(b / name)}" for name in COMPARED
-            if digest(a / name) != digest(b / name)]  # fmt: skip
+def file_differences(a: Path, b: Path) -> tuple[int, list[str]]:
+    """How many of the compared files run ``a`` has, and the ones whose content differs (each hashed once)."""
+    pairs = {name: (digest(a / name), digest(b / name)) for name in COMPARED}
+    present = sum(left is not None for left, _ in pairs.values())
+    return present, [f"{name}: {left} != {right}" for name, (left, right) in pairs.items() if left != right]
 
 
 def metrics(run: Path) -> dict[tuple[str, str, str], float]:
@@ -65,9 +67,8 @@ def metric_differences(a: Path, b: Path) -> tuple[int, list[str]]:
 
 
 def main(a: Path, b: Path) -> int:
-    files = file_differences(a, b)
+    present, files = file_differences(a, b)
     compared, values = metric_differences(a, b)
-    present = sum(digest(a / name) is not None for name in COMPARED)
     print(f"{present} stage files compared by content, {len(files)} differ")
     print(f"{compared} metric values compared, {len(values)} differ")
     for line in files + values:

@@ -454,10 +454,10 @@ def make_optimizer(model: Any, train: TrainSettings, total: int) -> tuple[list, 
     return params, optimizer, get_scheduler(schedule, optimizer, int(train.warmup * total), total)
 
 
-def fresh_state(fingerprint: str) -> dict[str, Any]:
-    """What SFT adds to the loop state a checkpoint saves: counters and the held-out curve."""
+def fresh_state() -> dict[str, Any]:
+    """What SFT adds to the loop state a checkpoint saves: counters and the held-out curve (the fingerprint is
+    added by :class:`Checkpointing` on saving)."""
     return {
-        "fingerprint": fingerprint,
         "train_tokens": 0,
         "label_tokens": 0,
         "eval_curve": [],
@@ -582,7 +582,7 @@ def train_lora(
 
     fingerprint = run_fingerprint(conversations, model_identity(folder), lora, train, init_adapter)
     loop = lora_loop(run, out_dir, fingerprint)
-    state, resumed_from = loop.start(fresh_state(fingerprint))
+    state, resumed_from = loop.start(fresh_state())
     dp.broadcast(params)
     dp.barrier()  # every process has read the checkpoint before the first one may replace it
     if resumed_from is None:
