@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reclm.cachekeys import added_later
+
 Backbone = Literal["bias-mf", "ncf", "lightgcn", "sgl", "simgcl"]
 FeatureMode = Literal["none", "text", "text+profiles", "text+user-profiles", "text+item-profiles"]
 BACKBONES: tuple[str, ...] = ("bias-mf", "ncf", "lightgcn", "sgl", "simgcl")
@@ -66,7 +68,7 @@ class CFConfig(BaseModel):
     ssl_negatives: Literal["batch", "all"] = Field(
         "batch", description="InfoNCE negatives: the batch's other nodes (SELFRec) or every node (RecBole SGL)"
     )
-    ssl_nodes: int | None = Field(
+    ssl_nodes: int | None = added_later(
         None, ge=2, description="InfoNCE on at most this many of a batch's distinct users (and items), drawn at random"
     )  # null: all of them. Its cost grows with their square: big batches on big catalogues (docs/decisions.md)
 

@@ -37,6 +37,7 @@ import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from reclm.cachekeys import every_field, key_dump
 from reclm.cf.backbones import CFModel, build_model
 from reclm.cf.config import CFConfig
 from reclm.cf.evaluator import EvalResult, Evaluator
@@ -220,9 +221,16 @@ class Trainer:
             digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
         return {
             "format": RESUME_FORMAT,
-            "config": self.config.model_dump(mode="json", exclude={"threads", "device"}),
+            "config": key_dump(self.config, mode="json", exclude={"threads", "device"}),
             "data": digest.hexdigest(),
         }
+
+    @property
+    def older_fingerprint(self) -> dict:
+        """The fingerprint as written while ``added_later`` settings were still in it (reclm.cachekeys)."""
+        current = self.fingerprint  # computed (and cached) outside every_field
+        with every_field():
+            return {**current, "config": key_dump(self.config, mode="json", exclude={"threads", "device"})}
 
     def save_state(self, loop: dict) -> None:
         """Write the whole training state atomically (a crash mid-write leaves the previous one)."""
@@ -253,7 +261,7 @@ class Trainer:
             raise
         except Exception:  # a torn file: start afresh
             return None
-        if state.get("fingerprint") != self.fingerprint:
+        if state.get("fingerprint") not in (self.fingerprint, self.older_fingerprint):
             return None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from reclm.cachekeys import added_later, key_dump
 from reclm.cf.config import BACKBONES, Backbone, FeatureMode
 from reclm.data.split import SplitSpec
 
@@ -256,7 +257,7 @@ class GenerationOptions(Section):
     served_model: str | None = None  # openai: the served model's name
     api_key_env: str | None = "OPENAI_API_KEY"  # null: no key (sent over https, or http to loopback only)
     concurrency: int = Field(8, ge=1)  # openai: requests in flight on each server
-    cooldown: float = Field(30.0, ge=0)  # openai, several servers: seconds a failing one is left out
+    cooldown: float = added_later(30.0, ge=0)  # openai, several servers: seconds a failing one is left out
 
     @field_validator("base_url")
     @classmethod
@@ -351,7 +352,7 @@ class PipelineConfig(Section):
 
     def section(self, *keys: str) -> dict[str, Any]:
         """The named top-level sections as plain data (what a stage's cache key is built from)."""
-        dumped = self.model_dump(mode="json")
+        dumped = key_dump(self, mode="json")
         return {k: dumped[k] for k in keys}
 
     def default_out(self, name: str | None = None) -> Path:

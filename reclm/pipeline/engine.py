@@ -28,7 +28,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 
 from rich.console import Console
 
+from reclm.cachekeys import key_and_older
 from reclm.pipeline.config import PipelineConfig, stable_hash
 from reclm.pipeline.formatting import format_cost, now
 from reclm.pipeline.hashing import describe_outputs, outputs_hash, outputs_intact, path_hash
@@ -118,13 +119,14 @@ class Unit:
     path: Path
     key: str
     done: bool
+    older: frozenset[str] = frozenset()  # older keys of the same work (reclm.cachekeys)
 
     def scratch(self) -> Path:
         """The folder to write the unit into; ``commit()`` moves it into place. An interrupted attempt's
         folder for the same key is kept (a CF run resumes from the state it saved there); any other
         is emptied."""
         tmp = self.path.with_name(self.path.name + ".partial")
-        if unit_key(tmp, PARTIAL_MARKER) == self.key:
+        if unit_key(tmp, PARTIAL_MARKER) in {self.key, *self.older}:
             return tmp
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -180,27 +182,28 @@ class StageContext:
             self.shared["data"] = RunDir(self.root).load()
         return self.shared["data"]
 
-    def unit(self, relative: str, key: Any) -> Unit:
+    def unit(self, relative: str, key: Any, *older: Any) -> Unit:
         """``out/relative`` as a cached unit: done when it (or the previous output's copy) was
-        committed with the same key."""
+        committed with the same key, or one of the ``older`` keys of the same work."""
         digest = key if isinstance(key, str) else stable_hash(key)
+        accepted = frozenset({digest, *(k if isinstance(k, str) else stable_hash(k) for k in older)})
         path = self.out / relative
-        if path.is_dir() and unit_key(path) == digest:
+        if path.is_dir() and unit_key(path) in accepted:
             return Unit(path, digest, True)
         finished = path.with_name(path.name + ".partial")
-        if finished.is_dir() and unit_key(finished) == digest:  # committed, but killed before the rename
+        if finished.is_dir() and unit_key(finished) in accepted:  # committed, but killed before the rename
             shutil.rmtree(path, ignore_errors=True)
             publish(finished, path)
             return Unit(path, digest, True)
         old = self.previous / relative if self.previous else None
-        if old is not None and old.is_dir() and unit_key(old) == digest:
+        if old is not None and old.is_dir() and unit_key(old) in accepted:
             tmp = path.with_name(path.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(old, tmp)
             shutil.rmtree(path, ignore_errors=True)
             publish(tmp, path)
             return Unit(path, digest, True)
-        return Unit(path, digest, False)
+        return Unit(path, digest, False, accepted - {digest})
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -281,14 +284,21 @@ class Pipeline:
             "files": {str(p): path_hash(Path(p)) for p in stage.files(self.config)},
         }
 
-    def cached_output(self, stage: Stage, input_hash: str, restore: bool = False) -> dict[str, Any] | None:
-        """The manifest of a complete output for ``input_hash``: in place, or parked while the stage
-        was switched off (moved back when ``restore``)."""
+    def stage_key(self, stage: Stage, upstream: dict[str, str]) -> tuple[dict[str, Any], str, frozenset[str]]:
+        """The stage's inputs, their hash, and every hash a cached output may carry for the same work (the
+        one from before ``added_later`` fields left the keys, reclm.cachekeys)."""
+        inputs, older = key_and_older(lambda: self.stage_inputs(stage, upstream))
+        input_hash = stable_hash(inputs)
+        return inputs, input_hash, frozenset({input_hash, stable_hash(older)})
+
+    def cached_output(self, stage: Stage, accepted: Collection[str], restore: bool = False) -> dict[str, Any] | None:
+        """The manifest of a complete output under one of the ``accepted`` input hashes: in place, or parked
+        while the stage was switched off (moved back when ``restore``)."""
         record = self.manifest(stage.name)
-        if self.usable(record, input_hash, self.root / stage.folder):
+        if self.usable(record, accepted, self.root / stage.folder):
             return record
         parked_record = read_json(self.parked / f"{stage.name}.json")
-        if not self.usable(parked_record, input_hash, self.parked / stage.folder):
+        if not self.usable(parked_record, accepted, self.parked / stage.folder):
             return None
         if restore:
             shutil.rmtree(self.root / stage.folder, ignore_errors=True)
@@ -298,8 +308,8 @@ class Pipeline:
         return parked_record
 
     @staticmethod
-    def usable(record: dict[str, Any] | None, input_hash: str, folder: Path) -> bool:
-        if not record or record.get("status") != "complete" or record.get("input_hash") != input_hash:
+    def usable(record: dict[str, Any] | None, accepted: Collection[str], folder: Path) -> bool:
+        if not record or record.get("status") != "complete" or record.get("input_hash") not in accepted:
             return False
         return outputs_intact(folder, record.get("outputs", {}))
 
@@ -339,9 +349,8 @@ class Pipeline:
                 action = "skip" if only and stage.name != only else "run"
                 plans.append(StagePlan(stage, action, f"after {pending[-1]}"))
                 continue
-            inputs = self.stage_inputs(stage, known)  # type: ignore[arg-type]
-            input_hash = stable_hash(inputs)
-            record = self.cached_output(stage, input_hash)
+            inputs, input_hash, accepted = self.stage_key(stage, known)  # type: ignore[arg-type]
+            record = self.cached_output(stage, accepted)
             if only and stage.name != only:
                 known[stage.name] = record["output_hash"] if record else None
                 plans.append(StagePlan(stage, "skip", "" if record else "not complete", input_hash, inputs))
@@ -401,9 +410,8 @@ class Pipeline:
                     outcomes.append(StageOutcome(stage.name, "off"))
                     self.console.print(f"{label} off", highlight=False)
                     continue
-                inputs = self.stage_inputs(stage, known)
-                input_hash = stable_hash(inputs)
-                record = self.cached_output(stage, input_hash, restore=stage.name not in force)
+                inputs, input_hash, accepted = self.stage_key(stage, known)
+                record = self.cached_output(stage, accepted, restore=stage.name not in force)
                 if only and stage.name != only:
                     if stage.name in {n for s in self.stages if s.name == only for n in s.needs} and not record:
                         raise StageError(
@@ -419,7 +427,7 @@ class Pipeline:
                     outcomes.append(StageOutcome(stage.name, "cached", record.get("seconds", 0.0), record))
                     self.console.print(f"{label} cached", highlight=False)
                     continue
-                record = self.execute(stage, inputs, input_hash)
+                record = self.execute(stage, inputs, input_hash, accepted)
                 known[stage.name] = record["output_hash"]
                 outcomes.append(StageOutcome(stage.name, "ran", record["seconds"], record))
                 self.console.print(f"{label} done   {format_cost(record)}", highlight=False)
@@ -439,16 +447,19 @@ class Pipeline:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
 
-    def execute(self, stage: Stage, inputs: dict[str, Any], input_hash: str) -> dict[str, Any]:
+    def execute(
+        self, stage: Stage, inputs: dict[str, Any], input_hash: str, accepted: Collection[str] = ()
+    ) -> dict[str, Any]:
+        accepted = {input_hash, *accepted}
         work_root = self.root / ".work"
         work = work_root / stage.folder
         key_file = work_root / f"{stage.folder}.key"
-        resumed = work.is_dir() and key_file.is_file() and key_file.read_text() == input_hash
+        resumed = work.is_dir() and key_file.is_file() and key_file.read_text() in accepted
         if not resumed:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-            key_file.write_text(input_hash)
-        earlier = self.earlier_attempts(stage.name, input_hash) if resumed else []
+        key_file.write_text(input_hash)
+        earlier = self.earlier_attempts(stage.name, accepted) if resumed else []
         final = self.root / stage.folder
         record: dict[str, Any] = {
             "stage": stage.name,
@@ -514,11 +525,11 @@ class Pipeline:
             self.speeds.record(stage.name, record, self.speed_setup(stage.name))
         return record
 
-    def earlier_attempts(self, name: str, input_hash: str) -> list[dict[str, Any]]:
+    def earlier_attempts(self, name: str, accepted: Collection[str]) -> list[dict[str, Any]]:
         """The interrupted or failed attempts whose kept work this attempt resumes: their time counts too,
         so a stage resumed across sessions reports (and teaches the speed book) its whole cost."""
         old = self.manifest(name)
-        if not old or old.get("input_hash") != input_hash:
+        if not old or old.get("input_hash") not in accepted:
             return []
         if old.get("status") == "running":  # killed (we hold the lock): its own time is unknown, earlier ones kept
             return list(old.get("attempts", []))

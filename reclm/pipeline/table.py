@@ -6,6 +6,7 @@ Stage bodies and their keys live in :mod:`reclm.pipeline.stages`, estimates in
 
 from __future__ import annotations
 
+from reclm.cachekeys import key_dump
 from reclm.pipeline import estimate as est
 from reclm.pipeline.config import STAGE_ORDER, GenerationOptions, PipelineConfig
 from reclm.pipeline.engine import Stage
@@ -26,14 +27,22 @@ from reclm.pipeline.stages.tuning import run_collab, run_item_side, run_reward, 
 GENERATION_TRANSPORT = ("base_url", "api_key_env", "concurrency", "cooldown")
 
 
+def generation_settings(cfg: PipelineConfig) -> dict:
+    """The generation section for a cache key, with the transport set to its defaults: which servers
+    answer (more replicas, a moved server) changes no profile and no tuned adapter."""
+    settings = key_dump(cfg.generation, mode="json")
+    defaults = key_dump(GenerationOptions(), mode="json")
+    for name in GENERATION_TRANSPORT:  # an added_later field absent from the defaults stays absent
+        settings.pop(name, None)
+        if name in defaults:
+            settings[name] = defaults[name]
+    return settings
+
+
 def generation_key(cfg: PipelineConfig) -> dict:
-    """The profiles stage's generation and prompt settings, with the transport set to its defaults: which
-    servers answer (more replicas, a moved server) does not change the profiles; the served model and the
-    adapter's fingerprint, part of the generation cache's key, do."""
-    section = cfg.section("generation", "prompt")
-    defaults = GenerationOptions().model_dump(mode="json")
-    section["generation"].update({k: defaults[k] for k in GENERATION_TRANSPORT})
-    return section
+    """The profiles stage's generation and prompt settings, transport-free (``generation_settings``); the
+    served model and the adapter's fingerprint, part of the generation cache's key, do count."""
+    return {"generation": generation_settings(cfg), **cfg.section("prompt")}
 
 
 def build_stages() -> list[Stage]:
@@ -64,8 +73,8 @@ def build_stages() -> list[Stage]:
             needs=("prepare", "teacher"),
             config=lambda c: {
                 "base": c.llm.base_model,
-                "lora": c.llm.lora.model_dump(),
-                "sft": c.llm.sft.model_dump(),
+                "lora": key_dump(c.llm.lora),
+                "sft": key_dump(c.llm.sft),
             },
             enabled=lambda c: c.stages.sft,
             estimate=est.sft,
@@ -94,8 +103,8 @@ def build_stages() -> list[Stage]:
             needs=("prepare", "teacher", "sft", "neighbours"),
             config=lambda c: {
                 "base": c.llm.base_model,
-                "lora": c.llm.lora.model_dump(),
-                "collab": c.llm.collab.model_dump(),
+                "lora": key_dump(c.llm.lora),
+                "collab": key_dump(c.llm.collab),
                 "prompt": c.section("prompt"),  # the distilled profiles' prompts
                 "writer": {"backend": writer_backend(c), **writer_options(c)},
             },
@@ -110,8 +119,8 @@ def build_stages() -> list[Stage]:
             needs=("prepare", "teacher", "sft", "neighbours"),
             config=lambda c: {
                 "base": c.llm.base_model,
-                "lora": c.llm.lora.model_dump(),
-                "reward": c.llm.reward.model_dump(),
+                "lora": key_dump(c.llm.lora),
+                "reward": key_dump(c.llm.reward),
             },
             files=resource_files,
             enabled=lambda c: c.stages.reward,
@@ -125,8 +134,8 @@ def build_stages() -> list[Stage]:
             needs=("prepare", "teacher", "sft", "neighbours", "collab", "reward"),
             config=lambda c: {
                 "kind": c.stages.rl,
-                "rl": c.llm.rl.model_dump(),
-                "generation": c.generation.model_dump(),
+                "rl": key_dump(c.llm.rl),
+                "generation": generation_settings(c),  # what PPO samples with
             },
             files=resource_files,
             enabled=lambda c: c.stages.rl != "none",
@@ -140,8 +149,8 @@ def build_stages() -> list[Stage]:
             needs=("prepare", "teacher", "sft", "neighbours"),
             config=lambda c: {
                 "base": c.llm.base_model,
-                "lora": c.llm.lora.model_dump(),
-                "item": c.llm.item_side.model_dump(),
+                "lora": key_dump(c.llm.lora),
+                "item": key_dump(c.llm.item_side),
                 "prompt": c.section("prompt"),  # the training prompts' budget
             },
             enabled=lambda c: c.stages.item_side,

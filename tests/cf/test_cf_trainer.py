@@ -150,6 +150,21 @@ def test_a_saved_state_of_other_settings_or_data_is_not_resumed(tmp_path, monkey
     assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["resumed_from_epoch"] == 0
 
 
+def test_a_cf_state_saved_with_every_setting_in_its_fingerprint_is_resumed(tmp_path, monkeypatch, tiny_split):
+    """Written while ``added_later`` settings were still in resume fingerprints (reclm.cachekeys)."""
+    from reclm.cachekeys import every_field
+
+    cfg = small_config(backbone="bias-mf", epochs=6, patience=20)
+    whole = train_cf(tiny_split, cfg, show_progress=False)
+    with every_field(), monkeypatch.context() as patch:
+        interrupt_at(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train_cf(tiny_split, cfg, out_dir=tmp_path / "run", show_progress=False, checkpoint_seconds=0)
+    resumed = train_cf(tiny_split, cfg, out_dir=tmp_path / "run", show_progress=False)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed_from_epoch"] == 3
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+
+
 COLD = np.arange(28, 36)  # two items of each taste group (the zero-shot items are 36-39)
 
 

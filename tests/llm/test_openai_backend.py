@@ -296,14 +296,17 @@ def test_the_config_and_the_cli_take_one_url_or_a_list(tmp_path):
         validate_config({**base, "generation": {"cooldown": -1}})
 
 
-def test_the_profiles_stage_key_leaves_out_where_the_servers_are():
-    """More replicas, a moved server, another concurrency or cooldown: the same profiles, the same stage key;
-    what is asked of the model (here its length) changes it."""
+@pytest.mark.parametrize("stage", ["profiles", "rl"])
+def test_the_stage_keys_leave_out_where_the_servers_are(stage):
+    """More replicas, a moved server, another concurrency or cooldown: the same profiles (and the same RL
+    adapter), the same stage key; what is asked of the model (here its length) changes it."""
     from reclm.pipeline.config import validate_config
-    from reclm.pipeline.table import generation_key
+    from reclm.pipeline.table import STAGES
+
+    (table_entry,) = [s for s in STAGES if s.name == stage]
 
     def key(**generation):
-        return generation_key(validate_config({"generation": {"backend": "openai", **generation}}))
+        return table_entry.config(validate_config({"generation": {"backend": "openai", **generation}}))
 
     one = key(base_url="http://127.0.0.1:8001/v1")
     moved = key(base_url=["http://127.0.0.1:8002/v1", "http://127.0.0.1:8003/v1"], concurrency=32, cooldown=5)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reclm.cachekeys import key_and_older, key_dump
 from reclm.cf.features import uses_item_profiles, uses_user_profiles
 from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.engine import StageContext
@@ -144,13 +145,13 @@ def resolved_cf_params(params: dict[str, Any]) -> dict[str, Any]:
     thread count or device."""
     from reclm.cf import CFConfig
 
-    return CFConfig(**params).model_dump(mode="json", exclude={"threads", "device"})
+    return key_dump(CFConfig(**params), mode="json", exclude={"threads", "device"})
 
 
 def train_cf_config(cfg: PipelineConfig) -> dict[str, Any]:
     runs = cf_runs(cfg)
     resolved = [resolved_cf_params(cfg.cf.run_params(r["backbone"], r["features"], r["seed"])) for r in runs]
-    return {"cf": cfg.cf.model_dump(mode="json", exclude={"jobs"}), "runs": runs, "resolved": resolved}
+    return {"cf": key_dump(cfg.cf, mode="json", exclude={"jobs"}), "runs": runs, "resolved": resolved}
 
 
 def cf_job(ctx: StageContext, run: dict[str, Any]) -> tuple[Any, Any]:
@@ -169,9 +170,10 @@ def cf_job(ctx: StageContext, run: dict[str, Any]) -> tuple[Any, Any]:
     if uses_item_profiles(run["features"]):
         job.item_profiles = folder / "items.npz"
     files = [f for f in (job.item_text, job.user_profiles, job.item_profiles) if f is not None]
-    key = {"params": resolved_cf_params(params), "split": ctx.inputs["upstream"]["prepare"], "files": {}}
-    key["files"] = {str(f.relative_to(ctx.root)): path_hash(f) for f in files}
-    unit = ctx.unit(run["name"], key)
+    shared = {"split": ctx.inputs["upstream"]["prepare"]}
+    shared["files"] = {str(f.relative_to(ctx.root)): path_hash(f) for f in files}
+    key, older = key_and_older(lambda: {"params": resolved_cf_params(params), **shared})
+    unit = ctx.unit(run["name"], key, older)
     if not unit.done:
         job.out = unit.scratch()
     return job, unit
