@@ -184,3 +184,33 @@ def test_the_profiles_stage_on_ray_hands_its_workers_the_local_generator_and_kee
     assert made[0][1] == {"address": "ray://head:10001", "cpus_per_worker": 2, "gpus_per_worker": 0, "num_cpus": 3}
     profiles = next(s for s in build_stages() if s.name == "profiles")
     assert profiles.config(on_ray) == profiles.config(local)
+
+
+def test_openai_limits_hold_for_all_workers_together(local_ray):
+    """Each actor's OpenAI generator would otherwise allow the whole ``concurrency`` and ``max_cost``."""
+    from reclm.llm.generation.openai import GenerationEndpoint
+    from reclm.llm.generation.ray_runner import shared_limits
+
+    url = "http://127.0.0.1:9/v1"  # never asked: building the generators sends nothing
+    spec = GeneratorSpec.of("openai", "served", None, 4, base_url=url, api_key_env=None, concurrency=8, max_cost=1.5)
+    with RayGenerator(spec, workers=3, cpus_per_worker=0.5) as generator:
+        assert generator.spec.options["concurrency"] == 2 and generator.spec.options["max_cost"] == 0.5
+        assert generator.identity.startswith("openai")
+    endpoint = GenerationEndpoint(base_url=url, api_key_env=None, concurrency=2)
+    shared = shared_limits(GeneratorSpec.of("openai", None, None, 4, endpoint=endpoint), 4)
+    assert shared.options["endpoint"].concurrency == 1 and shared.options["endpoint"].max_cost is None
+    local = GeneratorSpec.of("ct2", "model", None, 4, threads=2)
+    assert shared_limits(local, 4) == local
+
+
+def test_the_profiles_stage_keeps_an_openai_generation_in_the_driver_on_ray():
+    from reclm.llm import generation
+    from reclm.llm.generation.openai import OpenAIGenerator
+    from reclm.pipeline.config import PipelineConfig
+    from reclm.pipeline.stages.generation import profile_generator
+
+    on_ray = PipelineConfig.model_validate(
+        {"executor": "ray", "generation": {"backend": "openai", "served_model": "m", "api_key_env": None}}
+    )
+    generator = profile_generator(generation, on_ray, None)
+    assert isinstance(generator, OpenAIGenerator) and generator.endpoint.concurrency == 8

@@ -87,6 +87,27 @@ class GenerationWorker:
         self.generator.close()
 
 
+def shared_limits(spec: GeneratorSpec, workers: int) -> GeneratorSpec:
+    """An ``openai`` spec whose limits hold for all ``workers`` together: each actor gets its share of the
+    requests in flight (``concurrency``, at least 1) and of the spending cap (``max_cost``), which are
+    otherwise per generator (N actors: N times the cap). Other backends are returned as they are."""
+    if spec.backend != "openai" or workers <= 1:
+        return spec
+    from reclm.llm.generation.openai import GenerationEndpoint
+
+    options = dict(spec.options)
+    endpoint = options.get("endpoint")
+    limits = endpoint if isinstance(endpoint, GenerationEndpoint) else GenerationEndpoint(**options)
+    shares = {"concurrency": max(1, limits.concurrency // workers)}
+    if limits.max_cost is not None:
+        shares["max_cost"] = limits.max_cost / workers
+    if isinstance(endpoint, GenerationEndpoint):
+        options["endpoint"] = replace(endpoint, **shares)
+    else:
+        options.update(shares)
+    return replace(spec, options=options)
+
+
 def default_workers(ray: Any, cpus_per_worker: float, gpus_per_worker: float) -> int:
     """As many workers as the cluster's CPUs (and GPUs, when each asks for some) hold, at least one."""
     resources = ray.cluster_resources()
@@ -102,7 +123,8 @@ class RayGenerator(Generator):
     :func:`reclm.distributed.ray_session` (``address``, else ``RAY_ADDRESS``, else a local Ray of ``num_cpus``
     CPUs, stopped on :meth:`close`; an already initialised Ray is used as it is). Local backends get
     ``threads = cpus_per_worker`` unless ``spec`` sets them. ``resubmitted`` counts shards handed out again
-    after their worker died. Use it as a context manager, or call :meth:`close` (it ends the actors)."""
+    after their worker died. An ``openai`` spec's ``concurrency`` and ``max_cost`` are shared out among the
+    workers (:func:`shared_limits`). Use it as a context manager, or call :meth:`close` (it ends the actors)."""
 
     backend = "ray"
 
@@ -129,6 +151,7 @@ class RayGenerator(Generator):
             actor = self.ray.remote(GenerationWorker).options(
                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts, max_task_retries=0
             )
+            spec = self.spec = shared_limits(spec, self.workers)
             self.actors = [actor.remote(spec) for _ in range(self.workers)]
             self._identity, self.system, self.cacheable = self.ray.get(self.actors[0].describe.remote())
         except BaseException:

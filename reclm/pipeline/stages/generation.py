@@ -95,8 +95,10 @@ def profile_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None
     """The profiles' generator: :func:`make_generator`'s, or with ``executor: ray`` a pool of Ray workers that
     each build that same generator themselves (reclm.llm.generation.ray_runner), ``ray.cpus_per_run`` CPUs
     (its threads) and ``ray.gpus_per_run`` GPUs each, as many as the cluster holds: same cache identity,
-    same texts, the cache written by this process only."""
-    if cfg.executor != "ray":
+    same texts, the cache written by this process only. The ``openai`` backend stays in this process even
+    then: it already spreads its requests over the servers, and N actors would send N times
+    ``generation.concurrency`` to each."""
+    if cfg.executor != "ray" or generation_backend(cfg) == "openai":
         return make_generator(generation, cfg, adapter)
     from types import SimpleNamespace
 
