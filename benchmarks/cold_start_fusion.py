@@ -3,14 +3,15 @@ and profile dropout, each row full-shot and zero-shot, selected on validation on
 
     python benchmarks/cold_start_fusion.py RUN [--profiles DIR] [--backbones lightgcn] [--fusions concat,paper]
         [--modes text,text+profiles] [--inputs real,zero,missing,shuffled] [--dropouts 0,0.2] [--seeds 2020,2021]
-        [--epochs 100] [--patience 5] [--lr 0.003] [--out results.jsonl]
+        [--epochs 100] [--patience 5] [--lr 0.003] [--set simgcl_ssl_weight=0] [--out results.jsonl]
 
 ``--inputs`` says what the profile branch is given: ``real`` (the run's embeddings), ``zero`` (every
 vector zero), ``missing`` (every id without a profile: the learned "no profile" vector) and ``shuffled``
-(the real vectors permuted over ids: same distribution, no signal). Rows are appended to ``--out`` as
-they finish and rows already there are skipped, so an interrupted sweep resumes. The table at the end
-gives means over seeds; ``zs@cold`` is zero-shot at the epoch chosen on cold validation when the
-split has cold-validation items.
+(the real vectors permuted over ids: same distribution, no signal). ``--set`` gives every run further
+CFConfig settings (``name=value``, repeatable; YAML values), recorded in each row's ``params``. Rows are
+appended to ``--out`` as they finish and rows already there are skipped, so an interrupted sweep resumes.
+The table at the end gives means over seeds; ``zs@cold`` is zero-shot at the epoch chosen on cold
+validation when the split has cold-validation items.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from reclm.cf import CFConfig, SideFeatures, train_cf
 from reclm.cf.features import item_text_embeddings, load_profiles, uses_item_profiles, uses_user_profiles
@@ -64,14 +66,27 @@ def load_base(run: Path, profiles: Path) -> tuple[dict, object, object]:
 
 
 def row_key(row: dict) -> tuple:
-    return tuple(row[k] for k in ("backbone", "fusion", "mode", "input", "dropout", "seed"))
+    keys = ("backbone", "fusion", "mode", "input", "dropout", "params", "seed")
+    return tuple(row.get(k, "") if k == "params" else row[k] for k in keys)
 
 
-def run_one(split, base: dict, combo: dict, epochs: int, patience: int, lr: float) -> dict:
+def parse_settings(pairs: list[str]) -> dict:
+    """``name=value`` pairs as CFConfig settings (values read as YAML: 0, 0.1, all, [64, 32])."""
+    settings = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in CFConfig.model_fields:
+            raise SystemExit(f"--set {pair!r}: expected name=value with a CFConfig field name")
+        settings[name] = yaml.safe_load(value)
+    CFConfig(**settings)  # a bad value fails here, before any run
+    return settings
+
+
+def run_one(split, base: dict, combo: dict, epochs: int, patience: int, lr: float, settings: dict) -> dict:
     kind = combo["input"] if combo["mode"] != "text" else "real"
     config = CFConfig(
         backbone=combo["backbone"], features=combo["mode"], fusion=combo["fusion"], seed=combo["seed"],
-        profile_dropout=combo["dropout"], epochs=epochs, patience=patience, lr=lr, threads=1,
+        profile_dropout=combo["dropout"], epochs=epochs, patience=patience, lr=lr, threads=1, **settings,
     )  # fmt: skip
     result = train_cf(split, config, features_for(base, combo["mode"], kind, combo["seed"]), show_progress=False)
     extra = result.metrics_json()
@@ -96,12 +111,13 @@ def summary(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(row_key(row)[:-1], []).append(row)
-    lines = [f"{'backbone':9} {'fusion':7} {'mode':19} {'input':9} {'drop':>4} {'n':>2} "
+    lines = [f"{'backbone':9} {'fusion':7} {'mode':19} {'input':9} {'drop':>4} {'set':20} {'n':>2} "
              f"{'valid':>7} {'test':>7} {'zs':>7} {'zs@cold':>7} {'epochs':>6}"]  # fmt: skip
     for key, group in sorted(groups.items()):
         mean = functools.partial(mean_of, group)
         lines.append(
-            f"{key[0]:9} {key[1]:7} {key[2]:19} {key[3]:9} {key[4]:4.2f} {len(group):2d} {mean('valid_ndcg20'):7.4f} "
+            f"{key[0]:9} {key[1]:7} {key[2]:19} {key[3]:9} {key[4]:4.2f} {key[5] or '-':20} {len(group):2d} "
+            f"{mean('valid_ndcg20'):7.4f} "
             f"{mean('test_recall20'):7.4f} {mean('zs_recall20'):7.4f} {mean('zs_cold_recall20'):7.4f} "
             f"{mean('epochs_run'):6.1f}"
         )
@@ -121,8 +137,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a further CFConfig setting")
     parser.add_argument("--out", type=Path, default=Path("cold_start_fusion.jsonl"))
     args = parser.parse_args()
+    settings = parse_settings(args.set)
+    params = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
     if unknown := set(args.inputs.split(",")) - set(INPUTS):
         parser.error(f"--inputs: unknown {sorted(unknown)}; expected {', '.join(INPUTS)}")
     base, _, split = load_base(args.run, args.profiles or args.run / "embeddings")
@@ -137,10 +156,11 @@ def main() -> None:
         if mode == "text" and (kind != "real" or dropout):
             continue  # the text mode has no profile branch
         combo = {"backbone": backbone, "fusion": fusion, "mode": mode, "input": kind, "dropout": dropout, "seed": seed}
+        combo["params"] = params
         if row_key(combo) in seen:
             rows.append(next(r for r in done if row_key(r) == row_key(combo)))
             continue
-        row = run_one(split, base, combo, args.epochs, args.patience, args.lr)
+        row = run_one(split, base, combo, args.epochs, args.patience, args.lr, settings)
         with args.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
