@@ -98,13 +98,17 @@ def test_every_stage_runs_and_fills_the_ablation(tmp_path, tiny_dataset, tiny_mo
     assert profiles["tokens_total"] > 0
     assert (out / "profiles" / "quality.json").is_file()
 
+    # the profiles stage run again (from the generation cache) writes the same files: encode and CF stay cached
+    assert actions(run(config, out, Console(quiet=True), only="profiles"))["profiles"] == "ran"
+    again = actions(run(config, out, Console(quiet=True)))
+    assert set(again.values()) == {"cached"}
+
     # switch RL off: only what depends on it reruns, and its output is parked, not read
     no_rl = chain_config(tiny_dataset, tiny_model, out, rl="none")
     again = actions(run(no_rl, out, Console(quiet=True)))
     assert again["rl"] == "off" and not (out / "rl").exists()
-    assert {again[s] for s in ("prepare", "teacher", "sft", "neighbours", "collab", "reward", "item_side")} == {
-        "cached"
-    }
+    before_rl = ("prepare", "teacher", "sft", "neighbours", "collab", "reward", "item_side")
+    assert {s: again[s] for s in before_rl} == dict.fromkeys(before_rl, "cached")
     assert again["profiles"] == "ran" and again["train_cf"] == "ran"
     generation = json.loads((out / "profiles" / "generation.json").read_text())
     assert "rl" not in generation["adapters"] and generation["adapters"]["collab"].endswith("collab/adapter")

@@ -60,7 +60,7 @@ def teacher_variant_items(ctx: StageContext) -> dict:
     finally:
         cache.close()
     info = {"params": params.key(), "adapters": adapters_json({}, adapter), "items": stats}
-    write_json(ctx.out / "generation.json", info)
+    write_json(ctx.out / "generation.json", lasting(info))
     tokens = {"prompt": int(stats.get("prompt_tokens", 0)), "completion": int(stats.get("new_tokens", 0))}
     generated = int(stats.get("generated", 0))
     return {"tokens": tokens, "units": generated, "unit": "profile", "generation": {"items": stats}}
@@ -145,10 +145,8 @@ def generate_profiles(ctx: StageContext) -> dict:
         "completion": sum(int(v.get("new_tokens", 0)) for v in stats.values()),
     }
     generated = sum(int(v.get("generated", 0)) for v in stats.values())
-    write_json(
-        ctx.out / "generation.json",
-        {"params": params.key(), "adapters": adapters_json(adapters, item_adapter), **stats},
-    )
+    info = {"params": params.key(), "adapters": adapters_json(adapters, item_adapter), **stats}
+    write_json(ctx.out / "generation.json", lasting(info))
     return {"tokens": tokens, "units": generated, "unit": "profile", "generation": stats}
 
 
@@ -156,6 +154,24 @@ def adapters_json(adapters: dict[str, Path | None], item_adapter: Path | None) -
     return {
         **{k: str(v) if v else None for k, v in adapters.items()},
         "items": str(item_adapter) if item_adapter else None,
+    }
+
+
+# what a generation's statistics say about the profiles themselves; its speed, cache hits and token counts go
+# to the stage's manifest only (they differ between two runs that write the same profiles)
+LASTING_STATS = (
+    "generator", "jobs", "distinct", "failed", "items", "by_writer", "kept_teacher", "zero_shot_items",
+    "unseen_items", "parsed",
+)  # fmt: skip
+
+
+def lasting(info: dict) -> dict:
+    """``profiles/generation.json``: the decoding parameters, the adapters and each pass's ``LASTING_STATS``,
+    so that a rerun writing the same profiles leaves the stage's output hash, and the stages after it, as
+    they were (the encode stage is not redone)."""
+    return {
+        name: {k: v for k, v in value.items() if k in LASTING_STATS} if name not in ("params", "adapters") else value
+        for name, value in info.items()
     }
 
 
