@@ -3,14 +3,15 @@
 A stage or CF run is cached under a hash of its settings, defaults included, so that a changed default
 reruns it. A field added later would then invalidate every run made before it existed; ``added_later``
 marks such a field, and ``key_dump`` leaves it out of the key while it holds its default. Runs made
-while the field was still in the key stay usable too: ``every_field_key`` builds that older key.
+while the field was still in the key stay usable too: ``key_and_older`` builds that older key.
+``key_with_defaults`` keeps settings that change no result (where a server is) at their defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -54,6 +55,19 @@ def key_and_older(build: Callable[[], Any]) -> tuple[Any, Any]:
     with every_field():
         older = build()
     return build(), older
+
+
+def key_with_defaults(model: BaseModel, names: Iterable[str], **dump_options: Any) -> dict[str, Any]:
+    """``key_dump(model)`` with the ``names`` fields at their class defaults: settings that change no result
+    (where and how a server is reached) leave the key alone. Set to the defaults rather than dropped, so keys
+    made before stay equal; an ``added_later`` one stays absent, as in the defaults' key."""
+    dumped = key_dump(model, **dump_options)
+    defaults = key_dump(type(model)(), **dump_options)
+    for name in names:
+        dumped.pop(name, None)
+        if name in defaults:
+            dumped[name] = defaults[name]
+    return dumped
 
 
 def drop_new_defaults(value: Any, dumped: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from reclm.cachekeys import added_later
+from reclm.cachekeys import added_later, key_dump
 
 Backbone = Literal["bias-mf", "ncf", "lightgcn", "sgl", "simgcl"]
 FeatureMode = Literal["none", "text", "text+profiles", "text+user-profiles", "text+item-profiles"]
@@ -102,6 +102,11 @@ class CFConfig(BaseModel):
     @property
     def max_k(self) -> int:
         return max(self.topks)
+
+    def cache_key(self) -> dict:
+        """The settings that decide a run's results, for cache keys and resume fingerprints: every field
+        (``added_later`` ones at their default left out, reclm.cachekeys) but where it runs (threads, device)."""
+        return key_dump(self, mode="json", exclude={"threads", "device"})
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: object) -> CFConfig:

@@ -37,7 +37,7 @@ import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from reclm.cachekeys import every_field, key_dump
+from reclm.cachekeys import every_field
 from reclm.cf.backbones import CFModel, build_model
 from reclm.cf.config import CFConfig
 from reclm.cf.evaluator import EvalResult, Evaluator
@@ -221,7 +221,7 @@ class Trainer:
             digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
         return {
             "format": RESUME_FORMAT,
-            "config": key_dump(self.config, mode="json", exclude={"threads", "device"}),
+            "config": self.config.cache_key(),
             "data": digest.hexdigest(),
         }
 
@@ -230,7 +230,7 @@ class Trainer:
         """The fingerprint as written while ``added_later`` settings were still in it (reclm.cachekeys)."""
         current = self.fingerprint  # computed (and cached) outside every_field
         with every_field():
-            return {**current, "config": key_dump(self.config, mode="json", exclude={"threads", "device"})}
+            return {**current, "config": self.config.cache_key()}
 
     def save_state(self, loop: dict) -> None:
         """Write the whole training state atomically (a crash mid-write leaves the previous one)."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from rich.console import Console
 
-from reclm.cachekeys import key_and_older
+from reclm.cachekeys import every_field
 from reclm.pipeline.config import PipelineConfig, stable_hash
 from reclm.pipeline.formatting import format_cost, now
 from reclm.pipeline.hashing import describe_outputs, outputs_hash, outputs_intact, path_hash
@@ -287,9 +287,11 @@ class Pipeline:
     def stage_key(self, stage: Stage, upstream: dict[str, str]) -> tuple[dict[str, Any], str, frozenset[str]]:
         """The stage's inputs, their hash, and every hash a cached output may carry for the same work (the
         one from before ``added_later`` fields left the keys, reclm.cachekeys)."""
-        inputs, older = key_and_older(lambda: self.stage_inputs(stage, upstream))
+        inputs = self.stage_inputs(stage, upstream)
+        with every_field():
+            older_config = stage.config(self.config)
         input_hash = stable_hash(inputs)
-        return inputs, input_hash, frozenset({input_hash, stable_hash(older)})
+        return inputs, input_hash, frozenset({input_hash, stable_hash({**inputs, "config": older_config})})
 
     def cached_output(self, stage: Stage, accepted: Collection[str], restore: bool = False) -> dict[str, Any] | None:
         """The manifest of a complete output under one of the ``accepted`` input hashes: in place, or parked

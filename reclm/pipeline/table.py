@@ -6,9 +6,9 @@ Stage bodies and their keys live in :mod:`reclm.pipeline.stages`, estimates in
 
 from __future__ import annotations
 
-from reclm.cachekeys import key_dump
+from reclm.cachekeys import key_dump, key_with_defaults
 from reclm.pipeline import estimate as est
-from reclm.pipeline.config import STAGE_ORDER, GenerationOptions, PipelineConfig
+from reclm.pipeline.config import STAGE_ORDER, PipelineConfig
 from reclm.pipeline.engine import Stage
 from reclm.pipeline.stages.cf import run_report, run_train_cf, train_cf_config
 from reclm.pipeline.stages.common import dataset_files, generators_on, resource_files, teacher_files
@@ -23,20 +23,14 @@ from reclm.pipeline.stages.generation import (
 from reclm.pipeline.stages.profiles import run_encode, run_profiles
 from reclm.pipeline.stages.tuning import run_collab, run_item_side, run_reward, run_rl, run_sft
 
-# where and how an openai backend is reached, not what it writes: kept out of the profiles stage key
+# where and how an openai backend is reached, not what it writes: at its defaults in the profiles and RL keys
 GENERATION_TRANSPORT = ("base_url", "api_key_env", "concurrency", "cooldown")
 
 
 def generation_settings(cfg: PipelineConfig) -> dict:
     """The generation section for a cache key, with the transport set to its defaults: which servers
     answer (more replicas, a moved server) changes no profile and no tuned adapter."""
-    settings = key_dump(cfg.generation, mode="json")
-    defaults = key_dump(GenerationOptions(), mode="json")
-    for name in GENERATION_TRANSPORT:  # an added_later field absent from the defaults stays absent
-        settings.pop(name, None)
-        if name in defaults:
-            settings[name] = defaults[name]
-    return settings
+    return key_with_defaults(cfg.generation, GENERATION_TRANSPORT, mode="json")
 
 
 def generation_key(cfg: PipelineConfig) -> dict:

@@ -145,7 +145,7 @@ def resolved_cf_params(params: dict[str, Any]) -> dict[str, Any]:
     thread count or device."""
     from reclm.cf import CFConfig
 
-    return key_dump(CFConfig(**params), mode="json", exclude={"threads", "device"})
+    return CFConfig(**params).cache_key()
 
 
 def train_cf_config(cfg: PipelineConfig) -> dict[str, Any]:

@@ -45,12 +45,11 @@ TEACHER_TRANSPORT = ("api_key_env", "concurrency", "max_retries", "timeout", "pr
 def teacher_key(cfg: PipelineConfig) -> dict:
     """The teacher stage's key: what changes its profiles. The transport and price fields are set to their
     defaults rather than dropped, and the spending cap is left out, so that runs made before keep their keys."""
-    from reclm.pipeline.config import OpenAITeacher
+    from reclm.cachekeys import key_with_defaults
 
     section = cfg.section("teacher", "prompt")
     section["teacher"].pop("max_cost")
-    defaults = OpenAITeacher().model_dump(mode="json")
-    section["teacher"]["openai"].update({k: defaults[k] for k in TEACHER_TRANSPORT})
+    section["teacher"]["openai"] = key_with_defaults(cfg.teacher.openai, TEACHER_TRANSPORT, mode="json")
     return {"kind": cfg.stages.teacher, **section, **offline_item_target(cfg)}
 
 
