@@ -108,3 +108,17 @@ def test_units_committed_or_half_done_under_the_older_key_are_taken_over(tmp_pat
     ctx = StageContext(PipelineConfig(), tmp_path, out, None, True, Console(quiet=True), {})
     body(ctx)
     assert seen == {"finished": (True, False), "half": (False, True)}
+
+
+def test_the_teacher_key_leaves_out_how_the_endpoint_is_asked_and_paid():
+    """Retries, timeouts, prices and the spending cap change no teacher profile; the model does."""
+    from reclm.pipeline.stages.data import teacher_key
+
+    def key(openai: dict, **teacher) -> dict:
+        return teacher_key(PipelineConfig.model_validate({"teacher": {"openai": openai, **teacher}}))
+
+    plain = key({})
+    paid = {"api_key_env": None, "concurrency": 64, "max_retries": 1, "timeout": 5, "price_in": 0.01, "price_out": 0.03}
+    assert key(paid, max_cost=2.5) == plain
+    assert key({"model": "gpt-4o-mini"}) != plain
+    assert plain["teacher"]["openai"]["concurrency"] == 8, "transport at its defaults, not dropped"
