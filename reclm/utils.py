@@ -74,13 +74,18 @@ def publish(src: Path, dst: Path) -> None:
     fsync_path(dst.parent)
 
 
+TMP_SUFFIX = ".tmp"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix, so numpy keeps the name) to write; when the block
-    ends it is published over ``path``, and on an error it is removed: readers see the old or the new file."""
+    """Yield a temporary path beside ``path`` to write; when the block ends it is published over ``path``,
+    and on an error it is removed: readers see the old or the new file. The name ends in ``.tmp`` (not in
+    ``path``'s suffix), so no reader's pattern (``*.json``, ``*.npz``) picks up a file a kill -9 left; numpy
+    writers write to an open handle of it (``np.savez`` would append ``.npz`` to a name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.name}{TMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
         yield tmp

@@ -30,8 +30,8 @@ def encode_file(path: Path, kind: str, encoder, out_dir: Path, source_label: str
     out_dir.mkdir(parents=True, exist_ok=True)
     name = FILES[kind]
     ids = np.array([r.id for r in records], dtype=str)
-    with atomic_write(out_dir / f"{name}.npz") as tmp:
-        np.savez(tmp, ids=ids, vectors=vectors)
+    with atomic_write(out_dir / f"{name}.npz") as tmp, tmp.open("wb") as handle:
+        np.savez(handle, ids=ids, vectors=vectors)
     meta = {"encoder": encoder.name, "dim": int(vectors.shape[1]), "count": len(records), "source": source_label}
     (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2))
     return meta

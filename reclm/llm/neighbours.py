@@ -59,8 +59,8 @@ class NeighbourTable:
         return {i: self.of(i, k) for i in range(len(self)) if self.neighbours[i, 0] >= 0}
 
     def save(self, path: Path) -> Path:
-        with atomic_write(path) as tmp:
-            np.savez_compressed(tmp, neighbours=self.neighbours, scores=self.scores, meta=json.dumps(self.meta))
+        with atomic_write(path) as tmp, tmp.open("wb") as handle:
+            np.savez_compressed(handle, neighbours=self.neighbours, scores=self.scores, meta=json.dumps(self.meta))
         return path
 
     @classmethod

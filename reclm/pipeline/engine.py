@@ -240,9 +240,11 @@ class Pipeline:
         console: Console | None = None,
         speeds: SpeedBook | None = None,
         speed_setup: Callable[[str], str] | None = None,
+        speed_local: Callable[[str], bool] | None = None,
     ):
         self.config = config
         self.speed_setup = speed_setup or (lambda stage: "")
+        self.speed_local = speed_local or (lambda stage: True)
         self.root = Path(root)
         self.stages = stages
         self.by_name = {s.name: s for s in stages}
@@ -524,7 +526,7 @@ class Pipeline:
         )
         self.write_manifest(stage.name, record)
         if self.speeds is not None:
-            self.speeds.record(stage.name, record, self.speed_setup(stage.name))
+            self.speeds.record(stage.name, record, self.speed_setup(stage.name), self.speed_local(stage.name))
         return record
 
     def earlier_attempts(self, name: str, accepted: Collection[str]) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from reclm.pipeline.stages.common import prompt_budget
 from reclm.pipeline.stages.data import make_teacher, users_need_neighbours
 from reclm.pipeline.stages.generation import (
     decode_params,
+    generates_on_ray,
     generation_backend,
     generation_batch_size,
     generation_quantization,
@@ -267,6 +268,18 @@ def speed_setup(stage: str, cfg: PipelineConfig) -> str:
     if stage in ("neighbours", "train_cf"):
         return current_device()
     return ""
+
+
+def runs_here(stage: str, cfg: PipelineConfig) -> bool:
+    """Whether a stage's work runs in this process (and its children), so that its CPU time tells whether it
+    was starved: not an endpoint's generation or teacher, not Ray workers."""
+    if stage == "teacher":
+        return cfg.stages.teacher != "openai"
+    if stage == "profiles":
+        return generation_backend(cfg) != "openai" and not generates_on_ray(cfg)
+    if stage == "train_cf":
+        return cfg.executor != "ray"
+    return True
 
 
 def calibrated(

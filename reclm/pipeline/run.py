@@ -39,6 +39,7 @@ def make_pipeline(config: PipelineConfig, out: str | Path, console: Console | No
         console=console,
         speeds=speed_book(),
         speed_setup=lambda name: est.speed_setup(name, config),
+        speed_local=lambda name: est.runs_here(name, config),
     )
 
 

@@ -342,6 +342,30 @@ def test_dry_run_estimates_use_speeds_measured_on_this_machine(tmp_path):
     assert sft.units == config.llm.sft.steps and sft.tokens > 0
 
 
+def test_a_paused_or_starved_stage_does_not_teach_the_speed_book(tmp_path):
+    """A stage that used under half a core over its wall time (paused, or the machine busy elsewhere) keeps
+    the older entry; work that ran elsewhere (an endpoint, Ray workers) is recorded whatever this CPU did."""
+    from reclm.pipeline import estimate
+    from reclm.pipeline.speed import SpeedBook
+
+    book, cores = SpeedBook(tmp_path / "speeds.json"), len(os.sched_getaffinity(0))
+    size = estimate.DataSize(users=100, items=50, interactions=10_000, train=8_000, measured=True)
+    fair = {"units": 1000, "unit": "interaction", "seconds": 40.0, "cpu_seconds": 70.0, "host": {"cores": cores}}
+    book.record("prepare", fair)
+    paused = fair | {"seconds": 4000.0, "cpu_seconds": 70.0}  # the same work, with hours asleep in between
+    book.record("prepare", paused)
+    assert estimate.prepare(PipelineConfig(), size, book).seconds == pytest.approx(400.0)
+    book.record("prepare", paused, local=False)
+    assert estimate.prepare(PipelineConfig(), size, book).seconds == pytest.approx(40_000.0)
+
+    local, endpoint = PipelineConfig(), PipelineConfig.model_validate({"generation": {"backend": "openai"}})
+    ray = PipelineConfig.model_validate({"executor": "ray"})
+    assert estimate.runs_here("profiles", local) and estimate.runs_here("train_cf", local)
+    assert not estimate.runs_here("profiles", endpoint) and not estimate.runs_here("profiles", ray)
+    assert not estimate.runs_here("train_cf", ray) and estimate.runs_here("train_cf", endpoint)
+    assert not estimate.runs_here("teacher", PipelineConfig.model_validate({"stages": {"teacher": "openai"}}))
+
+
 def test_default_speeds_scale_with_this_cpus_matmul_speed(tmp_path, monkeypatch):
     """The reference machine's speeds times (reference GFLOPS / this CPU's) ** SPEED_EXPONENT; measured
     speeds and an endpoint's are not scaled (conftest pins RECLM_SPEED_FACTOR=1 for the other tests)."""
