@@ -84,26 +84,40 @@ class ProfileInput(nn.Module):
             present = present & (torch.rand(present.shape, device=present.device) >= self.dropout)
         return torch.where(present.unsqueeze(-1), rows, self.missing)
 
-    def mean_of(self, fn) -> torch.Tensor:
-        """The mean of ``fn`` over every row (with its gradient), computed on the distinct rows only:
-        profiles repeat (ml-100k: 71% of users share another's; MIND: most users have none). In training
-        with dropout it is the expected mean."""
-        distinct, counts = self.distinct_rows()
-        n_present, n_missing = counts.sum(), (~self.present).sum().to(counts.dtype)
-        keep = 1.0 - self.dropout if self.training else 1.0
-        total = (counts.unsqueeze(-1) * fn(distinct)).sum(dim=0) * keep if len(distinct) else 0.0
-        missing_weight = n_missing + n_present * (1.0 - keep)
-        total = total + missing_weight * fn(self.missing.unsqueeze(0))[0]
-        return total / (n_present + n_missing)
+    def table(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, weights, slots)``: the distinct present profiles followed by the missing vector, each
+        row's weight in the mean over every id of this side (in training with dropout, the expected mean),
+        and the row that each of ids ``index`` (all when None) reads, dropped ones the last.
 
-    def distinct_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distinct present profile vectors and their counts (cached until the buffers change)."""
+        A layer applied to ``rows`` then gathered by ``slots`` gives every id's output and the side's mean
+        from one pass over the distinct profiles: profiles repeat (ml-100k: 71% of users share another's;
+        MIND: most users have none), and a batch needs the mean anyway."""
+        distinct, counts, slots = self.distinct_rows()
+        keep = 1.0 - self.dropout if self.training else 1.0
+        n_missing = (~self.present).sum().to(counts.dtype)
+        missing_weight = n_missing + counts.sum() * (1.0 - keep)
+        weights = torch.cat([counts * keep, missing_weight.reshape(1)]) / len(self.present)
+        rows = torch.cat([distinct, self.missing.unsqueeze(0)])
+        if index is not None:
+            slots = slots[index]
+        if self.training and self.dropout > 0:
+            dropped = torch.rand(slots.shape, device=slots.device) < self.dropout
+            slots = torch.where(dropped, len(distinct), slots)
+        return rows, weights, slots
+
+    def distinct_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The distinct present profile vectors, their counts, and each id's row among them (the number of
+        distinct rows for an id without a profile); cached until the buffers change."""
         version = (self.vectors._version, self.present._version, self.vectors.data_ptr())
         cached = getattr(self, "_distinct", None)
         if cached is None or cached[0] != version:
-            rows, counts = torch.unique(self.vectors[self.present], dim=0, return_counts=True)
-            self._distinct = (version, rows, counts.to(self.vectors.dtype))
-        return self._distinct[1], self._distinct[2]
+            rows, inverse, counts = torch.unique(
+                self.vectors[self.present], dim=0, return_inverse=True, return_counts=True
+            )
+            slots = torch.full((len(self.present),), len(rows), dtype=torch.long, device=rows.device)
+            slots[self.present] = inverse
+            self._distinct = (version, rows, counts.to(self.vectors.dtype), slots)
+        return self._distinct[1], self._distinct[2], self._distinct[3]
 
     def given(self, profile: torch.Tensor | None, count: int) -> torch.Tensor:
         """Profile rows of new ids: ``profile`` where given, else the missing vector for each of ``count``."""
@@ -202,10 +216,17 @@ class ConcatFusion(Fusion):
     def items(self, index: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "none":
             return self.item_id.weight if index is None else self.item_id(index)
-        text = self.item_text if index is None else self.item_text[index]
         if self.item_profile is None:
-            return self.text_mlp(text)
-        return self.merge_item(self.text_mlp(text), self.item_profile(index))
+            return self.text_part(index)
+        return self.merge_item(self.text_part(index), self.item_profile(index))
+
+    def text_part(self, index: torch.Tensor | None) -> torch.Tensor:
+        """MLP(item text) of items ``index`` (all when None); a batch with more rows than the catalogue has
+        items (BiasMF / NCF read positives and negatives) runs the MLP once per item and gathers."""
+        if index is None or len(index) >= self.n_items:
+            out = self.text_mlp(self.item_text)
+            return out if index is None else out[index]
+        return self.text_mlp(self.item_text[index])
 
     def merge_user(self, id_part: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.user_merge(torch.cat([id_part, self.user_profile_mlp(profile)], dim=-1)))
@@ -292,17 +313,19 @@ class ResidualFusion(ConcatFusion):
                 nn.init.zeros_(last.bias)
 
     def correction(self, side: str, index: torch.Tensor | None) -> torch.Tensor:
-        """The centred profile correction of ``side``'s rows ``index`` (all rows when None)."""
+        """The centred profile correction of ``side``'s rows ``index`` (all rows when None): the MLP runs
+        once over the distinct profiles, and the mean keeps its gradient (a detached mean let the MLP grow
+        unchecked)."""
         branch, profile = getattr(self, f"{side}_profile_mlp"), getattr(self, f"{side}_profile")
-        rows = branch(profile(index))
-        if index is None:
-            return rows - rows.mean(dim=0, keepdim=True)
-        return rows - profile.mean_of(branch)  # with its gradient: a detached mean let the MLP grow unchecked
+        rows, weights, slots = profile.table(index)
+        out = branch(rows)
+        return out[slots] - weights @ out
 
     @torch.no_grad()
     def catalogue_mean(self, side: str) -> torch.Tensor:
         """The correction's mean over every known id of ``side``, for new ids (serving)."""
-        return getattr(self, f"{side}_profile").mean_of(getattr(self, f"{side}_profile_mlp"))
+        rows, weights, _ = getattr(self, f"{side}_profile").table()
+        return weights @ getattr(self, f"{side}_profile_mlp")(rows)
 
     def users(self, index: torch.Tensor | None = None) -> torch.Tensor:
         ids = self.user_id.weight if index is None else self.user_id(index)
@@ -311,8 +334,7 @@ class ResidualFusion(ConcatFusion):
     def items(self, index: torch.Tensor | None = None) -> torch.Tensor:
         if self.item_profile is None:
             return super().items(index)
-        text = self.item_text if index is None else self.item_text[index]
-        return self.text_mlp(text) + self.correction("item", index)
+        return self.text_part(index) + self.correction("item", index)
 
     # the merges ConcatFusion's encode_new_users / encode_new_items call: new ids are centred by the
     # catalogue's mean, so a trained id re-encoded is unchanged

@@ -264,3 +264,23 @@ def test_profiles_that_encode_taste_lift_new_items_and_shuffled_ones_do_not(back
     without_signal = zero_shot_recall("text+profiles", shuffled)
     assert with_profiles > text + 0.3, (text, with_profiles)
     assert with_profiles > without_signal + 0.3, (without_signal, with_profiles)
+
+
+@pytest.mark.parametrize("backbone", ["bias-mf", "ncf", "lightgcn"])
+def test_a_batch_runs_each_profile_mlp_once_over_the_distinct_profiles(backbone, tiny_split, tiny_features):
+    """The residual branch costs one MLP pass over a side's distinct profiles (plus the missing vector) per
+    batch, however many rows the batch reads: profiles repeat, and BiasMF / NCF read positives and
+    negatives (before: two passes per read, one for the rows and one for the mean)."""
+    users = tiny_features.user_profiles.copy()
+    users[1::2] = users[0]  # half the users share one profile
+    features = with_missing(SideFeatures(tiny_features.item_text, users, tiny_features.item_profiles), [2], [])
+    model = make(backbone, "text+profiles", tiny_split, features, fusion="residual")
+    seen: dict[str, list[int]] = {"user": [], "item": []}
+    for side in seen:
+        mlp = getattr(model.fusion, f"{side}_profile_mlp")
+        mlp.register_forward_hook(lambda module, args, out, side=side: seen[side].append(len(args[0])))
+    model.batch_loss(torch.tensor([0, 1, 3, 4]), torch.tensor([2, 3, 3, 5]), torch.tensor([6, 7, 1, 0]))
+    n_users, n_items = len(users), len(tiny_features.item_profiles)
+    distinct_users = len(np.unique(np.delete(users, [2], axis=0), axis=0))
+    assert distinct_users < n_users - 1
+    assert seen == {"user": [distinct_users + 1], "item": [n_items + 1]}

@@ -47,7 +47,7 @@ class NeuMF(CFModel):
 
     def batch_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         u = self.fusion.users(users)
-        p, n = self.fusion.items(pos), self.fusion.items(neg)
+        p, n = self.fusion.items(torch.cat([pos, neg])).split([len(pos), len(neg)])  # one pass: one profile mean
         bpr = bpr_loss(self.pair_scores(u, p), self.pair_scores(u, n))
         reg = self.config.reg_weight * l2_loss(u, p, n)
         return {"total": bpr + reg, "bpr": bpr, "reg": reg}
