@@ -21,6 +21,9 @@ did not train on. The subset dataset is written under ``--work`` (outside the re
 
     nice -n 10 python benchmarks/llm_ablation_mind.py --work /tmp/reclm-ablation-mind
     python benchmarks/llm_ablation_mind.py --teacher-users 200 --other-users 100 --sft-steps 20   # smoke size
+    python benchmarks/llm_ablation_mind.py ... --cf-seeds 2020,2021,2022,2023,2024   # CF rows over five seeds
+
+The table gives mean (std) over the CF seeds and the exact metrics of a random ranking on the same split.
 
 Every stage writes into ``WORK/run`` and is skipped when its output exists (delete a folder to redo it).
 """
@@ -78,6 +81,24 @@ def write_subset(source: Path, target: Path, n_teacher: int, n_other: int, seed:
     return info
 
 
+METRICS = ("recall@20", "ndcg@20", "recall@40", "ndcg@40")
+
+
+def seed_summary(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of each test / zero-shot metric, and the best epochs."""
+    out: dict = {"best_epochs": [m.get("best_epoch") for m in per_seed]}
+    for task in ("test", "zero_shot"):
+        values = {k: [m[task][k] for m in per_seed] for k in METRICS}
+        out[task] = {k: float(np.mean(v)) for k, v in values.items()}
+        out[task + "_std"] = {k: float(np.std(v)) for k, v in values.items()}
+    return out
+
+
+def cell(result: dict, task: str, metric: str) -> str:
+    std = result.get(task + "_std", {}).get(metric)
+    return f"{result[task][metric]:.4f}" + ("" if not std else f" ({std:.4f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=MIND)
@@ -99,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl-steps", type=int, default=20)
     parser.add_argument("--rl-lr", type=float, default=5e-5)
     parser.add_argument("--cf-epochs", type=int, default=100)
-    parser.add_argument("--cf-seed", type=int, default=2020)
+    parser.add_argument(
+        "--cf-seeds", default="2020", help="CF seeds, comma-separated: each row is trained once per seed (mean, std)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--item-profiles", type=Path, default=None,
@@ -109,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from reclm.cf import CFConfig, SideFeatures, train_cf
+    from reclm.cf.evaluator import Evaluator
     from reclm.cf.features import item_text_embeddings, load_profiles
     from reclm.data.split import SplitSpec
     from reclm.llm.collab import CollabBudget, run_collab
@@ -271,29 +295,30 @@ def main(argv: list[str] | None = None) -> int:
     item_profiles, item_present = load_profiles(run.embeddings / "items" / "items.npz", data.item_ids)
     item_cover = float(item_present.mean())
 
+    seeds = [int(seed) for seed in args.cf_seeds.split(",")]
     results = {}
     for row, stage in zip(ROWS, (None, "sft", "collab", "rl")):
-        out = run.cf / f"lightgcn-{row.replace('+', 'plus-')}"
-        if not (out / "metrics.json").is_file():
-            features = SideFeatures(item_text=item_text)
-            mode = "text"
-            if stage is not None:
-                users, present = load_profiles(run.embeddings / stage / "users.npz", data.user_ids)
-                features.user_profiles, features.user_present = users, present
-                features.item_profiles, features.item_present, mode = item_profiles, item_present, "text+profiles"
-            config = CFConfig(
-                backbone="lightgcn", features=mode, epochs=args.cf_epochs, seed=args.cf_seed, threads=args.threads
-            )
-            t = time.perf_counter()
-            train_cf(split, config, features, out, show_progress=False, user_ids=data.user_ids)
-            timings[f"cf {row}"] = round(time.perf_counter() - t, 1)
-        metrics = json.loads((out / "metrics.json").read_text())
-        results[row] = {
-            task: {k: metrics[task].get(k) for k in ("recall@20", "ndcg@20", "recall@40", "ndcg@40")}
-            for task in ("test", "zero_shot")
-        }
-        results[row]["best_epoch"] = metrics.get("best_epoch")
+        features, mode = SideFeatures(item_text=item_text), "text"
+        if stage is not None:
+            users, present = load_profiles(run.embeddings / stage / "users.npz", data.user_ids)
+            features.user_profiles, features.user_present = users, present
+            features.item_profiles, features.item_present, mode = item_profiles, item_present, "text+profiles"
+        per_seed = []
+        for seed in seeds:
+            name = f"lightgcn-{row.replace('+', 'plus-')}" + ("" if seed == 2020 else f"-s{seed}")
+            out = run.cf / name
+            if not (out / "metrics.json").is_file():
+                config = CFConfig(
+                    backbone="lightgcn", features=mode, epochs=args.cf_epochs, seed=seed, threads=args.threads
+                )
+                t = time.perf_counter()
+                train_cf(split, config, features, out, show_progress=False, user_ids=data.user_ids)
+                timings[f"cf {name}"] = round(time.perf_counter() - t, 1)
+            per_seed.append(json.loads((out / "metrics.json").read_text()))
+        results[row] = seed_summary(per_seed)
         log(f"{row}: {results[row]}")
+    evaluator = Evaluator(split, [20, 40])
+    results["random ranking"] = {task: evaluator.chance(task) for task in ("test", "zero_shot")}
 
     quality = {}
     for stage in ("sft", "collab", "rl"):
@@ -319,11 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     (args.work / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"{'row':10} {'full R@20':>10} {'full N@20':>10} {'zero R@20':>10} {'zero N@20':>10}")
-    for row in ROWS:
-        full, zero = results[row]["test"], results[row]["zero_shot"]
-        print(f"{row:10} {full['recall@20']:10.4f} {full['ndcg@20']:10.4f} {zero['recall@20']:10.4f} "
-              f"{zero['ndcg@20']:10.4f}")  # fmt: skip
+    print(f"LightGCN, mean (std) over CF seeds {args.cf_seeds}")
+    print(f"{'row':15} {'full R@20':>16} {'full N@20':>16} {'zero R@20':>16} {'zero N@20':>16}")
+    for row in (*ROWS, "random ranking"):
+        cells = [
+            cell(results[row], task, metric) for task in ("test", "zero_shot") for metric in ("recall@20", "ndcg@20")
+        ]
+        print(f"{row:15} " + " ".join(f"{c:>16}" for c in cells))
     log(f"results in {args.work / 'results.json'}")
     return 0
 
