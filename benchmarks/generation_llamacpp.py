@@ -165,8 +165,9 @@ def main() -> None:
         print(f"{name:18s} {row['profiles_per_s']:6.2f} profiles/s  x{row['x_ct2_float32']:.2f} CT2 float32  "
               f"format {row['format_rate']:.0%}  identical to float32 {row['identical_to_float32']:.0%}")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"prompts": len(prompts), "isa": isa, "args": vars(args), "rows": results},
-                                        indent=2, default=str))  # fmt: skip
+        samples = {name: texts[:5] for name, texts in outputs.items()}  # what the agreement numbers mean
+        summary = {"prompts": len(prompts), "isa": isa, "args": vars(args), "rows": results, "samples": samples}
+        args.json.write_text(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":
