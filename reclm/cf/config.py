@@ -19,7 +19,7 @@ Backbone = Literal["bias-mf", "ncf", "lightgcn", "sgl", "simgcl"]
 FeatureMode = Literal["none", "text", "text+profiles", "text+user-profiles", "text+item-profiles"]
 BACKBONES: tuple[str, ...] = ("bias-mf", "ncf", "lightgcn", "sgl", "simgcl")
 FEATURE_MODES: tuple[str, ...] = ("none", "text", "text+profiles", "text+user-profiles", "text+item-profiles")
-FUSION_NAMES: tuple[str, ...] = ("concat", "paper", "residual")  # the strategies of reclm.cf.fusion.FUSIONS
+FUSION_NAMES: tuple[str, ...] = ("concat", "paper", "residual", "local")  # the strategies of reclm.cf.fusion.FUSIONS
 METRIC_PATTERN = re.compile(r"^(recall|ndcg)@(\d+)$")
 
 

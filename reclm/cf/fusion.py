@@ -6,9 +6,10 @@
 - ``text+profiles``: the profile embeddings of both sides fused in; ``text+user-profiles`` and
   ``text+item-profiles`` fuse one side only (ablations).
 
-Three strategies (``FUSIONS``; measurements in docs/cold-start.md):
+Four strategies (``FUSIONS``; measurements in docs/cold-start.md):
 - ``residual`` (default): the ``text`` model plus a centred profile correction on each side; with
   uninformative profiles it is exactly the ``text`` model (:class:`ResidualFusion`).
+- ``local``: ``residual`` whose corrections graph backbones do not propagate (:class:`LocalFusion`).
 - ``concat``: item = ReLU(Linear([MLP(text), MLP(item profile)])), user = ReLU(Linear([ID, MLP(user
   profile)])), separate MLPs and merge layers; graph backbones propagate items.
 - ``paper``: the released RecLM code's towers: one profile MLP and one merge layer shared by users and
@@ -18,8 +19,9 @@ Three strategies (``FUSIONS``; measurements in docs/cold-start.md):
 Every strategy replaces a missing profile by a learned "no profile" vector (:class:`ProfileInput`),
 and in training drops a row's profile to that vector with probability ``profile_dropout``
 (DropoutNet-style), so the model learns to rank ids whose profile is missing or uninformative.
-Backbones read ``users(index)`` / ``items(index)`` (or ``all()``) and never touch features directly; a
-new strategy subclasses :class:`Fusion` and may add a training term through ``extra_loss``.
+Backbones read ``users(index)`` / ``items(index)`` (or ``all()``, and graph backbones ``graph_inputs()``) and
+never touch features directly; a new strategy subclasses :class:`Fusion` and may add a training term through
+``extra_loss``.
 """
 
 from __future__ import annotations
@@ -149,6 +151,10 @@ class Fusion(nn.Module):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.all()
+
+    def graph_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What graph backbones propagate from layer 1 on, when it is not ``all()`` itself (None)."""
+        return None
 
     def contrastive_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``all()`` for the contrastive views of SGL / SimGCL: the same values, but the contrastive
@@ -345,7 +351,31 @@ class ResidualFusion(ConcatFusion):
         return text_part + self.item_profile_mlp(profile) - self.catalogue_mean("item")
 
 
-FUSIONS: dict[str, type[Fusion]] = {"concat": ConcatFusion, "paper": PaperFusion, "residual": ResidualFusion}
+class LocalFusion(ResidualFusion):
+    """The residual fusion with the profile corrections kept out of the graph: LightGCN, SGL and SimGCL
+    propagate the ``text`` model's layer 0 (ID users, MLP(text) items) and each id's own correction enters its
+    final mean at layer 0 only, so a user's representation never carries its items' corrections nor an item
+    its users'; the contrastive views are the ``text`` model's. A new item (no edges) is scored as under
+    ``residual``; BiasMF and NCF have no graph, so for them it is ``residual``. Why: docs/cold-start.md
+    section 11 (SimGCL's new items sank when the corrections travelled the graph)."""
+
+    def graph_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.mode == "none":
+            return None
+        return self.user_id.weight, self.text_part(None)
+
+    def contrastive_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "none":
+            return super().contrastive_all()
+        return self.user_id.weight, self.text_mlp(self.item_text).detach()  # encoders: BPR only, as before
+
+
+FUSIONS: dict[str, type[Fusion]] = {
+    "concat": ConcatFusion,
+    "paper": PaperFusion,
+    "residual": ResidualFusion,
+    "local": LocalFusion,
+}
 
 
 def build_fusion(

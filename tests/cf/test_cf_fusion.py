@@ -284,3 +284,31 @@ def test_a_batch_runs_each_profile_mlp_once_over_the_distinct_profiles(backbone,
     distinct_users = len(np.unique(np.delete(users, [2], axis=0), axis=0))
     assert distinct_users < n_users - 1
     assert seen == {"user": [distinct_users + 1], "item": [n_items + 1]}
+
+
+@pytest.mark.parametrize("fusion, carried", [("residual", True), ("local", False)])
+def test_the_local_fusion_keeps_item_corrections_out_of_user_representations(
+    fusion, carried, tiny_split, tiny_features
+):
+    """Under ``local`` a graph backbone's users never carry their items' profile corrections (nor items their
+    users'): changing every item profile leaves the final user representations as they were, and the item
+    rows move by their own correction at layer 0 only; under ``residual`` the users move too."""
+    model = make("lightgcn", "text+profiles", tiny_split, tiny_features, fusion=fusion)
+    for layer in (model.fusion.user_profile_mlp[-1], model.fusion.item_profile_mlp[-1]):
+        torch.nn.init.normal_(layer.weight, std=0.3)  # off the zero start: corrections are not zero
+    model.eval()
+    with torch.no_grad():
+        users_before, items_before, _, _ = model.forward_all()
+        profiles = model.fusion.item_profile.vectors
+        profiles.copy_(torch.randn(profiles.shape, generator=torch.Generator().manual_seed(1)))
+        users_after, items_after, _, items0 = model.forward_all()
+    assert torch.allclose(users_before, users_after, atol=1e-6) != carried
+    if not carried:  # an item's final row = the text model's propagated row + its own correction / (L + 1)
+        text_only = make("lightgcn", "text", tiny_split, tiny_features)
+        text_only.fusion.load_state_dict(model.fusion.state_dict(), strict=False)
+        text_only.eval()
+        with torch.no_grad():
+            _, text_items, _, _ = text_only.forward_all()
+            correction = model.fusion.correction("item", None)
+        expected = text_items + correction / (model.config.layers + 1)
+        assert torch.allclose(items_after, expected, atol=1e-5)

@@ -37,10 +37,17 @@ class LightGCN(DotProductModel):
         return layer
 
     def propagate_layers(
-        self, adjacency: torch.Tensor, users0: torch.Tensor, items0: torch.Tensor, perturbed: bool = False
+        self,
+        adjacency: torch.Tensor,
+        users0: torch.Tensor,
+        items0: torch.Tensor,
+        perturbed: bool = False,
+        start: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([users0, items0], dim=0)
-        total = x
+        """Mean over layers 0..L of ``[users0; items0]`` propagated; ``start``: what layer 1 propagates from when
+        it is not layer 0 itself (a fusion's ``graph_inputs``: layer 0 keeps what is not propagated)."""
+        total = torch.cat([users0, items0], dim=0)
+        x = total if start is None else torch.cat(start, dim=0)
         for _ in range(self.config.layers):
             x = propagate(adjacency, x)
             if perturbed:
@@ -51,7 +58,7 @@ class LightGCN(DotProductModel):
 
     def main_view(self, users0: torch.Tensor, items0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (scored) representations over the full train graph."""
-        users, items = self.propagate_layers(self.adjacency, users0, items0)
+        users, items = self.propagate_layers(self.adjacency, users0, items0, start=self.fusion.graph_inputs())
         return users, (items if self.fusion.propagates_items else items0)
 
     def forward_all(self):
