@@ -151,10 +151,11 @@ def test_the_config_names_every_registered_fusion():
     assert tuple(sorted(FUSIONS)) == tuple(sorted(FUSION_NAMES))
 
 
+@pytest.mark.parametrize("correcting", ["residual", "local"])
 @pytest.mark.parametrize("backbone", sorted(BACKBONE_CLASSES))
-def test_uninformative_profiles_cost_nothing_with_the_residual_fusion(backbone, make_split, make_features):
-    """All profiles missing, or all the same vector: the residual fusion trains the `text` model step for
-    step, so every metric (zero-shot included) equals the `text` run's with the same seed."""
+def test_uninformative_profiles_cost_nothing_with_the_residual_fusion(backbone, correcting, make_split, make_features):
+    """All profiles missing, or all the same vector: the residual and local fusions train the `text` model step
+    for step, so every metric (zero-shot included) equals the `text` run's with the same seed."""
     split = make_split(n_users=80, n_items=48, zero_shot=8, per_user=10)
     features = make_features(split)
     rng = np.random.default_rng(9)
@@ -172,9 +173,9 @@ def test_uninformative_profiles_cost_nothing_with_the_residual_fusion(backbone, 
         )  # fmt: skip
         return train_cf(split, config, side, show_progress=False)
 
-    base = run("text", SideFeatures(item_text=text))
+    base = run("text", SideFeatures(item_text=text), correcting)
     for name, side in inputs.items():
-        result = run("text+profiles", side)
+        result = run("text+profiles", side, correcting)
         for task in ("valid", "test", "zero_shot"):
             got, want = getattr(result, task), getattr(base, task)
             assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-6 for k in want), (name, task)
