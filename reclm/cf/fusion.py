@@ -7,9 +7,10 @@
   ``text+item-profiles`` fuse one side only (ablations).
 
 Four strategies (``FUSIONS``; measurements in docs/cold-start.md):
-- ``local`` (default): ``residual`` whose corrections graph backbones do not propagate (:class:`LocalFusion`).
-- ``residual``: the ``text`` model plus a centred profile correction on each side; with uninformative
-  profiles it is exactly the ``text`` model (:class:`ResidualFusion`).
+- ``residual`` (default): the ``text`` model plus a centred profile correction on each side; with
+  uninformative profiles it is exactly the ``text`` model (:class:`ResidualFusion`).
+- ``local``: ``residual`` whose corrections graph backbones do not propagate (:class:`LocalFusion`; serving
+  does not take its graph models yet).
 - ``concat``: item = ReLU(Linear([MLP(text), MLP(item profile)])), user = ReLU(Linear([ID, MLP(user
   profile)])), separate MLPs and merge layers; graph backbones propagate items.
 - ``paper``: the released RecLM code's towers: one profile MLP and one merge layer shared by users and

@@ -56,6 +56,11 @@ class ServingModel:
         else:
             raise ValueError(f"serving does not know how to build new users for backbone {model.name!r}")
         self.fusion = model.fusion
+        if self.kind == "graph" and model.fusion.graph_inputs() is not None:
+            raise ValueError(
+                "serving does not take graph models whose fusion propagates other than layer 0 (fusion 'local'):"
+                " serve a residual-fusion run"
+            )
         self.mode = model.fusion.mode
         self.n_users, self.n_items = n_users, n_items
         with torch.no_grad():

@@ -313,3 +313,15 @@ def test_the_local_fusion_keeps_item_corrections_out_of_user_representations(
             correction = model.fusion.correction("item", None)
         expected = text_items + correction / (model.config.layers + 1)
         assert torch.allclose(items_after, expected, atol=1e-5)
+
+
+def test_serving_refuses_a_local_graph_model_with_a_clear_error(tiny_split, tiny_features):
+    """Serving folds new users in by propagating layer 0 as ``residual`` does: a ``local`` graph model would be
+    served wrong, so it is refused; a ``local`` BiasMF (no graph) is served."""
+    from reclm.serve.reps import ServingModel
+
+    graph = make("lightgcn", "text+profiles", tiny_split, tiny_features, fusion="local")
+    with pytest.raises(ValueError, match="fusion 'local'"):
+        ServingModel(graph, tiny_split.train, tiny_split.n_users, tiny_split.n_items)
+    plain = make("bias-mf", "text+profiles", tiny_split, tiny_features, fusion="local")
+    assert ServingModel(plain, tiny_split.train, tiny_split.n_users, tiny_split.n_items).kind != "graph"
