@@ -30,7 +30,7 @@ class CFConfig(BaseModel):
 
     backbone: Backbone = "lightgcn"
     features: FeatureMode = "none"
-    fusion: str = Field("residual", description="fusion strategy (registry in reclm.cf.fusion.FUSIONS)")
+    fusion: str = Field("local", description="fusion strategy (registry in reclm.cf.fusion.FUSIONS)")
     profile_dropout: float = Field(
         0.0, ge=0, lt=1, description="training: share of profiles replaced by the learned 'no profile' vector"
     )

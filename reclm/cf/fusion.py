@@ -7,10 +7,9 @@
   ``text+item-profiles`` fuse one side only (ablations).
 
 Four strategies (``FUSIONS``; measurements in docs/cold-start.md):
-- ``residual`` (default): the ``text`` model plus a centred profile correction on each side; with
-  uninformative profiles it is exactly the ``text`` model (:class:`ResidualFusion`).
-- ``local``: ``residual`` whose corrections graph backbones do not propagate (:class:`LocalFusion`; serving
-  does not take its graph models yet).
+- ``local`` (default): ``residual`` whose corrections graph backbones do not propagate (:class:`LocalFusion`).
+- ``residual``: the ``text`` model plus a centred profile correction on each side; with uninformative
+  profiles it is exactly the ``text`` model (:class:`ResidualFusion`).
 - ``concat``: item = ReLU(Linear([MLP(text), MLP(item profile)])), user = ReLU(Linear([ID, MLP(user
   profile)])), separate MLPs and merge layers; graph backbones propagate items.
 - ``paper``: the released RecLM code's towers: one profile MLP and one merge layer shared by users and
@@ -20,7 +19,7 @@ Four strategies (``FUSIONS``; measurements in docs/cold-start.md):
 Every strategy replaces a missing profile by a learned "no profile" vector (:class:`ProfileInput`),
 and in training drops a row's profile to that vector with probability ``profile_dropout``
 (DropoutNet-style), so the model learns to rank ids whose profile is missing or uninformative.
-Backbones read ``users(index)`` / ``items(index)`` (or ``all()``, and graph backbones ``graph_inputs()``) and
+Backbones read ``users(index)`` / ``items(index)`` (or ``all()``, and graph backbones ``graph_layer0()``) and
 never touch features directly; a new strategy subclasses :class:`Fusion` and may add a training term through
 ``extra_loss``.
 """
@@ -153,9 +152,16 @@ class Fusion(nn.Module):
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.all()
 
-    def graph_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """What graph backbones propagate from layer 1 on, when it is not ``all()`` itself (None)."""
-        return None
+    def graph_layer0(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(users0, items0, start)`` for graph backbones: layer 0 (``all()``) and what layer 1 propagates
+        from when it is not layer 0 itself (None), computed together so that shared parts run once."""
+        users0, items0 = self.all()
+        return users0, items0, None
+
+    def encode_new_items_for_graph(self, text: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
+        """What new items give graph propagation (a folded-in user's layer 1 reads it): their layer 0,
+        unless the fusion propagates something else (``graph_layer0``'s ``start``)."""
+        return self.encode_new_items(text, profile)
 
     def contrastive_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``all()`` for the contrastive views of SGL / SimGCL: the same values, but the contrastive
@@ -360,10 +366,16 @@ class LocalFusion(ResidualFusion):
     ``residual``; BiasMF and NCF have no graph, so for them it is ``residual``. Why: docs/cold-start.md
     section 11 (SimGCL's new items sank when the corrections travelled the graph)."""
 
-    def graph_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def graph_layer0(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         if self.mode == "none":
-            return None
-        return self.user_id.weight, self.text_part(None)
+            return super().graph_layer0()
+        ids, text = self.user_id.weight, self.text_part(None)  # the text MLP runs once for both
+        users = ids if self.user_profile is None else ids + self.correction("user", None)
+        items = text if self.item_profile is None else text + self.correction("item", None)
+        return users, items, (ids, text)
+
+    def encode_new_items_for_graph(self, text: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text_mlp(text)
 
     def contrastive_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "none":

@@ -7,8 +7,9 @@ layer-0 representations for NCF, which scores pairs with its towers). New nodes 
 - LightGCN, SGL, SimGCL: a new item has no edges, so its propagated layers are zero and its final
   representation is its layer-0 one divided by ``layers + 1``: exactly how the trained model treats a
   zero-shot item. A new user is *folded in*: it is linked to its history items and propagated, layer by
-  layer, over the items' layers of the trained graph (``u_k = sum_i x_i^(k-1) / sqrt(|H| (d_i + 1))``);
-  the effect of the new user on its items' own layers is left out.
+  layer, over the items' layers of the trained graph (``u_k = sum_i x_i^(k-1) / sqrt(|H| (d_i + 1))``,
+  from what the graph propagates: layer 0, or under the ``local`` fusion layer 0 without the profile
+  corrections); the effect of the new user on its items' own layers is left out.
 - BiasMF: ``[p_u, 1] . [q_i, b_i]``, the item bias from the model's bias head.
 - NCF: layer-0 representations, scored by the model's towers.
 
@@ -56,15 +57,14 @@ class ServingModel:
         else:
             raise ValueError(f"serving does not know how to build new users for backbone {model.name!r}")
         self.fusion = model.fusion
-        if self.kind == "graph" and model.fusion.graph_inputs() is not None:
-            raise ValueError(
-                "serving does not take graph models whose fusion propagates other than layer 0 (fusion 'local'):"
-                " serve a residual-fusion run"
-            )
         self.mode = model.fusion.mode
         self.n_users, self.n_items = n_users, n_items
         with torch.no_grad():
-            users0, items0 = self.fusion.all()
+            if self.kind == "graph":  # a folded-in user reads what the graph propagates
+                users0, items0, start = self.fusion.graph_layer0()
+                users0, items0 = start or (users0, items0)
+            else:
+                users0, items0 = self.fusion.all()
             self.items0 = items0.numpy().astype(np.float32)
             if self.kind == "ncf":
                 self.users_final, self.items_final = users0.numpy(), self.items0
@@ -113,7 +113,8 @@ class ServingModel:
 
     # ------------------------------------------------------------ graph layers of the trained model
     def graph_item_layers(self, users0: torch.Tensor, items0: torch.Tensor) -> list[np.ndarray]:
-        """Item rows of propagation layers ``0 .. L-1`` of the full train graph (what a folded-in user reads)."""
+        """Item rows of propagation layers ``0 .. L-1`` of the full train graph (what a folded-in user reads),
+        from what the graph propagates (``users0``, ``items0``)."""
         x = torch.cat([users0, items0], dim=0)
         layers = []
         for _ in range(self.model.config.layers):
@@ -124,12 +125,16 @@ class ServingModel:
     # ------------------------------------------------------------ new items
     @torch.no_grad()
     def new_items(self, text: np.ndarray, profile: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(layer-0, final) representations of items from their text (and profile) embeddings."""
+        """(``items0`` rows, final representations) of items from their text (and profile) embeddings; the
+        first are what ``self.items0`` holds for trained items (graph backbones: what the graph propagates)."""
         if not self.takes_new_items:
             raise ValueError("this model has only item ID embeddings (feature mode 'none'): it cannot take new items")
-        profile = profile if self.uses_profiles else None
-        items0 = self.fusion.encode_new_items(as_tensor(text), as_tensor(profile))
-        return items0.numpy().astype(np.float32), self.final_of_new_items(items0).numpy().astype(np.float32)
+        text, profile = as_tensor(text), as_tensor(profile if self.uses_profiles else None)
+        items0 = self.fusion.encode_new_items(text, profile)
+        final = self.final_of_new_items(items0).numpy().astype(np.float32)
+        if self.kind == "graph":
+            items0 = self.fusion.encode_new_items_for_graph(text, profile)
+        return items0.numpy().astype(np.float32), final
 
     def final_of_new_items(self, items0: torch.Tensor) -> torch.Tensor:
         if self.kind == "graph":

@@ -13,7 +13,7 @@ MODES = ("none", "text", "text+profiles")
 EXPECTED = {
     "none": ["fusion.user_id.weight", "fusion.item_id.weight"],
     "text": ["fusion.user_id.weight", "fusion.text_mlp.0.weight", "fusion.text_mlp.2.weight"],
-    "text+profiles": [  # the default (residual) fusion: profile MLPs start with a zero last layer
+    "text+profiles": [  # the default (local) fusion: profile MLPs start with a zero last layer
         "fusion.user_id.weight",
         "fusion.text_mlp.0.weight",
         "fusion.user_profile_mlp.2.weight",

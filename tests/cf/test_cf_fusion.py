@@ -315,13 +315,33 @@ def test_the_local_fusion_keeps_item_corrections_out_of_user_representations(
         assert torch.allclose(items_after, expected, atol=1e-5)
 
 
-def test_serving_refuses_a_local_graph_model_with_a_clear_error(tiny_split, tiny_features):
-    """Serving folds new users in by propagating layer 0 as ``residual`` does: a ``local`` graph model would be
-    served wrong, so it is refused; a ``local`` BiasMF (no graph) is served."""
+@pytest.mark.parametrize("fusion", ["residual", "local"])
+def test_serving_folds_new_users_in_over_what_the_graph_propagates(fusion, tiny_split, tiny_features):
+    """Serving a graph model reads the layers it propagated in training: under ``local`` the text model's
+    layer 0 (no profile corrections), under ``residual`` layer 0 itself. The served final items are the
+    model's, and a re-encoded item gives back its propagation row and, without edges, its final row."""
+    from reclm.cf.graph import propagate
     from reclm.serve.reps import ServingModel
 
-    graph = make("lightgcn", "text+profiles", tiny_split, tiny_features, fusion="local")
-    with pytest.raises(ValueError, match="fusion 'local'"):
-        ServingModel(graph, tiny_split.train, tiny_split.n_users, tiny_split.n_items)
-    plain = make("bias-mf", "text+profiles", tiny_split, tiny_features, fusion="local")
-    assert ServingModel(plain, tiny_split.train, tiny_split.n_users, tiny_split.n_items).kind != "graph"
+    model = make("lightgcn", "text+profiles", tiny_split, tiny_features, fusion=fusion)
+    with torch.no_grad():  # give the corrections something to say
+        for name, param in model.fusion.named_parameters():
+            if "profile_mlp" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    model.eval()
+    serve = ServingModel(model, tiny_split.train, tiny_split.n_users, tiny_split.n_items)
+    with torch.no_grad():
+        users0, items0 = model.fusion.all()
+        start = (model.fusion.user_id.weight, model.fusion.text_mlp(model.fusion.item_text))
+        x = torch.cat(start if fusion == "local" else (users0, items0))
+        assert not torch.allclose(items0, start[1], atol=1e-4)  # the corrections are not zero
+        for layer in serve.item_layers:
+            np.testing.assert_allclose(layer, x[tiny_split.n_users :].numpy(), rtol=1e-5, atol=1e-6)
+            x = propagate(model.adjacency, x)
+        _, final_items = model.final_embeddings()
+        text, profiles = model.fusion.item_text.numpy(), model.fusion.item_profile().numpy()
+    np.testing.assert_allclose(serve.items_final, final_items.numpy(), rtol=1e-5, atol=1e-6)
+    rows, final = serve.new_items(text, profiles)
+    np.testing.assert_allclose(rows, serve.items0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows, serve.item_layers[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final, items0.numpy() / (model.config.layers + 1), rtol=1e-5, atol=1e-6)

@@ -63,15 +63,18 @@ def test_graph_item_layers_are_the_trained_propagation(served_run):
 
     root, info = served_run
     serve, model = serving(root, info["split"], "lightgcn")
+    assert model.config.fusion == "local"  # the default: the graph propagates the text model's layer 0
     with torch.no_grad():
         users0, items0 = model.fusion.all()
-        layers = [torch.cat([users0, items0])]
+        text_items = model.fusion.text_mlp(model.fusion.item_text)
+        layers = [torch.cat([model.fusion.user_id.weight, text_items])]
         for _ in range(model.config.layers):
             layers.append(propagate(model.adjacency, layers[-1]))
     assert len(serve.item_layers) == model.config.layers >= 1
     for k, layer in enumerate(serve.item_layers):
         np.testing.assert_allclose(layer, layers[k][model.n_users :].numpy(), rtol=1e-5, atol=1e-6)
-    mean = torch.stack(layers).mean(0)[model.n_users :].numpy()
+    total = torch.stack(layers[1:]).sum(0)[model.n_users :] + items0  # layer 0 with the corrections
+    mean = (total / (model.config.layers + 1)).numpy()
     np.testing.assert_allclose(mean, serve.items_final, rtol=1e-5, atol=1e-6)
 
 

@@ -26,8 +26,13 @@ def test_a_restart_keeps_added_items(start_server, served_run):
     assert health["index"] == "faiss" and health["added_items"] >= 1
     assert second.client.get("/items/keep-me/profile").json()["profile"] == profile
     after = second.client.get("/users/4/recommendations", params={"k": 1000}).json()["items"]
-    assert [r["id"] for r in after] == [r["id"] for r in before]
-    np.testing.assert_allclose([r["score"] for r in after], [r["score"] for r in before], rtol=1e-4, atol=1e-4)
+    # the same items with the same scores (an added copy of an item ties with it: FAISS and NumPy may order
+    # exact ties differently)
+    scores_before, scores_after = ({r["id"]: r["score"] for r in ranked} for ranked in (before, after))
+    assert scores_after.keys() == scores_before.keys()
+    ids = sorted(scores_before)
+    np.testing.assert_allclose([scores_after[i] for i in ids], [scores_before[i] for i in ids], rtol=1e-4, atol=1e-4)
+    assert all(a["score"] >= b["score"] - 1e-6 for a, b in zip(after, after[1:]))
     assert "keep-me" in {r["id"] for r in after}
     assert second.client.post("/items", json=item).status_code == 409
     again = second.client.post("/recommendations", json={"items": ["3", "7", "11"], "k": 5}).json()

@@ -45,7 +45,7 @@ class LightGCN(DotProductModel):
         start: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over layers 0..L of ``[users0; items0]`` propagated; ``start``: what layer 1 propagates from when
-        it is not layer 0 itself (a fusion's ``graph_inputs``: layer 0 keeps what is not propagated)."""
+        it is not layer 0 itself (a fusion's ``graph_layer0``: layer 0 keeps what is not propagated)."""
         total = torch.cat([users0, items0], dim=0)
         x = total if start is None else torch.cat(start, dim=0)
         for _ in range(self.config.layers):
@@ -56,12 +56,8 @@ class LightGCN(DotProductModel):
         mean = total / (self.config.layers + 1)
         return mean[: self.n_users], mean[self.n_users :]
 
-    def main_view(self, users0: torch.Tensor, items0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final (scored) representations over the full train graph."""
-        users, items = self.propagate_layers(self.adjacency, users0, items0, start=self.fusion.graph_inputs())
-        return users, (items if self.fusion.propagates_items else items0)
-
     def forward_all(self):
-        users0, items0 = self.fusion.all()
-        users, items = self.main_view(users0, items0)
-        return users, items, users0, items0
+        """(final users, final items, layer-0 users, layer-0 items): propagated over the full train graph."""
+        users0, items0, start = self.fusion.graph_layer0()
+        users, items = self.propagate_layers(self.adjacency, users0, items0, start=start)
+        return users, (items if self.fusion.propagates_items else items0), users0, items0

@@ -25,8 +25,7 @@ class SGL(LightGCN):
     def batch_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         if not hasattr(self, "view1"):
             raise RuntimeError("SGL.start_epoch must draw the graph views before training batches")
-        users0, items0 = self.fusion.all()
-        final_u, final_i = self.main_view(users0, items0)
+        final_u, final_i, users0, items0 = self.forward_all()
         terms = self.bpr_terms(final_u, final_i, users0, items0, users, pos, neg)
         users0, items0 = self.fusion.contrastive_all()  # SSL trains ID embeddings, not feature encoders
         u1, i1 = self.propagate_layers(self.view1, users0, items0)

@@ -22,8 +22,7 @@ class SimGCL(LightGCN):
         return layer + torch.sign(layer) * noise * self.config.simgcl_eps
 
     def batch_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
-        users0, items0 = self.fusion.all()
-        final_u, final_i = self.main_view(users0, items0)
+        final_u, final_i, users0, items0 = self.forward_all()
         terms = self.bpr_terms(final_u, final_i, users0, items0, users, pos, neg)
         users0, items0 = self.fusion.contrastive_all()  # SSL trains ID embeddings, not feature encoders
         u1, i1 = self.propagate_layers(self.adjacency, users0, items0, perturbed=True)
