@@ -92,7 +92,7 @@ def test_shipped_ml100k_config_is_the_builtin_default():
 def test_cold_validation_is_on_in_the_pipeline_defaults_and_shipped_configs():
     spec = PipelineConfig().split.spec()
     assert (spec.cold_valid_fraction, spec.zero_shot, spec.zero_shot_fraction) == (0.05, "random", 0.1)
-    for name in ("mind-paper", "mind-distill", "mind-teacher", "netflix"):
+    for name in ("mind-paper", "mind-distill", "mind-teacher", "netflix", "mind-cpu", "netflix-cpu"):
         assert load_config(CONFIGS / f"{name}.yaml").split.spec().cold_valid_fraction == 0.05
     latest = load_config(CONFIGS / "ml-100k.yaml", {"split.zero_shot": "latest"}).split.spec()
     assert latest.zero_shot == "latest" and latest.cold_valid_fraction == 0.05
@@ -112,7 +112,13 @@ def test_shipped_configs_load(tmp_path):
     assert teacher.dataset == mind.dataset and teacher.split == mind.split and teacher.cf == mind.cf
     assert not teacher.stages.sft and not teacher.stages.generators()  # user profiles are the teacher's, copied
     assert teacher.stages.item_side and teacher.llm.item_side.keep_teacher  # the item writer writes the rest
-    for config in (mind, netflix, teacher):
+    mind_cpu, netflix_cpu = load_config(CONFIGS / "mind-cpu.yaml"), load_config(CONFIGS / "netflix-cpu.yaml")
+    assert mind_cpu.split == mind.split and netflix_cpu.split == netflix.split
+    for cpu in (mind_cpu, netflix_cpu):  # the whole method, every id profiled, on CPU
+        assert cpu.stages.sft and cpu.stages.collab and cpu.stages.rl == "dpo" and cpu.stages.item_side
+        assert cpu.generation.users is None and cpu.generation.items is None
+        assert cpu.generation.backend == "ctranslate2" and cpu.prompt.style == "compact"
+    for config in (mind, netflix, teacher, mind_cpu, netflix_cpu):
         assert set(config.cf.backbones) == {"bias-mf", "ncf", "lightgcn", "sgl", "simgcl"}
 
 

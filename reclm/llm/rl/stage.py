@@ -194,8 +194,8 @@ def run_rl(
         **extra,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    scores = f"score {before.get('score')} -> {after.get('score')}"
-    log(f"rl ({method}): {scores}, parsed {before['parsed']} -> {after['parsed']}")
+    scores = f"reward-model score {before['score']} -> {after['score']}, " if "score" in after else ""
+    log(f"rl ({method}): {scores}in the profile format {before['parsed']} -> {after['parsed']}")
     return summary
 
 
