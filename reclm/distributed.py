@@ -54,9 +54,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield ray
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or os.environ.get("RAY_ADDRESS") or "local"  # "local": a new Ray, never a stale one here
     options: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
-    if address is None and num_cpus is not None:
+    if address == "local" and num_cpus is not None:
         options["num_cpus"] = num_cpus
     ray.init(**options)
     try:

@@ -29,7 +29,7 @@ PROMPTS = [f"History: item {k}{', sequel' * (k % 4)}." for k in range(12)]  # 12
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

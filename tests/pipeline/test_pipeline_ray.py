@@ -86,7 +86,8 @@ def test_an_interrupt_cancels_the_ray_tasks_still_running_and_a_failed_run_raise
     jobs = slow_and_quick_jobs(cfg, out, tmp_path)
     done: list[str] = []
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # kept up here, to look at it afterwards
+    # kept up here, to look at it afterwards
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
