@@ -158,10 +158,14 @@ class Fusion(nn.Module):
         users0, items0 = self.all()
         return users0, items0, None
 
-    def encode_new_items_for_graph(self, text: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
-        """What new items give graph propagation (a folded-in user's layer 1 reads it): their layer 0,
-        unless the fusion propagates something else (``graph_layer0``'s ``start``)."""
-        return self.encode_new_items(text, profile)
+    def encode_new_items_for_graph(
+        self, text: torch.Tensor, profile: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(items0, start)`` of new items for graph backbones: their layer 0 (``encode_new_items``) and what
+        they give propagation (a folded-in user's layer 1 reads it): layer 0 itself, unless the fusion
+        propagates something else (``graph_layer0``'s ``start``); computed together."""
+        items0 = self.encode_new_items(text, profile)
+        return items0, items0
 
     def contrastive_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``all()`` for the contrastive views of SGL / SimGCL: the same values, but the contrastive
@@ -253,9 +257,13 @@ class ConcatFusion(Fusion):
         missing profile is the learned "no profile" vector)."""
         if self.mode == "none":
             raise ValueError("feature mode 'none' has only item ID embeddings: new items cannot be encoded")
+        return self.with_new_item_profile(self.text_mlp(text), profile)
+
+    def with_new_item_profile(self, text_part: torch.Tensor, profile: torch.Tensor | None) -> torch.Tensor:
+        """New items' ``text_part`` with their profile fused in where the mode uses item profiles."""
         if self.item_profile is None:
-            return self.text_mlp(text)
-        return self.merge_item(self.text_mlp(text), self.item_profile.given(profile, text.shape[0]))
+            return text_part
+        return self.merge_item(text_part, self.item_profile.given(profile, text_part.shape[0]))
 
     def encode_new_users(
         self, id_part: torch.Tensor | None = None, profile: torch.Tensor | None = None, n: int | None = None
@@ -340,14 +348,17 @@ class ResidualFusion(ConcatFusion):
         rows, weights, _ = getattr(self, f"{side}_profile").table()
         return weights @ getattr(self, f"{side}_profile_mlp")(rows)
 
+    def corrected(self, side: str, base: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``base`` rows of ``side`` plus their correction, where the mode uses that side's profiles."""
+        return base if getattr(self, f"{side}_profile") is None else base + self.correction(side, index)
+
     def users(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        ids = self.user_id.weight if index is None else self.user_id(index)
-        return ids if self.user_profile is None else ids + self.correction("user", index)
+        return self.corrected("user", self.user_id.weight if index is None else self.user_id(index), index)
 
     def items(self, index: torch.Tensor | None = None) -> torch.Tensor:
         if self.item_profile is None:
             return super().items(index)
-        return self.text_part(index) + self.correction("item", index)
+        return self.corrected("item", self.text_part(index), index)
 
     # the merges ConcatFusion's encode_new_users / encode_new_items call: new ids are centred by the
     # catalogue's mean, so a trained id re-encoded is unchanged
@@ -370,12 +381,13 @@ class LocalFusion(ResidualFusion):
         if self.mode == "none":
             return super().graph_layer0()
         ids, text = self.user_id.weight, self.text_part(None)  # the text MLP runs once for both
-        users = ids if self.user_profile is None else ids + self.correction("user", None)
-        items = text if self.item_profile is None else text + self.correction("item", None)
-        return users, items, (ids, text)
+        return self.corrected("user", ids), self.corrected("item", text), (ids, text)
 
-    def encode_new_items_for_graph(self, text: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
-        return self.text_mlp(text)
+    def encode_new_items_for_graph(
+        self, text: torch.Tensor, profile: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.text_mlp(text)  # once, for both
+        return self.with_new_item_profile(start, profile), start
 
     def contrastive_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "none":

@@ -130,11 +130,11 @@ class ServingModel:
         if not self.takes_new_items:
             raise ValueError("this model has only item ID embeddings (feature mode 'none'): it cannot take new items")
         text, profile = as_tensor(text), as_tensor(profile if self.uses_profiles else None)
-        items0 = self.fusion.encode_new_items(text, profile)
-        final = self.final_of_new_items(items0).numpy().astype(np.float32)
         if self.kind == "graph":
-            items0 = self.fusion.encode_new_items_for_graph(text, profile)
-        return items0.numpy().astype(np.float32), final
+            items0, rows = self.fusion.encode_new_items_for_graph(text, profile)
+        else:
+            items0 = rows = self.fusion.encode_new_items(text, profile)
+        return rows.numpy().astype(np.float32), self.final_of_new_items(items0).numpy().astype(np.float32)
 
     def final_of_new_items(self, items0: torch.Tensor) -> torch.Tensor:
         if self.kind == "graph":
