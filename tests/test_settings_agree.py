@@ -149,7 +149,9 @@ CLI_ONLY: dict[str, set[str]] = {
     "encode": {"run", "source"},
     "quality": {"run", "source", "reference", "heldout"},
     # reclm run trains lists of backbones and feature modes
-    "train-cf": {"dataset", "run", "backbone", "features", "profiles", "config", "out", "quiet"},
+    "train-cf": {"dataset", "run", "backbone", "features", "profiles", "config", "out", "quiet"}
+    # reclm run links each profile run to its own text run; --from-text defaults to candidate with --text-run
+    | {"text_run", "from_text"},
 }
 CASES = [(command, option) for command, options in SOURCES.items() for option in options]
 

@@ -20,6 +20,8 @@ FeatureMode = Literal["none", "text", "text+profiles", "text+user-profiles", "te
 BACKBONES: tuple[str, ...] = ("bias-mf", "ncf", "lightgcn", "sgl", "simgcl")
 FEATURE_MODES: tuple[str, ...] = ("none", "text", "text+profiles", "text+user-profiles", "text+item-profiles")
 FUSION_NAMES: tuple[str, ...] = ("concat", "paper", "residual", "local")  # the strategies of reclm.cf.fusion.FUSIONS
+FROM_TEXT_FUSIONS: tuple[str, ...] = ("residual", "local")  # the text model plus corrections that start at zero
+FromText = Literal["none", "candidate", "warm"]
 METRIC_PATTERN = re.compile(r"^(recall|ndcg)@(\d+)$")
 
 
@@ -33,6 +35,12 @@ class CFConfig(BaseModel):
     fusion: str = Field("local", description="fusion strategy (registry in reclm.cf.fusion.FUSIONS)")
     profile_dropout: float = Field(
         0.0, ge=0, lt=1, description="training: share of profiles replaced by the learned 'no profile' vector"
+    )
+    from_text: FromText = added_later(
+        "none",
+        description="how a profile mode uses the trained `text` run of its backbone and seed (train_cf's text_state):"
+        " `candidate`: train from scratch, the text model is epoch 0 of the selection (kept unless an epoch beats it"
+        " on validation); `warm`: continue training from it (also epoch 0); `none`: ignore it (the paper's way)",
     )
 
     dim: int = Field(64, ge=1)
@@ -97,6 +105,12 @@ class CFConfig(BaseModel):
         if k not in self.topks:
             # the validation metric's K is always computed
             object.__setattr__(self, "topks", sorted({*self.topks, k}))
+        return self
+
+    @model_validator(mode="after")
+    def _from_text_fusion(self) -> CFConfig:
+        if self.from_text != "none" and self.fusion not in FROM_TEXT_FUSIONS:
+            raise ValueError(f"from_text needs a fusion that adds profiles to the text model: {FROM_TEXT_FUSIONS}")
         return self
 
     @property

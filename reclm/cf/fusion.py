@@ -322,6 +322,8 @@ class ResidualFusion(ConcatFusion):
     can only move ids relative to each other, never shift all of them (a shift of every user is an
     item-popularity bias learned on trained items, which misranks new ones)."""
 
+    contains_text_model = True  # a profile mode holds the text model exactly (reclm.cf.trainer.load_text_model)
+
     def build_profile_layers(self, hidden: list[int], out_dim: int) -> None:
         """The concat fusion's layers (the same random draws, so a seed gives the same MLPs), without the
         merge layers (the correction is added), each MLP's last layer at zero."""

@@ -155,6 +155,8 @@ class Trainer:
         history_path: Path | None = None,
         checkpoint_path: Path | None = None,
         checkpoint_seconds: float = CHECKPOINT_SECONDS,
+        text_state: dict[str, torch.Tensor] | None = None,
+        text_cold_state: dict[str, torch.Tensor] | None = None,
     ):
         if len(split.train) == 0:
             raise ValueError("the split has no train pairs")
@@ -167,6 +169,12 @@ class Trainer:
         seed_everything(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.model = build_model(config, split.n_users, split.n_items, split.train, features, self.device)
+        # the text run's models: epoch 0 of the selections (config.from_text); "warm" also trains on from there
+        self.text_states = {"valid": text_state, "cold_valid": text_cold_state or text_state} if text_state else {}
+        if text_state is not None:
+            check_text_state(self.model, text_state)
+            if config.from_text == "warm":
+                load_text_model(self.model, text_state)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         candidates = np.flatnonzero(~split.held_out_mask)  # zero-shot and cold-validation items stay unseen
         self.sampler = BPRSampler(split.train, split.n_items, candidates)
@@ -282,7 +290,11 @@ class Trainer:
         """Train until early stopping; restore and return the best validation epoch and its metrics (the
         best cold-validation epoch is left in ``self.cold_selection``)."""
         cfg = self.config
-        loop = self.restore_state() or new_loop(self.selections)
+        loop = self.restore_state()
+        if loop is None:
+            loop = new_loop(self.selections)
+            if self.text_states:
+                self.validate_text_models(loop)
         last_saved = time.perf_counter()
         columns = [
             SpinnerColumn(),
@@ -303,6 +315,9 @@ class Trainer:
                 if self.checkpoint_path is not None and time.perf_counter() - last_saved >= self.checkpoint_seconds:
                     self.save_state(loop)
                     last_saved = time.perf_counter()
+        for name, candidate in loop.get("text", {}).items():  # the text model wins where no epoch beat it
+            if candidate["score"] >= loop["best"][name]["score"]:
+                loop["best"][name] = candidate
         self.cold_selection = loop["best"].get("cold_valid")
         best = loop["best"]["valid"]
         if best["state"] is not None:
@@ -330,6 +345,25 @@ class Trainer:
             if best["epoch"]:
                 status += f"  best {name} {metric} {best['score']:.4f} @ {best['epoch']}"
         return status
+
+    def validate_text_models(self, loop: dict) -> None:
+        """Epoch 0 of a profile run given its text run: each selection's candidate is the text run's model as
+        that selection chose it (profile branch at zero: exactly the text model), so a run whose epochs never
+        beat it on validation ends as the text model. ``warm`` trains on from it, so it is the selection's
+        first epoch; ``candidate`` trains from scratch, so it is set aside and compared at the end (early
+        stopping counts the run's own epochs: a model from scratch starts far below a trained one)."""
+        record: dict = {"epoch": 0, "train_seconds": 0.0}
+        training_start = copy.deepcopy(self.model.state_dict())
+        loop["text"] = {}
+        for name in self.selections:
+            load_text_model(self.model, self.text_states[name])
+            record[name] = self.evaluate(name).metrics
+            target = loop["best"][name] if self.config.from_text == "warm" else new_selection()
+            self.update_selection(target, record[name], 0)
+            if self.config.from_text != "warm":
+                loop["text"][name] = target
+            self.model.load_state_dict(training_start)
+        self.history.append(record)
 
     def update_selection(self, best: dict, metrics: dict[str, float], epoch: int) -> None:
         """Keep ``epoch`` if it beats the best so far (weights copied); count a miss otherwise. A selection
@@ -372,6 +406,27 @@ class Trainer:
         return popularity_concentration(lists, counts, self.evaluator.tasks["test"].candidate_ids)
 
 
+def check_text_state(model: CFModel, state: dict[str, torch.Tensor]) -> None:
+    """Refuse a ``state`` that is not a trained ``text`` model of ``model``'s backbone and split: every weight
+    must exist in ``model`` with the same shape, and the ID and text weights must all be there."""
+    if not getattr(model.fusion, "contains_text_model", False):
+        raise ValueError(f"fusion {model.config.fusion!r} does not contain the text model: use residual or local")
+    own = model.state_dict()
+    for name, value in state.items():
+        if name not in own or own[name].shape != value.shape:
+            raise ValueError(f"text model: {name!r} does not fit this model (a text model of another backbone?)")
+    if any(".user_id." in name or ".text_mlp." in name for name in own if name not in state):
+        raise ValueError("text model: the state lacks the text model's ID or text weights")
+
+
+def load_text_model(model: CFModel, state: dict[str, torch.Tensor]) -> None:
+    """Load a trained ``text`` model's weights into a profile mode of a residual fusion (the ``text`` model
+    plus profile corrections whose last layer starts at zero): what ``model`` has beyond them, the profile
+    branch, keeps its values, so at initialisation the result is the ``text`` model exactly."""
+    check_text_state(model, state)
+    model.load_state_dict(state, strict=False)
+
+
 def train_cf(
     split: Split,
     config: CFConfig,
@@ -381,13 +436,21 @@ def train_cf(
     user_ids: list[str] | None = None,
     extra_info: dict | None = None,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
+    text_state: dict[str, torch.Tensor] | None = None,
+    text_cold_state: dict[str, torch.Tensor] | None = None,
 ) -> CFResult:
     """Train ``config.backbone`` on ``split``, select on validation, evaluate test and zero-shot at the
     best validation epoch (zero-shot again at the best cold-validation epoch), and (when ``out_dir`` is
     given) write metrics.json, history.json, per_user.csv, config.yaml, model.pt (the full-shot selection)
     and, for dot-product models, embeddings.npz. With ``out_dir`` the run saves its state there as it goes
-    and resumes from it when started again."""
+    and resumes from it when started again. With ``config.from_text`` a profile mode takes its ``text`` run's
+    weights (``text_state``; ``text_cold_state``: that run's cold-selected ones, ``model_cold.pt``) as epoch 0
+    of the selections, and with ``warm`` trains on from them."""
     features = features or SideFeatures()
+    if config.from_text != "none" and config.features.startswith("text+") and text_state is None:
+        raise ValueError(f"from_text {config.from_text!r}: pass the trained text model's weights as text_state")
+    if text_state is not None and config.from_text == "none":
+        raise ValueError("text_state given but from_text is 'none': say how to use it (candidate or warm)")
     history_path = checkpoint_path = None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -395,21 +458,23 @@ def train_cf(
         unpublish(Path(out_dir))
     trainer = Trainer(
         split, config, features, show_progress=show_progress, history_path=history_path,
-        checkpoint_path=checkpoint_path, checkpoint_seconds=checkpoint_seconds,
+        checkpoint_path=checkpoint_path, checkpoint_seconds=checkpoint_seconds, text_state=text_state,
+        text_cold_state=text_cold_state,
     )  # fmt: skip
     best_epoch, _ = trainer.fit()
     results = {task: trainer.evaluate(task, per_user=True) for task in ("valid", "test", "zero_shot")}
     cold = trainer.evaluate_cold_selected()
     history = trainer.history
+    trained = [h for h in history if h["epoch"] > 0]  # epoch 0 (the text model) trained nothing
     evals = [h["eval_seconds"] for h in history if "eval_seconds" in h]
     result = CFResult(
         valid=results["valid"].metrics,
         test=results["test"].metrics,
         zero_shot=results["zero_shot"].metrics,
         best_epoch=best_epoch,
-        epoch_seconds=float(np.mean([h["train_seconds"] for h in history])),
+        epoch_seconds=float(np.mean([h["train_seconds"] for h in trained])) if trained else 0.0,
         eval_seconds=float(np.mean(evals)) if evals else 0.0,
-        epochs_run=len(history),
+        epochs_run=len(trained),
         history=history,
         model=trainer.model,
         cold_valid=cold["cold_valid"].metrics if cold else {},
@@ -456,10 +521,11 @@ def write_outputs(
         per_user.insert(2, "user_id", np.asarray(user_ids, dtype=object)[per_user["user"].to_numpy()])
     per_user.to_csv(out / "per_user.csv", index=False, float_format="%.6g")
     save_model(trainer.model, out / "model.pt", trainer.split.train, trainer.features)
+    save_cold_model(trainer, out / "model_cold.pt")
     if trainer.model.dot_product:
         users, items = trainer.model.final_embeddings()
         np.savez(out / "embeddings.npz", users=users.cpu().numpy(), items=items.cpu().numpy())
-    for name in ("history.json", "config.yaml", "per_user.csv", "model.pt", "embeddings.npz"):
+    for name in ("history.json", "config.yaml", "per_user.csv", "model.pt", "model_cold.pt", "embeddings.npz"):
         if (out / name).is_file():
             fsync_path(out / name)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))  # last: says every file above is complete
@@ -489,6 +555,20 @@ def save_model(model: CFModel, path: Path, train: np.ndarray, features: SideFeat
         },
         path,
     )
+
+
+def save_cold_model(trainer: Trainer, path: Path) -> None:
+    """A run without profiles also keeps its cold-selected model (``model_cold.pt``): a profile run given this
+    run is epoch 0 of its cold selection (:func:`train_cf`'s ``text_cold_state``)."""
+    selection = trainer.cold_selection
+    if trainer.config.features not in ("none", "text") or not selection or selection["state"] is None:
+        return
+    current = copy.deepcopy(trainer.model.state_dict())
+    trainer.model.load_state_dict(selection["state"])
+    try:
+        save_model(trainer.model, path, trainer.split.train, trainer.features)
+    finally:
+        trainer.model.load_state_dict(current)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> CFModel:

@@ -53,6 +53,12 @@ def train_cf_command(
         CF.profile_dropout, help="Share of training profiles replaced by the learned 'no profile' vector."
     ),
     profiles: Path = typer.Option(None, help="Run directory holding embeddings/{users,items}.npz (text+*profiles)."),
+    text_run: Path = typer.Option(
+        None, help="Folder of a finished `text` run on the same split: its model is epoch 0 of the selection."
+    ),
+    from_text: str = typer.Option(
+        None, help="candidate | warm | none: how --text-run is used (default candidate with --text-run)."
+    ),
     seed: int = typer.Option(RUN.cf.seeds[0], help="Model seed (init, sampling)."),
     config: Path = typer.Option(None, help="YAML file of CF settings (over these defaults; flags given override it)."),
     split: str = typer.Option(SPLIT.method, help="auto | random | temporal | snapshot (ignored with --run)"),
@@ -102,7 +108,12 @@ def train_cf_command(
         "threads": threads,
     }
     given = {k for k in overrides if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    use = choice("from-text", from_text, ("none", "candidate", "warm")) or ("candidate" if text_run else None)
+    if use is not None:
+        overrides["from_text"] = use
+        given.add("from_text")
     cfg = cf_settings(overrides, given, config)
+    states = text_run_states(text_run) if text_run is not None else (None, None)
     info: dict = {}
     if run is not None:
         rundir = RunDir(run)
@@ -128,12 +139,27 @@ def train_cf_command(
         f"[bold]{cfg.backbone}[/] / features [bold]{cfg.features}[/] on {data.name}: "
         f"{the_split.n_users} users, {the_split.n_items} items, {the_split.stats()['train']} train pairs"
     )
-    result = train_cf(the_split, cfg, side, out, show_progress=not quiet, user_ids=data.user_ids, extra_info=info)
+    result = train_cf(
+        the_split, cfg, side, out, show_progress=not quiet, user_ids=data.user_ids, extra_info=info,
+        text_state=states[0], text_cold_state=states[1],
+    )  # fmt: skip
     console.print(results_table(result.metrics_json(), cfg.topks, json.loads((Path(out) / "metrics.json").read_text())))
     console.print(
         f"best epoch {result.best_epoch} of {result.epochs_run}; {result.epoch_seconds:.3f} s/epoch train, "
         f"{result.eval_seconds:.3f} s/validation; written to {out}"
     )
+
+
+def text_run_states(folder: Path) -> tuple[dict, dict | None]:
+    """The weights of a finished ``text`` run: its selected model and, where it kept one, its cold-selected model."""
+    from reclm.cf.trainer import load_checkpoint_file
+
+    model = Path(folder) / "model.pt"
+    if not model.is_file():
+        raise FileNotFoundError(f"--text-run {folder}: no model.pt (expected a finished train-cf output folder)")
+    cold = model.with_name("model_cold.pt")
+    cold_state = load_checkpoint_file(cold)["state_dict"] if cold.is_file() else None
+    return load_checkpoint_file(model)["state_dict"], cold_state
 
 
 def cf_settings(flags: dict, given: set[str], config: Path | None) -> CFConfig:

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,8 @@ class CFJob:
     item_text: Path | None = None
     user_profiles: Path | None = None
     item_profiles: Path | None = None
+    text_run: Path | None = None  # from_text: the folder of the text run this one uses (its model.pt, model_cold.pt)
+    after: str | None = None  # the name of that text run: a job of the same batch must finish before this one starts
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,11 +81,17 @@ def job_features(job: CFJob, user_ids: Sequence[str], item_ids: Sequence[str]) -
 
 def train_job(job: CFJob, data: Any, split: Any, threads: int | None, show_progress: bool) -> JobResult:
     from reclm.cf import CFConfig, train_cf
+    from reclm.cf.trainer import load_checkpoint_file
 
     params = dict(job.params)
     if threads is not None:
         params.setdefault("threads", threads)
     features = job_features(job, data.user_ids, data.item_ids)
+    text_state = text_cold_state = None
+    if job.text_run is not None:  # the text run's model, and its cold-selected one where it kept one
+        text_state = load_checkpoint_file(job.text_run / "model.pt")["state_dict"]
+        cold = job.text_run / "model_cold.pt"
+        text_cold_state = load_checkpoint_file(cold)["state_dict"] if cold.is_file() else None
     result = train_cf(
         split,
         CFConfig(**params),
@@ -92,6 +100,8 @@ def train_job(job: CFJob, data: Any, split: Any, threads: int | None, show_progr
         show_progress=show_progress,
         user_ids=data.user_ids,
         extra_info=job.extra,
+        text_state=text_state,
+        text_cold_state=text_cold_state,
     )
     return JobResult(job.name, dict(result.test), result.epochs_run)
 
@@ -128,21 +138,55 @@ def worker_train(root: str, job: CFJob, threads: int) -> JobResult:
     return result
 
 
+def in_dependency_order(jobs: Sequence[CFJob]) -> list[CFJob]:
+    """``jobs`` with every job after the job it waits for (``after``): the order to train them one by one."""
+    names = {job.name for job in jobs}
+    return sorted(jobs, key=lambda job: job.after in names)
+
+
+def schedule(
+    jobs: Sequence[CFJob],
+    submit: Callable[[CFJob], Any],
+    wait_any: Callable[[list[Any]], Iterable[Any]],
+    on_finished: Callable[[CFJob, Any], None],
+    running: dict[Any, CFJob],
+) -> None:
+    """Run ``jobs`` on an executor: each is submitted (``submit`` returns its handle) as soon as the job it waits
+    for (``after``, where that one is among ``jobs``) has finished, so a profile run starts the moment its text
+    run is committed. ``wait_any`` returns finished handles; ``on_finished`` commits one (before its dependents
+    start). ``running`` is the caller's, to cancel what is outstanding on an error."""
+    names = {job.name for job in jobs}
+    waiting, done = list(jobs), set()
+    while waiting or running:
+        for job in [job for job in waiting if job.after not in names or job.after in done]:
+            waiting.remove(job)
+            running[submit(job)] = job
+        if not running:
+            raise RuntimeError(f"CF jobs wait for runs that never start: {[job.name for job in waiting]}")
+        for handle in wait_any(list(running)):
+            job = running.pop(handle)
+            on_finished(job, handle)
+            done.add(job.name)
+
+
 def run_in_workers(
     root: Path, jobs: Sequence[CFJob], workers: int, threads: int, on_done: Callable[[CFJob, JobResult], None]
 ) -> None:
-    """Train ``jobs`` in ``workers`` spawned processes; ``on_done`` runs here as each one finishes."""
+    """Train ``jobs`` in ``workers`` spawned processes (each after the job it waits for); ``on_done`` runs here
+    as each one finishes."""
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
     ) as pool:
-        running: dict[Future, CFJob] = {pool.submit(worker_train, str(root), job, threads): job for job in jobs}
+        running: dict[Future, CFJob] = {}
         try:
-            while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    job = running.pop(future)
-                    on_done(job, future.result())
+            schedule(
+                jobs,
+                submit=lambda job: pool.submit(worker_train, str(root), job, threads),
+                wait_any=lambda futures: wait(futures, return_when=FIRST_COMPLETED)[0],
+                on_finished=lambda job, future: on_done(job, future.result()),
+                running=running,
+            )
         except BaseException:
             stop_workers(pool)
             raise
@@ -165,7 +209,8 @@ def run_in_ray(
     on_done: Callable[[CFJob, JobResult], None],
     num_cpus: int | None = None,
 ) -> None:
-    """Train ``jobs`` as Ray tasks (:func:`worker_train`, ``threads`` torch threads each); ``on_done`` runs
+    """Train ``jobs`` as Ray tasks (:func:`worker_train`, ``threads`` torch threads each; each after the job it
+    waits for); ``on_done`` runs
     here as each one finishes, so every run is committed as soon as it is done, as in :func:`run_in_workers`.
 
     ``options`` is the config's ``ray`` section (reclm.pipeline.config.RayOptions): ``address`` (else
@@ -185,13 +230,15 @@ def run_in_ray(
     with ray_session(options.address, num_cpus) as ray:
         task = ray.remote(num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run)(worker_train)
         root_path = str(Path(root).resolve())
-        running: dict[Any, CFJob] = {task.remote(root_path, absolute_paths(job), threads): job for job in jobs}
+        running: dict[Any, CFJob] = {}
         try:
-            while running:
-                finished, _ = ray.wait(list(running), num_returns=1)
-                for ref in finished:
-                    job = running.pop(ref)
-                    on_done(job, task_result(ray, ref))
+            schedule(
+                jobs,
+                submit=lambda job: task.remote(root_path, absolute_paths(job), threads),
+                wait_any=lambda refs: ray.wait(refs, num_returns=1)[0],
+                on_finished=lambda job, ref: on_done(job, task_result(ray, ref)),
+                running=running,
+            )
         except BaseException:
             cancel_ray_tasks(ray, list(running))
             raise
@@ -211,7 +258,7 @@ def task_result(ray: Any, ref: Any) -> JobResult:
 
 def absolute_paths(job: CFJob) -> CFJob:
     """``job`` with absolute paths (a Ray worker need not share this process's working directory)."""
-    files = {name: getattr(job, name) for name in ("out", "item_text", "user_profiles", "item_profiles")}
+    files = {name: getattr(job, name) for name in ("out", "item_text", "user_profiles", "item_profiles", "text_run")}
     return dataclasses.replace(job, **{name: Path(f).resolve() for name, f in files.items() if f is not None})
 
 

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from reclm.cachekeys import added_later, key_dump
-from reclm.cf.config import BACKBONES, Backbone, FeatureMode
+from reclm.cf.config import BACKBONES, FROM_TEXT_FUSIONS, Backbone, CFConfig, FeatureMode, FromText
 from reclm.data.split import SplitSpec
 
 # The pipeline's stages in the order they run (reclm.pipeline.table.build_stages); the report needs all others.
@@ -288,6 +288,10 @@ class CFOptions(Section):
     ablation_backbones: list[Backbone] = ["lightgcn"]
     side_ablation: bool = True  # also train ablation_backbones with one side's profiles (user only, item only)
     params: dict[str, Any] = {"epochs": 100, "patience": 10, "lr": 0.003}  # patience 10: docs/cold-start.md section 6
+    # how profile runs use their trained text runs (CFConfig.from_text; params / per_backbone may set it too):
+    # `candidate`, the text model is epoch 0 of their selection, so validation decides whether profiles are
+    # used (docs/cold-start.md section 12)
+    from_text: FromText = "candidate"
     per_backbone: dict[Backbone, dict[str, Any]] = {}
     # runs trained at once (null: one single-threaded run per core on CPU, one on CUDA; reclm.pipeline.cf_jobs)
     jobs: int | None = Field(None, ge=1)
@@ -302,13 +306,24 @@ class CFOptions(Section):
         return value
 
     def run_params(self, backbone: str, features: str, seed: int) -> dict[str, Any]:
-        return {
-            **self.params,
-            **self.per_backbone.get(backbone, {}),
-            "backbone": backbone,
-            "features": features,
-            "seed": seed,
-        }
+        params = {**self.params, **self.per_backbone.get(backbone, {})}
+        if features.startswith("text+"):
+            params["from_text"] = self.text_use(backbone)
+        else:
+            params.pop("from_text", None)  # the text run itself: the setting does not touch it
+        return {**params, "backbone": backbone, "features": features, "seed": seed}
+
+    def text_use(self, backbone: str) -> str:
+        """How ``backbone``'s profile runs use its trained ``text`` runs: ``from_text``, unless ``params`` or
+        ``per_backbone`` say otherwise; the default only where it can apply (a fusion that contains the text
+        model, ``text`` among the features), else ``none``."""
+        merged = {**self.params, **self.per_backbone.get(backbone, {})}
+        if "from_text" in merged:  # set for this backbone: as given (CFConfig refuses a fusion that cannot)
+            return str(merged["from_text"])
+        if "from_text" in self.model_fields_set:  # cf.from_text given: as given (check_cf_params checks it)
+            return self.from_text
+        fusion = merged.get("fusion", CFConfig.model_fields["fusion"].default)
+        return self.from_text if fusion in FROM_TEXT_FUSIONS and "text" in self.features else "none"
 
 
 class ReportOptions(Section):
@@ -432,7 +447,9 @@ def check_cf_params(config: PipelineConfig, source: str) -> None:
             for key in ("backbone", "features", "seed"):
                 if key in params:
                     raise ConfigError(f"{source}: {where}.{key}: set it with cf.{key}s, not in {where}")
-        merged = config.cf.run_params(backbone, config.cf.features[0], config.cf.seeds[0])
+        if config.cf.text_use(backbone) != "none" and "text" not in config.cf.features:
+            raise ConfigError(f"{source}: cf: from_text ({backbone}) needs 'text' in cf.features (it uses that run)")
+        merged = config.cf.run_params(backbone, config.cf.features[-1], config.cf.seeds[0])
         try:
             CFConfig.model_validate(merged)
         except ValidationError as exc:

@@ -657,6 +657,34 @@ def cap_section(runs: list[CFRun]) -> list[Any]:
     return [Text(note), Table(["run", "epoch cap"], rows)]
 
 
+def text_model_section(runs: list[CFRun]) -> list[Any]:
+    """Profile runs given their ``text`` run as epoch 0 (``cf.from_text``): which kept the ``text`` model (no
+    epoch with the profiles beat it on validation) and which did not."""
+    given = [r for r in runs if r.features.startswith("text+") and text_use(r) != "none"]
+    if not given:
+        return [Text("No profile run had its text run as a candidate (cf.from_text: none).")]
+    rows = [
+        [r.name, text_use(r), str(r.metrics.get("best_epoch", "-")), fmt_selection(r.metrics.get("best_epoch_cold"))]
+        for r in given
+    ]
+    kept = sum(r.metrics.get("best_epoch") == 0 for r in given)
+    note = (
+        "Each profile run had its text run's model as epoch 0 of its selection (candidate: trained from scratch "
+        "beside it; warm: trained on from it), so validation decides whether the profiles are used: "
+        f"{kept} of {len(given)} kept the text model (best epoch 0: no epoch with profiles beat it on validation, "
+        "and the run's numbers are the text run's)."
+    )
+    return [Text(note), Table(["run", "from text", "best epoch", "cold-selected epoch"], rows)]
+
+
+def text_use(run: CFRun) -> str:
+    return str((run.metrics.get("config") or {}).get("from_text", "none"))
+
+
+def fmt_selection(epoch: int | None) -> str:
+    return "-" if epoch is None else str(epoch)
+
+
 def popularity_section(runs: list[CFRun]) -> list[Any]:
     """Mean over seeds of each backbone x features' top-20 popularity share and catalogue coverage."""
     rows = []
@@ -758,6 +786,7 @@ def build_sections(root: Path) -> tuple[str, list[Section]]:
     sections.append(Section("Significance: with profiles vs base", significance_table(runs, metric)))
     sections.append(Section("Ablation", side_table(runs) + ablation_table(runs, manifests)))
     sections.append(Section("Training length", cap_section(runs)))
+    sections.append(Section("Text model as epoch 0", text_model_section(runs)))
     sections.append(Section("Popularity concentration", popularity_section(runs)))
     plots = Section("Plots")
     plots.blocks += [c for task in CURVES if (c := validation_curves(runs, task)) is not None]
@@ -820,7 +849,7 @@ def all_runs_table(runs: list[CFRun]) -> Table:
         m = run.metrics
         popularity = m.get("popularity") or {}
         rows.append(
-            [run.name, str(m.get("best_epoch", "-")), str(m.get("best_epoch_cold") or "-")]
+            [run.name, str(m.get("best_epoch", "-")), fmt_selection(m.get("best_epoch_cold"))]
             + [str(m.get("epochs_run", "-")), fmt(m.get("epoch_seconds"), 2)]
             + [fmt((m.get(s) or {}).get(k)) for s, _ in SETTINGS for k in ("recall@20", "ndcg@20")]
             + [fmt((m.get(s) or {}).get("ndcg@20")) for s in ("valid", "cold_valid")]

@@ -98,6 +98,11 @@ def test_train_cf_from_a_prepared_run_with_profiles(ml_slice, tmp_path):
     try:
         result = invoke("train-cf", "--run", run, "--backbone", "sgl", "--features", "text+profiles",
                         "--epochs", 3, "--threads", 1, "--quiet")  # fmt: skip
+        text = invoke("train-cf", "--run", run, "--backbone", "sgl", "--features", "text", "--epochs", 3,
+                      "--threads", 1, "--quiet")  # fmt: skip
+        warm = invoke("train-cf", "--run", run, "--backbone", "sgl", "--features", "text+profiles", "--epochs", 2,
+                      "--threads", 1, "--quiet", "--text-run", run / "cf" / "sgl-text-s2020",
+                      "--out", run / "cf" / "warm")  # fmt: skip
     finally:
         features_module.item_text_embeddings = original
     assert result.exit_code == 0, result.output
@@ -105,6 +110,10 @@ def test_train_cf_from_a_prepared_run_with_profiles(ml_slice, tmp_path):
     metrics = check_metrics(out)
     assert metrics["feature_coverage"]["user_profiles"] == pytest.approx(0.8)
     assert metrics["split_source"] == str(run / "data")
+    assert text.exit_code == 0 and warm.exit_code == 0, text.output + warm.output
+    start = json.loads((run / "cf" / "warm" / "history.json").read_text())[0]
+    text_metrics = json.loads((run / "cf" / "sgl-text-s2020" / "metrics.json").read_text())
+    assert start["epoch"] == 0 and start["valid"] == pytest.approx(text_metrics["valid"], abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -115,6 +124,8 @@ def test_train_cf_from_a_prepared_run_with_profiles(ml_slice, tmp_path):
         (["--dataset", "/no/such/dir"], "/no/such/dir"),
         (["--lr", "-1"], "lr"),
         (["--topks", "ten"], "--topks"),
+        (["--text-run", "/no/such/run"], "--text-run /no/such/run"),
+        (["--from-text", "later"], "--from-text 'later'"),
         (["--dataset", "/no/[red]such[/red]/[/x]dir"], "/no/[red]such[/red]/[/x]dir"),  # printed as given
     ],
 )

@@ -61,9 +61,19 @@ def test_cf_params_are_checked_against_the_cf_trainer_config(tmp_path):
     pytest.importorskip("reclm.cf.config")
     with pytest.raises(
         ConfigError,
-        match=r"x.yaml: cf.params.learning_rate: unknown key \(expected one of: fusion, profile_dropout, dim",
+        match=r"x.yaml: cf.params.learning_rate: unknown key \(expected one of: fusion, profile_dropout, from_text, "
+        r"dim",
     ):
         load_config(write(tmp_path, "cf:\n  params: {learning_rate: 0.1}\n"))
+    with pytest.raises(ConfigError, match=r"from_text needs a fusion that adds profiles to the text model"):
+        load_config(write(tmp_path, "cf:\n  params: {fusion: concat, from_text: warm}\n"))
+    with pytest.raises(ConfigError, match=r"cf: from_text \(bias-mf\) needs 'text' in cf.features"):
+        load_config(write(tmp_path, "cf:\n  features: [text+profiles]\n  from_text: candidate\n"))
+    quiet = load_config(write(tmp_path, "cf:\n  features: [text+profiles]\n  params: {fusion: concat}\n")).cf
+    assert quiet.text_use("lightgcn") == "none"  # the default applies only where it can: no error
+    default = load_config(write(tmp_path, "cf: {}\n")).cf
+    assert default.run_params("sgl", "text+profiles", 1)["from_text"] == "candidate"
+    assert "from_text" not in default.run_params("sgl", "text", 1)  # the text run's key does not move
     with pytest.raises(ConfigError, match=r"x.yaml: cf.per_backbone.sgl.sgl_drop_ratio: Input should be less than 1"):
         load_config(write(tmp_path, "cf:\n  per_backbone: {sgl: {sgl_drop_ratio: 2}}\n"))
     with pytest.raises(ConfigError, match=r"cf.params.seed: set it with cf.seeds"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -284,6 +285,7 @@ def test_cf_runs_in_worker_processes_match_in_process_runs(finished_run, tmp_pat
         job.item_text = out / "embeddings" / "item_text.npz"
         if features == "text+profiles":
             job.user_profiles, job.item_profiles = out / "embeddings" / "users.npz", out / "embeddings" / "items.npz"
+            job.text_run = out / "cf" / f"{backbone}-text-s1"  # its text model is epoch 0 (cf.from_text)
         result = cf_jobs.train_job(job, data, split, threads=1, show_progress=False)
         expected = json.loads((out / "cf" / name / "metrics.json").read_text())["test"]
         assert result.test == pytest.approx(expected, abs=1e-12) and result.test["recall@20"] > 0
@@ -306,3 +308,44 @@ def test_an_interrupt_ends_the_cf_workers_at_once(finished_run, tmp_path):
     assert done == ["quick"]
     assert time.monotonic() - started < 60, "the 100,000-epoch run was not waited for"
     assert (tmp_path / "quick" / "metrics.json").is_file() and not (tmp_path / "slow" / "metrics.json").exists()
+
+
+def test_profile_runs_have_their_text_runs_as_epoch_0(finished_run, tmp_path):
+    """``cf.from_text``: the profile runs train after the text runs and have their models as epoch 0 of both
+    selections (``candidate``, the default, in the finished run; ``warm`` here, reusing the text runs from
+    cache); the report says which kept the text model; a config without the text runs to use is refused."""
+    config, out, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    data = yaml.safe_load(config.read_text())
+    data["out"] = str(run)
+    data["cf"].update(features=["text", "text+profiles"], seeds=[1], side_ablation=False, from_text="warm")
+    warm_config = tmp_path / "warm.yaml"
+    warm_config.write_text(yaml.safe_dump(data))
+    output = invoke("run", str(warm_config))
+    for root, use in ((out, "candidate"), (run, "warm")):
+        for backbone in ("bias-mf", "lightgcn"):
+            if root == run:
+                assert f"{backbone}-text-s1: cached" in output and f"{backbone}-text+profiles-s1: test" in output
+            text = json.loads((root / "cf" / f"{backbone}-text-s1" / "metrics.json").read_text())
+            folder = root / "cf" / f"{backbone}-text+profiles-s1"
+            start = json.loads((folder / "history.json").read_text())[0]
+            assert (root / "cf" / f"{backbone}-text-s1" / "model_cold.pt").is_file()
+            assert start["epoch"] == 0 and start["valid"] == pytest.approx(text["valid"], abs=1e-6)
+            assert start["cold_valid"] == pytest.approx(text["cold_valid"], abs=1e-6)  # its cold-selected model
+            metrics = json.loads((folder / "metrics.json").read_text())
+            assert metrics["config"]["from_text"] == use
+            assert metrics["valid"]["ndcg@20"] >= text["valid"]["ndcg@20"] - 1e-9
+        md = (root / "report" / "report.md").read_text()
+        assert "## Text model as epoch 0" in md and "kept the text model" in md
+    # a backbone of the side ablation only has no text run in the grid: its runs train as the paper does
+    data["cf"].update(backbones=["bias-mf"], ablation_backbones=["lightgcn"], side_ablation=True)
+    warm_config.write_text(yaml.safe_dump(data))
+    invoke("run", str(warm_config))
+    ablation = run / "cf" / "lightgcn-text+user-profiles-s1"
+    assert json.loads((ablation / "metrics.json").read_text())["config"]["from_text"] == "none"
+    assert json.loads((ablation / "history.json").read_text())[0]["epoch"] == 1  # no epoch 0
+    data["cf"]["features"] = ["text+profiles"]
+    warm_config.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", str(warm_config)])
+    assert result.exit_code != 0 and "needs 'text' in cf.features" in result.output

@@ -93,7 +93,7 @@ def run_train_cf(ctx: StageContext) -> dict:
         ctx.note(f"each worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
     else:
         data, split = ctx.data()
-        for job in pending:
+        for job in cf_jobs.in_dependency_order(pending):  # a profile run after the text run it starts from
             finished(job, cf_jobs.train_job(job, data, split, None, show_progress=True))
     write_json(ctx.out / "runs.json", runs)
     return {
@@ -172,6 +172,14 @@ def cf_job(ctx: StageContext, run: dict[str, Any]) -> tuple[Any, Any]:
     files = [f for f in (job.item_text, job.user_profiles, job.item_profiles) if f is not None]
     shared = {"split": ctx.inputs["upstream"]["prepare"]}
     shared["files"] = {str(f.relative_to(ctx.root)): path_hash(f) for f in files}
+    if params.get("from_text", "none") != "none" and run["features"].startswith("text+"):
+        text = cf_run(run["backbone"], "text", run["seed"], None, final=True)
+        if text["name"] in {r["name"] for r in cf_runs(ctx.config)}:
+            _, text_unit = cf_job(ctx, text)
+            job.text_run, job.after = text_unit.path, text["name"]
+            shared["text_run"] = text_unit.key  # a retrained text run retrains the profile runs that use it
+        else:  # a backbone of the ablation rows only: the grid has no text run of it
+            params["from_text"] = "none"
     key, older = key_and_older(lambda: {"params": resolved_cf_params(params), **shared})
     unit = ctx.unit(run["name"], key, older)
     if not unit.done:

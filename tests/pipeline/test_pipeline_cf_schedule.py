@@ -1,0 +1,70 @@
+"""The CF executors' scheduling: a profile run starts only once the text run it starts from is committed."""
+
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import pytest
+
+from reclm.pipeline.cf_jobs import CFJob, in_dependency_order, schedule
+
+
+def job(name: str, after: str | None = None) -> CFJob:
+    return CFJob(name, {}, Path(name), after=after)
+
+
+JOBS = [job("lightgcn-text+profiles", "lightgcn-text"), job("lightgcn-text"), job("sgl-text+profiles", "sgl-text")]
+JOBS.append(job("sgl-text"))
+
+
+def run_on_threads(jobs: list[CFJob], seconds: dict[str, float]) -> list[tuple[str, str]]:
+    """Schedule ``jobs`` on a real two-thread pool; each sleeps ``seconds[name]``. Returns the event log."""
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def work(name: str) -> str:
+        with lock:
+            events.append(("start", name))
+        time.sleep(seconds.get(name, 0.01))
+        return name
+
+    def committed(finished: CFJob, future) -> None:
+        assert future.result() == finished.name
+        with lock:
+            events.append(("commit", finished.name))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        schedule(
+            jobs,
+            submit=lambda j: pool.submit(work, j.name),
+            wait_any=lambda futures: wait(futures, return_when=FIRST_COMPLETED)[0],
+            on_finished=committed,
+            running={},
+        )
+    return events
+
+
+def test_a_dependent_job_starts_after_its_text_run_is_committed_and_others_do_not_wait():
+    events = run_on_threads(JOBS, {"lightgcn-text": 0.05, "sgl-text": 0.3})
+    assert sorted(name for kind, name in events if kind == "commit") == sorted(j.name for j in JOBS)
+    for dependent, text in (("lightgcn-text+profiles", "lightgcn-text"), ("sgl-text+profiles", "sgl-text")):
+        assert events.index(("commit", text)) < events.index(("start", dependent))
+    # lightgcn's profile run does not wait for the slower sgl text run
+    assert events.index(("start", "lightgcn-text+profiles")) < events.index(("commit", "sgl-text"))
+
+
+def test_a_job_whose_text_run_is_not_in_the_batch_starts_at_once():
+    events = run_on_threads([job("sgl-text+profiles", "sgl-text")], {})  # its text run is done already
+    assert events == [("start", "sgl-text+profiles"), ("commit", "sgl-text+profiles")]
+
+
+def test_one_by_one_order_puts_text_runs_first():
+    names = [j.name for j in in_dependency_order(JOBS)]
+    assert names.index("lightgcn-text") < names.index("lightgcn-text+profiles")
+    assert names.index("sgl-text") < names.index("sgl-text+profiles")
+
+
+def test_a_cycle_is_refused_rather_than_waiting_forever():
+    with pytest.raises(RuntimeError, match="never start"):
+        run_on_threads([job("a", "b"), job("b", "a")], {})
