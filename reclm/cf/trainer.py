@@ -571,6 +571,20 @@ def save_cold_model(trainer: Trainer, path: Path) -> None:
         trainer.model.load_state_dict(current)
 
 
+def load_text_run(
+    folder: str | Path, name: str = "text run"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The weights of a finished ``text`` run's folder, for :func:`train_cf`'s ``text_state`` and
+    ``text_cold_state``: its selected model and, where it kept one, its cold-selected model (``name``: what
+    the error calls the folder)."""
+    model = Path(folder) / "model.pt"
+    if not model.is_file():
+        raise FileNotFoundError(f"{name} {folder}: no model.pt (expected a finished train-cf output folder)")
+    cold = model.with_name("model_cold.pt")
+    cold_state = load_checkpoint_file(cold)["state_dict"] if cold.is_file() else None
+    return load_checkpoint_file(model)["state_dict"], cold_state
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> CFModel:
     """Rebuild a trained model from ``model.pt`` (fusion encoders included, so new users and items can
     be encoded with ``model.fusion.encode_new_items`` / ``encode_new_users``)."""

@@ -86,7 +86,7 @@ def train_cf_command(
     """Train a CF backbone (BPR, early stopping on validation) and report valid / test / zero-shot metrics.
     Defaults are `reclm run`'s (its cf.params on the CF trainer's own defaults)."""
     from reclm.cf.features import load_side_features
-    from reclm.cf.trainer import train_cf
+    from reclm.cf.trainer import load_text_run, train_cf
 
     overrides = {
         "backbone": choice("backbone", backbone, BACKBONES),
@@ -113,7 +113,7 @@ def train_cf_command(
         overrides["from_text"] = use
         given.add("from_text")
     cfg = cf_settings(overrides, given, config)
-    states = text_run_states(text_run) if text_run is not None else (None, None)
+    states = load_text_run(text_run, "--text-run") if text_run is not None else (None, None)
     info: dict = {}
     if run is not None:
         rundir = RunDir(run)
@@ -148,18 +148,6 @@ def train_cf_command(
         f"best epoch {result.best_epoch} of {result.epochs_run}; {result.epoch_seconds:.3f} s/epoch train, "
         f"{result.eval_seconds:.3f} s/validation; written to {out}"
     )
-
-
-def text_run_states(folder: Path) -> tuple[dict, dict | None]:
-    """The weights of a finished ``text`` run: its selected model and, where it kept one, its cold-selected model."""
-    from reclm.cf.trainer import load_checkpoint_file
-
-    model = Path(folder) / "model.pt"
-    if not model.is_file():
-        raise FileNotFoundError(f"--text-run {folder}: no model.pt (expected a finished train-cf output folder)")
-    cold = model.with_name("model_cold.pt")
-    cold_state = load_checkpoint_file(cold)["state_dict"] if cold.is_file() else None
-    return load_checkpoint_file(model)["state_dict"], cold_state
 
 
 def cf_settings(flags: dict, given: set[str], config: Path | None) -> CFConfig:

@@ -81,17 +81,13 @@ def job_features(job: CFJob, user_ids: Sequence[str], item_ids: Sequence[str]) -
 
 def train_job(job: CFJob, data: Any, split: Any, threads: int | None, show_progress: bool) -> JobResult:
     from reclm.cf import CFConfig, train_cf
-    from reclm.cf.trainer import load_checkpoint_file
+    from reclm.cf.trainer import load_text_run
 
     params = dict(job.params)
     if threads is not None:
         params.setdefault("threads", threads)
     features = job_features(job, data.user_ids, data.item_ids)
-    text_state = text_cold_state = None
-    if job.text_run is not None:  # the text run's model, and its cold-selected one where it kept one
-        text_state = load_checkpoint_file(job.text_run / "model.pt")["state_dict"]
-        cold = job.text_run / "model_cold.pt"
-        text_cold_state = load_checkpoint_file(cold)["state_dict"] if cold.is_file() else None
+    text_state, text_cold_state = load_text_run(job.text_run) if job.text_run is not None else (None, None)
     result = train_cf(
         split,
         CFConfig(**params),
@@ -210,8 +206,8 @@ def run_in_ray(
     num_cpus: int | None = None,
 ) -> None:
     """Train ``jobs`` as Ray tasks (:func:`worker_train`, ``threads`` torch threads each; each after the job it
-    waits for); ``on_done`` runs
-    here as each one finishes, so every run is committed as soon as it is done, as in :func:`run_in_workers`.
+    waits for); ``on_done`` runs here as each one finishes, so every run is committed as soon as it is done,
+    as in :func:`run_in_workers`.
 
     ``options`` is the config's ``ray`` section (reclm.pipeline.config.RayOptions): ``address`` (else
     ``RAY_ADDRESS``, else a local Ray of ``num_cpus`` CPUs started and stopped here; reclm.distributed) and
