@@ -230,7 +230,10 @@ def add_estimates(status: RunStatus, cfg: PipelineConfig) -> None:
     if size is not None:
         where = "the run's saved split" if size.measured else "the split this config makes"
         factor, why = est.speed_basis()
-        status.note = f"estimates from {where}; default speeds x{factor:.2f} ({why}); CF: an upper bound"
+        status.note = (
+            f"estimates from {where}; default speeds x{factor:.2f} ({why}); CF: epochs as this run's finished "
+            "runs of each backbone took, else the cap (an upper bound)"
+        )
 
 
 def data_size(cfg: PipelineConfig, root: Path, pending: set[str]) -> Any:
@@ -268,24 +271,69 @@ def stage_left(pipeline: Any, plan: StagePlan, plans: list[StagePlan], size: Any
     return guess
 
 
+@dataclass
+class CFHistory:
+    """What one CF run's ``history.json`` shows: the mean seconds of an epoch (training and evaluation), the
+    epochs trained and whether the run is committed (then ``epochs`` is where it stopped)."""
+
+    epoch_seconds: float
+    epochs: int
+    finished: bool
+
+
+def cf_histories(work: Path) -> dict[str, CFHistory]:
+    """Every CF run of the work folder with at least one epoch in its history, committed or in progress."""
+    found: dict[str, CFHistory] = {}
+    for path in sorted(work.glob("*/history.json")):
+        history = read_json(path)
+        if not isinstance(history, list) or not all(isinstance(e, dict) for e in history) or not history:
+            continue
+        seconds = [float(e.get("train_seconds") or 0.0) + float(e.get("eval_seconds") or 0.0) for e in history]
+        finished = not path.parent.name.endswith(".partial")
+        found[unit_name(work, path.parent)] = CFHistory(sum(seconds) / len(seconds), len(history), finished)
+    return found
+
+
+def resumes_at(name: str, progress: Progress, work: Path) -> int:
+    """Epochs a pending CF run keeps: those of its saved checkpoint (none saved: it starts again)."""
+    if not (work / f"{name}.partial" / "checkpoint.pt").is_file():
+        return 0
+    return progress.units_started.get(name) or 0
+
+
 def cf_left(cfg: PipelineConfig, size: Any, speeds: Any, progress: Progress, work: Path) -> Estimate:
-    """The CF runs not committed yet, at their full epoch count less the epochs a saved checkpoint holds."""
+    """The CF runs not committed yet. Where this run's CF histories show how long an epoch of a backbone takes
+    (the run's own, else another run of its backbone) the runs are priced from them, at as many epochs as the
+    longest committed run of the backbone took (else the epoch cap), summed and shared among the runs at once;
+    the others at the dry run's price for their full epoch count (an upper bound)."""
     from reclm.pipeline import estimate as est
+    from reclm.pipeline.cf_jobs import job_plan
     from reclm.pipeline.stages.cf import cf_runs
 
-    epoch_pairs: dict[str, float] = {}
-    for run in cf_runs(cfg):
-        if run["name"] in progress.units_done:
+    histories = cf_histories(work)
+    pending = [run for run in cf_runs(cfg) if run["name"] not in progress.units_done]
+    measured, unmeasured, epoch_pairs = 0.0, 0, {}
+    for run in pending:
+        backbone, own = run["backbone"], histories.get(run["name"])
+        cap = (cfg.cf.params | cfg.cf.per_backbone.get(backbone, {})).get("epochs", est.CF_DEFAULT_EPOCHS)
+        done = resumes_at(run["name"], progress, work)
+        peers = [h for name, h in histories.items() if name.startswith(f"{backbone}-") and name != run["name"]]
+        seconds = own.epoch_seconds if own else (sum(h.epoch_seconds for h in peers) / len(peers) if peers else None)
+        if seconds is None:
+            unmeasured += 1
+            share = max(0.0, 1 - done / cap) if cap else 0.0
+            epoch_pairs[backbone] = epoch_pairs.get(backbone, 0.0) + est.cf_epoch_pairs(cfg, size, backbone) * share
             continue
-        backbone = run["backbone"]
-        epochs = (cfg.cf.params | cfg.cf.per_backbone.get(backbone, {})).get("epochs", est.CF_DEFAULT_EPOCHS)
-        done = progress.units_started.get(run["name"]) or 0
-        if not (work / f"{run['name']}.partial" / "checkpoint.pt").is_file():
-            done = 0  # no saved state: the run starts again from its first epoch
-        share = max(0.0, 1 - done / epochs) if epochs else 0.0
-        epoch_pairs[backbone] = epoch_pairs.get(backbone, 0.0) + est.cf_epoch_pairs(cfg, size, backbone) * share
-    seconds, basis = est.cf_estimate("train_cf", cfg, size, epoch_pairs, speeds)
-    return Estimate(seconds, 0, sum(epoch_pairs.values()), "epoch-interaction (upper bound)", basis)
+        stopped = [h.epochs for h in peers if h.finished]
+        expected = min(cap, max(stopped)) if stopped else cap
+        measured += seconds * max(expected - done, 1 if expected else 0)
+    jobs, _ = job_plan(cfg.cf.jobs, str(cfg.cf.params.get("device", "auto")), max(len(pending), 1))
+    default, basis = est.cf_estimate("train_cf", cfg, size, epoch_pairs, speeds) if epoch_pairs else (0.0, "")
+    if not unmeasured:
+        basis = "this run's CF epochs"
+    elif measured:
+        basis = f"this run's CF epochs, {basis} for {unmeasured} run(s)"
+    return Estimate(measured / jobs + default, 0, sum(epoch_pairs.values()), "epoch (CF runs)", basis)
 
 
 def to_json(status: RunStatus) -> str:

@@ -111,10 +111,11 @@ def test_a_run_stopped_in_train_cf_reads_back_from_its_manifests_and_work_folder
     assert by_name["report"].seconds == 0 and by_name["report"].progress is None
 
 
-def test_the_estimate_prices_the_cf_runs_not_done_and_the_stages_after(stopped):
-    from reclm.pipeline import estimate as est
-    from reclm.pipeline.run import speed_book
+def mean_epoch_seconds(history: list[dict]) -> float:
+    return sum(e["train_seconds"] + e["eval_seconds"] for e in history) / len(history)
 
+
+def test_the_estimate_prices_the_cf_runs_left_from_the_runs_own_epochs(stopped):
     config, run = stopped
     before = snapshot(run)
     status = run_status(run)
@@ -122,13 +123,37 @@ def test_the_estimate_prices_the_cf_runs_not_done_and_the_stages_after(stopped):
     by_name = {s.name: s for s in status.stages}
     assert {s.name for s in status.stages if s.plan == "run"} == {"train_cf", "report"}
     assert all(by_name[n].left == 0 for n in ("prepare", "teacher", "profiles", "encode", *OFF))
-    cfg = load_config(config)
-    size = est.data_size(cfg, run)
-    whole = est.train_cf(cfg, size, speed_book()).seconds  # the three runs; two are left (no checkpoint saved)
-    assert by_name["train_cf"].left == pytest.approx(whole * 2 / 3) and by_name["train_cf"].left > 0
-    assert by_name["report"].left == est.report(cfg, size).seconds
+    work = run / ".work" / "cf"
+    finished = json.loads((work / "bias-mf-none-s1" / "history.json").read_text())
+    stopped_early = json.loads((work / "bias-mf-text-s1.partial" / "history.json").read_text())
+    epochs = len(finished)  # where the committed run of the backbone stopped
+    assert 2 < epochs <= load_config(config).cf.params["epochs"]
+    # the stopped run again from its first epoch (no checkpoint) at its own pace; the last at the two runs' mean
+    own, shared = (
+        mean_epoch_seconds(stopped_early),
+        (mean_epoch_seconds(finished) + mean_epoch_seconds(stopped_early)) / 2,
+    )
+    assert by_name["train_cf"].left == pytest.approx((own + shared) * epochs)  # one run at a time (cf.jobs 1)
+    assert by_name["train_cf"].basis == "this run's CF epochs"
+    assert by_name["report"].left == 5.0
     assert status.left == pytest.approx(by_name["train_cf"].left + by_name["report"].left)
     assert "saved split" in status.note
+
+
+def test_without_cf_histories_the_estimate_is_the_dry_runs_upper_bound(stopped, tmp_path):
+    from reclm.pipeline import estimate as est
+    from reclm.pipeline.run import speed_book
+
+    config, run = stopped
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for history in (copy / ".work" / "cf").glob("*/history.json"):
+        history.unlink()
+    cfg = load_config(config)
+    status = run_status(copy)
+    cf = next(s for s in status.stages if s.name == "train_cf")
+    whole = est.train_cf(cfg, est.data_size(cfg, copy), speed_book()).seconds  # the three runs; two are left
+    assert cf.left == pytest.approx(whole * 2 / 3) and cf.left > 0
 
 
 def test_the_command_prints_plain_lines_and_json(stopped):
