@@ -81,7 +81,7 @@ class TrainSettings:
     eval_every: int = 50  # held-out loss every N steps (0: only before and after)
     save_every: int = 25  # checkpoint every N steps (0: only at the end)
     eval_batch_size: int = 16
-    max_eval_examples: int | None = 256  # held-out examples used for the loss (a fixed seeded subset)
+    max_eval_examples: int | None = 32  # held-out examples for the loss (seeded subset; a forward each, twice)
     gradient_checkpointing: bool = False
     threads: int | None = None
     device: str | None = None
