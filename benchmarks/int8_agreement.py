@@ -8,10 +8,10 @@ to its float32 one beside the cosine of two different prompts' float32 profiles 
     CT2_FORCE_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 CT2_USE_MKL=0 \
         python benchmarks/int8_agreement.py RUN --prompts 256
 
-The prompts are a seeded sample of ``RUN/profiles/{users,items}.jsonl``; the writers are the adapters that
-``RUN/profiles/generation.json`` names (users: the last tuned one; items: the item writer), decoded as the
-run did (greedy, one line, ``max_new_tokens`` of the run). Both precisions run in this process, one after
-the other, each after a warm-up batch.
+The prompts are a seeded sample of ``RUN/profiles/{users,items}.jsonl``; the writers are the run's
+(``reclm.serve.runinfo.find_adapter``: users the last tuned one, items the item writer), decoded as
+``RUN/profiles/generation.json`` says the run did (greedy, one line, its ``max_new_tokens``). Both
+precisions run in this process, one after the other, each after a warm-up batch.
 """
 
 from __future__ import annotations
@@ -87,15 +87,14 @@ def main() -> None:
 
     from reclm.llm.generation import DecodeParams
     from reclm.llm.generation.ct2 import CT2Generator
+    from reclm.rundir import RunDir
+    from reclm.serve.runinfo import find_adapter
     from reclm.text.encoder import TextEncoder
 
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     generation = json.loads((args.run / "profiles" / "generation.json").read_text())
-    adapters = generation["adapters"]
-    writers = {
-        "users": next(adapters[k] for k in ("rl", "collab", "sft") if adapters.get(k)),
-        "items": adapters["items"],
-    }
+    run = RunDir(args.run)
+    writers = {"users": find_adapter(run, "user"), "items": find_adapter(run, "item")}
     params = DecodeParams(**{k: v for k, v in json.loads(generation["params"]).items() if k != "top_k"})
     encoder = TextEncoder(show_progress=False)
     isa = {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}

@@ -310,14 +310,15 @@ def cf_left(cfg: PipelineConfig, size: Any, speeds: Any, progress: Progress, wor
     from reclm.pipeline.cf_jobs import job_plan
     from reclm.pipeline.stages.cf import cf_runs
 
-    histories = cf_histories(work)
-    pending = [run for run in cf_runs(cfg) if run["name"] not in progress.units_done]
+    histories, runs = cf_histories(work), cf_runs(cfg)
+    backbone_of = {run["name"]: run["backbone"] for run in runs}
+    pending = [run for run in runs if run["name"] not in progress.units_done]
     measured, unmeasured, epoch_pairs = 0.0, 0, {}
     for run in pending:
         backbone, own = run["backbone"], histories.get(run["name"])
         cap = (cfg.cf.params | cfg.cf.per_backbone.get(backbone, {})).get("epochs", est.CF_DEFAULT_EPOCHS)
         done = resumes_at(run["name"], progress, work)
-        peers = [h for name, h in histories.items() if name.startswith(f"{backbone}-") and name != run["name"]]
+        peers = [h for name, h in histories.items() if backbone_of.get(name) == backbone and name != run["name"]]
         seconds = own.epoch_seconds if own else (sum(h.epoch_seconds for h in peers) / len(peers) if peers else None)
         if seconds is None:
             unmeasured += 1

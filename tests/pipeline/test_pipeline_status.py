@@ -116,6 +116,8 @@ def mean_epoch_seconds(history: list[dict]) -> float:
 
 
 def test_the_estimate_prices_the_cf_runs_left_from_the_runs_own_epochs(stopped):
+    from reclm.pipeline import estimate as est
+
     config, run = stopped
     before = snapshot(run)
     status = run_status(run)
@@ -123,11 +125,12 @@ def test_the_estimate_prices_the_cf_runs_left_from_the_runs_own_epochs(stopped):
     by_name = {s.name: s for s in status.stages}
     assert {s.name for s in status.stages if s.plan == "run"} == {"train_cf", "report"}
     assert all(by_name[n].left == 0 for n in ("prepare", "teacher", "profiles", "encode", *OFF))
+    cfg = load_config(config)
     work = run / ".work" / "cf"
     finished = json.loads((work / "bias-mf-none-s1" / "history.json").read_text())
     stopped_early = json.loads((work / "bias-mf-text-s1.partial" / "history.json").read_text())
     epochs = len(finished)  # where the committed run of the backbone stopped
-    assert 2 < epochs <= load_config(config).cf.params["epochs"]
+    assert 2 < epochs <= cfg.cf.params["epochs"]
     # the stopped run again from its first epoch (no checkpoint) at its own pace; the last at the two runs' mean
     own, shared = (
         mean_epoch_seconds(stopped_early),
@@ -135,7 +138,7 @@ def test_the_estimate_prices_the_cf_runs_left_from_the_runs_own_epochs(stopped):
     )
     assert by_name["train_cf"].left == pytest.approx((own + shared) * epochs)  # one run at a time (cf.jobs 1)
     assert by_name["train_cf"].basis == "this run's CF epochs"
-    assert by_name["report"].left == 5.0
+    assert by_name["report"].left == est.report(cfg, est.data_size(cfg, run)).seconds
     assert status.left == pytest.approx(by_name["train_cf"].left + by_name["report"].left)
     assert "saved split" in status.note
 
