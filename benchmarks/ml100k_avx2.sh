@@ -4,6 +4,7 @@
 # time-stamped, /usr/bin/time's summary at the end (docs/results.md, "ml-100k on an AVX2 code path").
 #
 #   bash benchmarks/ml100k_avx2.sh OUT_DIR [CACHE_DIR]     # CACHE_DIR: default OUT_DIR/cache (made empty)
+#   QUANTIZATION=int8 bash benchmarks/ml100k_avx2.sh OUT_DIR   # the int8 trade instead of float32
 set -euo pipefail
 out=${1:?usage: bash benchmarks/ml100k_avx2.sh OUT_DIR [CACHE_DIR]}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,7 +13,8 @@ export CT2_USE_MKL=0
 export RECLM_CACHE=${2:-$out/cache}
 mkdir -p "$out" "$RECLM_CACHE"
 # configs/ml-100k.yaml with the precision an AVX2-only AMD CPU gets by default (this CPU may have VNNI)
-sed -e 's/^  quantization: null .*/  quantization: float32/' "$root/configs/ml-100k.yaml" > "$out/ml100k-avx2.yaml"
-grep -q '^  quantization: float32' "$out/ml100k-avx2.yaml"
+precision=${QUANTIZATION:-float32}
+sed -e "s/^  quantization: null .*/  quantization: $precision/" "$root/configs/ml-100k.yaml" > "$out/ml100k-avx2.yaml"
+grep -q "^  quantization: $precision\$" "$out/ml100k-avx2.yaml"
 /usr/bin/time -v "$root/.venv/bin/reclm" run "$out/ml100k-avx2.yaml" --out "$out/run" 2>&1 |
     while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done

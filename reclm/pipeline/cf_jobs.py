@@ -140,22 +140,52 @@ def in_dependency_order(jobs: Sequence[CFJob]) -> list[CFJob]:
     return sorted(jobs, key=lambda job: job.after in names)
 
 
+def chain_costs(jobs: Sequence[CFJob], cost: Callable[[CFJob], float]) -> dict[str, float]:
+    """Each job's ``cost`` plus that of the costliest chain of jobs waiting for it: the longest chain first
+    keeps a slow text run and its profile runs from being left alone at the end of the stage."""
+    waiting_for: dict[str, list[CFJob]] = {}
+    for job in jobs:
+        if job.after is not None:
+            waiting_for.setdefault(job.after, []).append(job)
+    chains: dict[str, float] = {}
+
+    def chain(job: CFJob, seen: frozenset[str] = frozenset()) -> float:
+        if job.name not in chains:
+            after = [chain(j, seen | {job.name}) for j in waiting_for.get(job.name, []) if j.name not in seen]
+            chains[job.name] = cost(job) + max(after, default=0.0)
+        return chains[job.name]
+
+    for job in jobs:
+        chain(job)
+    return chains
+
+
 def schedule(
     jobs: Sequence[CFJob],
     submit: Callable[[CFJob], Any],
     wait_any: Callable[[list[Any]], Iterable[Any]],
     on_finished: Callable[[CFJob, Any], None],
     running: dict[Any, CFJob],
+    slots: int | None = None,
+    priority: dict[str, float] | None = None,
 ) -> None:
     """Run ``jobs`` on an executor: each is submitted (``submit`` returns its handle) as soon as the job it waits
     for (``after``, where that one is among ``jobs``) has finished, so a profile run starts the moment its text
     run is committed. ``wait_any`` returns finished handles; ``on_finished`` commits one (before its dependents
-    start). ``running`` is the caller's, to cancel what is outstanding on an error."""
+    start). ``running`` is the caller's, to cancel what is outstanding on an error.
+
+    At most ``slots`` jobs are submitted at once (None: every ready one); ready jobs go in descending
+    ``priority`` (by job name; e.g. :func:`chain_costs`), ties in the given order."""
     names = {job.name for job in jobs}
-    waiting, done = list(jobs), set()
-    while waiting or running:
+    priority = priority or {}
+    waiting, ready, done = list(jobs), [], set()
+    while waiting or ready or running:
         for job in [job for job in waiting if job.after not in names or job.after in done]:
             waiting.remove(job)
+            ready.append(job)
+        ready.sort(key=lambda job: -priority.get(job.name, 0.0))
+        while ready and (slots is None or len(running) < slots):
+            job = ready.pop(0)
             running[submit(job)] = job
         if not running:
             raise RuntimeError(f"CF jobs wait for runs that never start: {[job.name for job in waiting]}")
@@ -166,10 +196,15 @@ def schedule(
 
 
 def run_in_workers(
-    root: Path, jobs: Sequence[CFJob], workers: int, threads: int, on_done: Callable[[CFJob, JobResult], None]
+    root: Path,
+    jobs: Sequence[CFJob],
+    workers: int,
+    threads: int,
+    on_done: Callable[[CFJob, JobResult], None],
+    priority: dict[str, float] | None = None,
 ) -> None:
-    """Train ``jobs`` in ``workers`` spawned processes (each after the job it waits for); ``on_done`` runs here
-    as each one finishes."""
+    """Train ``jobs`` in ``workers`` spawned processes (each after the job it waits for, the highest
+    ``priority`` first as a worker frees up); ``on_done`` runs here as each one finishes."""
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
@@ -182,6 +217,8 @@ def run_in_workers(
                 wait_any=lambda futures: wait(futures, return_when=FIRST_COMPLETED)[0],
                 on_finished=lambda job, future: on_done(job, future.result()),
                 running=running,
+                slots=workers,
+                priority=priority,
             )
         except BaseException:
             stop_workers(pool)
@@ -204,10 +241,11 @@ def run_in_ray(
     threads: int,
     on_done: Callable[[CFJob, JobResult], None],
     num_cpus: int | None = None,
+    priority: dict[str, float] | None = None,
 ) -> None:
     """Train ``jobs`` as Ray tasks (:func:`worker_train`, ``threads`` torch threads each; each after the job it
-    waits for); ``on_done`` runs here as each one finishes, so every run is committed as soon as it is done,
-    as in :func:`run_in_workers`.
+    waits for, submitted in descending ``priority`` as they become ready); ``on_done`` runs here as each one
+    finishes, so every run is committed as soon as it is done, as in :func:`run_in_workers`.
 
     ``options`` is the config's ``ray`` section (reclm.pipeline.config.RayOptions): ``address`` (else
     ``RAY_ADDRESS``, else a local Ray of ``num_cpus`` CPUs started and stopped here; reclm.distributed) and
@@ -234,6 +272,7 @@ def run_in_ray(
                 wait_any=lambda refs: ray.wait(refs, num_returns=1)[0],
                 on_finished=lambda job, ref: on_done(job, task_result(ray, ref)),
                 running=running,
+                priority=priority,
             )
         except BaseException:
             cancel_ray_tasks(ray, list(running))

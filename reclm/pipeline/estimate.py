@@ -40,7 +40,7 @@ from reclm.pipeline.stages.generation import (
     generation_quantization,
     user_writers,
 )
-from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
+from reclm.pipeline.work import CF_SECONDS_PER_EPOCH_PAIR, CF_WORK_UNIT, cf_epoch_seconds, cf_size_factor
 
 PREPARE_PER_INTERACTION = 1.5e-5
 TEACHER_OFFLINE_PER_PROFILE = 2e-3
@@ -51,7 +51,6 @@ MODEL_LOAD_SECONDS = 5.0
 GENERATION_TOKENS_PER_SECOND = {"transformers": 75.0, "ctranslate2": 130.0, "openai": 400.0}
 CUDA_LORA_SECONDS_PER_TOKEN = 2e-4
 CUDA_GENERATION_TOKENS_PER_SECOND = {"transformers": 530.0}
-CF_SECONDS_PER_EPOCH_PAIR = {"bias-mf": 4e-6, "ncf": 1.2e-5, "lightgcn": 1.2e-5, "sgl": 3e-5, "simgcl": 2.5e-5}
 CF_DEFAULT_EPOCHS = 300
 ENCODE_TEXTS_PER_SECOND = 200.0
 PROMPT_BASE_TOKENS = 60
@@ -461,7 +460,7 @@ def cf_estimate(
     measured = speeds.seconds_per_unit(stage, CF_WORK_UNIT, speed_setup(stage, cfg)) if speeds else None
     if measured is not None:
         return work * measured, "measured"
-    default = sum(pairs * cf_size_factor(b, nodes) * CF_SECONDS_PER_EPOCH_PAIR[b] for b, pairs in epoch_pairs.items())
+    default = sum(cf_epoch_seconds(b, pairs, nodes) for b, pairs in epoch_pairs.items())
     return speed_factor() * default, "default"
 
 

@@ -349,6 +349,12 @@ def significance_table(runs: list[CFRun], metric: str) -> list[Any]:
         f"Wilcoxon signed-rank test (two-sided) on per-user {metric}, paired by user, each user's value "
         "averaged over seeds; t-test: paired t-test over seeds on the mean metric (needs >= 2 seeds)."
     )
+    if max(int(row[6]) for row in rows) < 2:
+        explain += (
+            " One seed: the Wilcoxon test sees only the users' spread, not the training's (another seed can move "
+            "a backbone's metric by a few percent), so it calls small differences significant; `--seeds 3` adds "
+            "the t-test over seeds."
+        )
     return [Text(explain), Table(headers, rows)]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reclm.pipeline.cf_jobs import CFJob, in_dependency_order, schedule
+from reclm.pipeline.cf_jobs import CFJob, chain_costs, in_dependency_order, schedule
 
 
 def job(name: str, after: str | None = None) -> CFJob:
@@ -18,7 +18,9 @@ JOBS = [job("lightgcn-text+profiles", "lightgcn-text"), job("lightgcn-text"), jo
 JOBS.append(job("sgl-text"))
 
 
-def run_on_threads(jobs: list[CFJob], seconds: dict[str, float]) -> list[tuple[str, str]]:
+def run_on_threads(
+    jobs: list[CFJob], seconds: dict[str, float], slots: int | None = None, priority: dict[str, float] | None = None
+) -> list[tuple[str, str]]:
     """Schedule ``jobs`` on a real two-thread pool; each sleeps ``seconds[name]``. Returns the event log."""
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
@@ -41,6 +43,8 @@ def run_on_threads(jobs: list[CFJob], seconds: dict[str, float]) -> list[tuple[s
             wait_any=lambda futures: wait(futures, return_when=FIRST_COMPLETED)[0],
             on_finished=committed,
             running={},
+            slots=slots,
+            priority=priority,
         )
     return events
 
@@ -68,3 +72,24 @@ def test_one_by_one_order_puts_text_runs_first():
 def test_a_cycle_is_refused_rather_than_waiting_forever():
     with pytest.raises(RuntimeError, match="never start"):
         run_on_threads([job("a", "b"), job("b", "a")], {})
+
+
+def test_chain_costs_add_the_costliest_chain_waiting_for_a_job():
+    cost = {"lightgcn-text": 1.0, "lightgcn-text+profiles": 1.0, "sgl-text": 3.0, "sgl-text+profiles": 3.0}
+    chains = chain_costs(JOBS, lambda j: cost[j.name])
+    assert chains == {"lightgcn-text": 2.0, "lightgcn-text+profiles": 1.0, "sgl-text": 6.0, "sgl-text+profiles": 3.0}
+
+
+def test_with_two_slots_the_longest_chain_starts_first_and_its_dependent_jumps_the_queue():
+    jobs = [job("bias-mf-text"), job("ncf-text"), job("simgcl-text"), job("simgcl-text+profiles", "simgcl-text")]
+    seconds = {"bias-mf-text": 0.15, "ncf-text": 0.15, "simgcl-text": 0.05, "simgcl-text+profiles": 0.3}
+    priority = chain_costs(jobs, lambda j: seconds[j.name])
+    events = run_on_threads(jobs, seconds, slots=2, priority=priority)
+    starts = [name for kind, name in events if kind == "start"]
+    # simgcl's chain first; its profile run goes ahead of ncf-text, which was ready before it
+    assert starts == ["simgcl-text", "bias-mf-text", "simgcl-text+profiles", "ncf-text"]
+    # never more than two at once
+    running = 0
+    for kind, _ in events:
+        running += 1 if kind == "start" else -1
+        assert running <= 2

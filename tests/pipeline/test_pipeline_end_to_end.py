@@ -146,6 +146,7 @@ def test_report_has_the_paper_table_costs_quality_and_plots(finished_run):
     cell = f"{lightgcn['test']['recall@20']:.4f}"
     assert any(line.startswith("| lightgcn |") and cell in line for line in md.splitlines())
     assert "Wilcoxon" in md and "| bias-mf | full-shot |" in md
+    assert "One seed: the Wilcoxon test sees only the users' spread" in md  # one seed: the caution
     assert "+ teacher profiles" in md  # the ablation row of this run's profile source
     sides = [line for line in md.splitlines() if line.startswith("| lightgcn | + ")]
     assert any("user profiles only" in line for line in sides) and any("item profiles only" in line for line in sides)
@@ -260,6 +261,7 @@ def test_several_seeds_give_mean_std_and_a_test_over_seeds(finished_run):
     row = next(line for line in md.splitlines() if line.startswith("| lightgcn | full-shot |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[6] == "2" and cells[7] != "-"  # seeds compared, t-test p-value
+    assert "One seed:" not in md
     assert re.search(r"\| lightgcn \| 0\.\d{4} ± 0\.\d{4} \|", md)
 
 

@@ -12,7 +12,7 @@ from reclm.cf.features import uses_item_profiles, uses_user_profiles
 from reclm.pipeline.config import PipelineConfig
 from reclm.pipeline.engine import StageContext
 from reclm.pipeline.stages.common import local_ray_cpus, user_generator
-from reclm.pipeline.work import CF_WORK_UNIT, cf_size_factor
+from reclm.pipeline.work import CF_WORK_UNIT, cf_epoch_seconds, cf_size_factor
 from reclm.utils import write_json
 
 SIDE_ABLATION = ("text+user-profiles", "text+item-profiles")
@@ -80,16 +80,17 @@ def run_train_cf(ctx: StageContext) -> dict:
         where = f"{positions[job.name]}/{len(runs)} {job.name}"
         ctx.console.print(f"    train-cf {where}: test recall@20 {recall:.4f} ndcg@20 {ndcg:.4f}", highlight=False)
 
+    priority = cf_jobs.chain_costs(pending, lambda job: run_cost(job, len(split.train), nodes))
     device = str(cfg.cf.params.get("device", "auto"))
     workers, threads = cf_jobs.job_plan(cfg.cf.jobs, device, len(pending), cfg.threads)
     on_ray = cfg.executor == "ray" and bool(pending)  # nothing to train: no Ray started
     if on_ray:
-        train_cf_on_ray(ctx, pending, finished)
+        train_cf_on_ray(ctx, pending, finished, priority)
         ctx.note(f"each Ray worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
     elif workers > 1:
         ctx.note(f"{len(pending)} CF runs trained {workers} at a time, {threads} thread(s) each")
         with counted(finished, len(pending), f"cf runs, {workers} at a time") as finished_and_shown:
-            cf_jobs.run_in_workers(ctx.root, pending, workers, threads, finished_and_shown)
+            cf_jobs.run_in_workers(ctx.root, pending, workers, threads, finished_and_shown, priority)
         ctx.note(f"each worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
     else:
         data, split = ctx.data()
@@ -107,7 +108,12 @@ def run_train_cf(ctx: StageContext) -> dict:
     }
 
 
-def train_cf_on_ray(ctx: StageContext, pending: list[Any], finished: Any) -> None:
+def run_cost(job: Any, pairs: int, nodes: int) -> float:
+    """A CF run's default cost at its epoch cap: what orders the runs (the slowest chains first)."""
+    return cf_epoch_seconds(job.params["backbone"], pairs, nodes) * float(job.params.get("epochs", 1))
+
+
+def train_cf_on_ray(ctx: StageContext, pending: list[Any], finished: Any, priority: dict[str, float]) -> None:
     """``executor: ray``: the pending runs as Ray tasks (reclm.pipeline.cf_jobs.run_in_ray), each committed by
     ``finished`` as it ends. A local Ray gets the pipeline's thread budget as its CPUs."""
     import os
@@ -123,7 +129,7 @@ def train_cf_on_ray(ctx: StageContext, pending: list[Any], finished: Any) -> Non
     each = f"{options.cpus_per_run:g} CPU(s){gpus} and {threads} thread(s) each"
     ctx.note(f"{len(pending)} CF runs as Ray tasks at {where}, {each}")
     with counted(finished, len(pending), "cf runs on ray") as finished_and_shown:
-        cf_jobs.run_in_ray(ctx.root, pending, options, threads, finished_and_shown, num_cpus=cores)
+        cf_jobs.run_in_ray(ctx.root, pending, options, threads, finished_and_shown, num_cpus=cores, priority=priority)
 
 
 @contextlib.contextmanager
