@@ -93,3 +93,19 @@ def test_with_two_slots_the_longest_chain_starts_first_and_its_dependent_jumps_t
     for kind, _ in events:
         running += 1 if kind == "start" else -1
         assert running <= 2
+
+
+def test_the_cf_progress_counts_estimated_work_not_runs(monkeypatch, capsys):
+    from reclm.pipeline.stages.cf import counted
+
+    monkeypatch.setenv("RECLM_PROGRESS_SECONDS", "0")  # a line on every update
+    committed = []
+    costs = {"simgcl-text": 3.0, "bias-mf-text": 1.0}
+    with counted(lambda job, result: committed.append(job.name), costs, "cf runs, 2 at a time") as done:
+        done(job("simgcl-text"), None)
+        done(job("bias-mf-text"), None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cf runs")]
+    assert committed == ["simgcl-text", "bias-mf-text"]
+    assert "estimated work %: 75/100 (75%)  1/2 runs done" in lines[0]
+    assert "about" in lines[0]  # time left from the work done, not from one run of two
+    assert "100/100 (100%)  2/2 runs done" in lines[-1]

@@ -80,16 +80,17 @@ def run_train_cf(ctx: StageContext) -> dict:
         where = f"{positions[job.name]}/{len(runs)} {job.name}"
         ctx.console.print(f"    train-cf {where}: test recall@20 {recall:.4f} ndcg@20 {ndcg:.4f}", highlight=False)
 
-    priority = cf_jobs.chain_costs(pending, lambda job: run_cost(job, len(split.train), nodes))
+    costs = {job.name: run_cost(job, len(split.train), nodes) for job in pending}
+    priority = cf_jobs.chain_costs(pending, lambda job: costs[job.name])
     device = str(cfg.cf.params.get("device", "auto"))
     workers, threads = cf_jobs.job_plan(cfg.cf.jobs, device, len(pending), cfg.threads)
     on_ray = cfg.executor == "ray" and bool(pending)  # nothing to train: no Ray started
     if on_ray:
-        train_cf_on_ray(ctx, pending, finished, priority)
+        train_cf_on_ray(ctx, pending, finished, costs, priority)
         ctx.note(f"each Ray worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
     elif workers > 1:
         ctx.note(f"{len(pending)} CF runs trained {workers} at a time, {threads} thread(s) each")
-        with counted(finished, len(pending), f"cf runs, {workers} at a time") as finished_and_shown:
+        with counted(finished, costs, f"cf runs, {workers} at a time") as finished_and_shown:
             cf_jobs.run_in_workers(ctx.root, pending, workers, threads, finished_and_shown, priority)
         ctx.note(f"each worker process peaked at up to {worker_peak:.0f} MB (peak memory above is this process's)")
     else:
@@ -113,7 +114,9 @@ def run_cost(job: Any, pairs: int, nodes: int) -> float:
     return cf_epoch_seconds(job.params["backbone"], pairs, nodes) * float(job.params.get("epochs", 1))
 
 
-def train_cf_on_ray(ctx: StageContext, pending: list[Any], finished: Any, priority: dict[str, float]) -> None:
+def train_cf_on_ray(
+    ctx: StageContext, pending: list[Any], finished: Any, costs: dict[str, float], priority: dict[str, float]
+) -> None:
     """``executor: ray``: the pending runs as Ray tasks (reclm.pipeline.cf_jobs.run_in_ray), each committed by
     ``finished`` as it ends. A local Ray gets the pipeline's thread budget as its CPUs."""
     import os
@@ -128,20 +131,31 @@ def train_cf_on_ray(ctx: StageContext, pending: list[Any], finished: Any, priori
     gpus = f", {options.gpus_per_run:g} GPU(s)" if options.gpus_per_run else ""
     each = f"{options.cpus_per_run:g} CPU(s){gpus} and {threads} thread(s) each"
     ctx.note(f"{len(pending)} CF runs as Ray tasks at {where}, {each}")
-    with counted(finished, len(pending), "cf runs on ray") as finished_and_shown:
+    with counted(finished, costs, "cf runs on ray") as finished_and_shown:
         cf_jobs.run_in_ray(ctx.root, pending, options, threads, finished_and_shown, num_cpus=cores, priority=priority)
 
 
 @contextlib.contextmanager
-def counted(finished: Any, total: int, label: str) -> Iterator[Any]:
-    """``finished`` that also advances a progress bar of ``total`` runs (the CF executors' ``on_done``)."""
-    from reclm.llm.teachers.base import progress_bar
+def counted(finished: Any, costs: dict[str, float], label: str) -> Iterator[Any]:
+    """``finished`` that also advances a progress bar (the CF executors' ``on_done``). The bar counts the
+    estimated work (each run's ``costs`` share, in percent), not runs: the costliest runs go first, so a count
+    of runs would overstate the time left; the runs done are shown beside it."""
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 
-    with progress_bar(total, label) as advance:
+    from reclm.progress import progress
+
+    total, runs = sum(costs.values()) or 1.0, len(costs)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[runs]}"))
+    with progress(*columns, TimeRemainingColumn()) as bar:
+        task = bar.add_task(f"{label}, estimated work %", total=100, runs=f"0/{runs} runs done")
+        done, work = 0, 0.0
 
         def finished_and_shown(job: Any, result: Any) -> None:
+            nonlocal done, work
             finished(job, result)
-            advance()
+            done, work = done + 1, work + costs.get(job.name, 0.0)
+            percent = 100 if done == runs else min(99, round(100 * work / total))
+            bar.update(task, completed=percent, runs=f"{done}/{runs} runs done")
 
         yield finished_and_shown
 
