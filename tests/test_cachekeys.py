@@ -51,6 +51,17 @@ def test_the_shipped_added_later_fields_are_out_of_the_default_keys():
     assert "ssl_nodes" not in resolved_cf_params({})
     assert resolved_cf_params({"ssl_nodes": 512})["ssl_nodes"] == 512
     assert "cooldown" not in generation_key(PipelineConfig())["generation"]
+    assert "repetition_penalty" not in generation_key(PipelineConfig())["generation"]
+    penalised = PipelineConfig.model_validate({"generation": {"repetition_penalty": 1.05}})
+    assert generation_key(penalised)["generation"]["repetition_penalty"] == 1.05
+    from reclm.pipeline.stages.generation import decode_params
+
+    assert decode_params(penalised).repetition_penalty == 1.05  # what the profiles stage decodes with
+    from reclm.pipeline.table import build_stages
+
+    stages = {stage.name: stage for stage in build_stages()}
+    assert stages["profiles"].config(penalised) != stages["profiles"].config(PipelineConfig())
+    assert stages["rl"].config(penalised) == stages["rl"].config(PipelineConfig()), "PPO samples without it"
     assert "ssl_nodes" in CFConfig().model_dump(), "the field itself is still there"
 
 

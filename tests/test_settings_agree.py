@@ -117,7 +117,16 @@ SOURCES: dict[str, dict[str, tuple[str, Any]]] = {
     },
     "profile": {
         "model": config("llm.base_model"),
-        **fields_of("generation", "backend", "max_new_tokens", "temperature", "top_p", "seed", "batch_size"),
+        **fields_of(
+            "generation",
+            "backend",
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "batch_size",
+            "repetition_penalty",
+        ),
         **fields_of("generation", "quantization", "base_url", "api_key_env", "concurrency"),
         "limit": config("generation.users"),
         **PROMPT,

@@ -132,6 +132,9 @@ def profile_command(
     temperature: float = typer.Option(GEN.temperature, help="0: greedy; else sampling with --seed."),
     top_p: float = typer.Option(GEN.top_p, help="Nucleus sampling (temperature > 0)."),
     seed: int = typer.Option(GEN.seed, help="Sampling seed."),
+    repetition_penalty: float = typer.Option(
+        GEN.repetition_penalty, help="> 1 stops lists repeating entries (1.05 measured; 1 = off)."
+    ),
     limit: int = typer.Option(GEN.users, help="Only the first N users and the first N items (a documented subset)."),
     batch_size: int = typer.Option(GEN.batch_size, help="Prompts per batch (ct2 / transformers)."),
     max_history: int = typer.Option(RUN.prompt.max_items, help="Most recent train items in a user prompt."),
@@ -155,7 +158,7 @@ def profile_command(
 
     rundir = RunDir(run)
     data, split = rundir.load()
-    params = DecodeParams(max_new_tokens, temperature, top_p, 0, seed)
+    params = DecodeParams(max_new_tokens, temperature, top_p, 0, seed, repetition_penalty=repetition_penalty)
     budget = prompt_budget(max_items=max_history, max_words=max_words, style=prompt_style)
     user_adapter = None if no_adapter else existing_adapter(adapter) or latest_user_adapter(rundir)
     if user_adapter is None and not no_adapter and backend != "openai":

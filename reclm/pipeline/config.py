@@ -248,6 +248,8 @@ class GenerationOptions(Section):
     temperature: float = Field(0.0, ge=0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
+    # > 1 stops a small writer's lists from repeating entries (1.05 measured: docs/results.md); 1 = off
+    repetition_penalty: float = added_later(1.0, gt=0)
     users: int | None = Field(None, ge=1)  # profile only the first N users (null = all)
     items: int | None = Field(None, ge=1)
     quantization: str | None = None  # ctranslate2; null: int8 on CPU, float32 where int8 is off (ct2.py)

@@ -33,6 +33,12 @@ def generation_settings(cfg: PipelineConfig) -> dict:
     return key_with_defaults(cfg.generation, GENERATION_TRANSPORT, mode="json")
 
 
+def sampling_settings(cfg: PipelineConfig) -> dict:
+    """``generation_settings`` less what only the profiles stage decodes with (PPO samples without a
+    repetition penalty, so setting one keeps a tuned writer)."""
+    return {k: v for k, v in generation_settings(cfg).items() if k != "repetition_penalty"}
+
+
 def generation_key(cfg: PipelineConfig) -> dict:
     """The profiles stage's generation and prompt settings, transport-free (``generation_settings``); the
     served model and the adapter's fingerprint, part of the generation cache's key, do count."""
@@ -129,7 +135,7 @@ def build_stages() -> list[Stage]:
             config=lambda c: {
                 "kind": c.stages.rl,
                 "rl": key_dump(c.llm.rl),
-                "generation": generation_settings(c),  # what PPO samples with
+                "generation": sampling_settings(c),  # what PPO samples with
             },
             files=resource_files,
             enabled=lambda c: c.stages.rl != "none",

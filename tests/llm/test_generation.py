@@ -122,3 +122,29 @@ def test_cache_identity_is_the_identity_the_loaded_generator_files_its_outputs_u
     assert cache_identity("ctranslate2", tiny_model) == cache_identity("ct2", tiny_model)
     assert cache_identity("ct2", tiny_model, tiny_adapter) != cache_identity("ct2", tiny_model)
     assert cache_identity("openai", "served-model") is None  # reclm cannot fingerprint a served model
+
+
+def test_a_repetition_penalty_changes_greedy_text_alike_in_both_backends(tiny_model, reference, prompts):
+    """A random tiny model's greedy text loops; the penalty breaks the loops, and CTranslate2 applies it as
+    transformers does (same texts)."""
+    long = DecodeParams(max_new_tokens=24, single_line=False)
+    penalised = DecodeParams(max_new_tokens=24, single_line=False, repetition_penalty=1.5)
+    plain, expected = reference.generate(prompts, long), reference.generate(prompts, penalised)
+    assert expected != plain
+
+    def repeats(text: str) -> int:  # tokens that occurred before in the text
+        ids = reference.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return len(ids) - len(set(ids))
+
+    assert sum(map(repeats, expected)) < sum(map(repeats, plain))
+    fast = CT2Generator(tiny_model, quantization="float32", batch_size=3, device="cpu")
+    assert fast.generate(prompts, penalised) == expected
+
+
+def test_the_repetition_penalty_is_in_the_cache_key_only_when_on():
+    assert DecodeParams().key() == (
+        '{"max_new_tokens": 48, "seed": 0, "single_line": true, "temperature": 0.0, "top_k": 0, "top_p": 1.0}'
+    )  # the key profiles were cached under before the setting existed
+    assert '"repetition_penalty": 1.05' in DecodeParams(repetition_penalty=1.05).key()
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        DecodeParams(repetition_penalty=0)

@@ -20,7 +20,10 @@ from reclm.llm.chat import SYSTEM_PROMPT, Prompt
 
 @dataclass(frozen=True)
 class DecodeParams:
-    """``temperature`` 0 is greedy; otherwise sampling with ``top_p`` / ``top_k`` (0: off) and a fixed ``seed``."""
+    """``temperature`` 0 is greedy; otherwise sampling with ``top_p`` / ``top_k`` (0: off) and a fixed ``seed``.
+    ``repetition_penalty`` > 1 divides the scores of tokens already in the sequence (CTRL's penalty, as in
+    transformers and CTranslate2): a small writer's greedy lists stop repeating entries ("Movie lover, Movie
+    lover, ..."); 1 is off (docs/results.md, "Repetition penalty")."""
 
     max_new_tokens: int = 48
     temperature: float = 0.0
@@ -28,10 +31,13 @@ class DecodeParams:
     top_k: int = 0
     seed: int = 0
     single_line: bool = True
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty}; 1 is off)")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
 
@@ -44,6 +50,8 @@ class DecodeParams:
         values = asdict(self)
         if self.greedy:
             values.update(top_p=1.0, top_k=0, seed=0)
+        if self.repetition_penalty == 1.0:  # off: the key profiles had before the setting existed
+            del values["repetition_penalty"]
         return json.dumps(values, sort_keys=True)
 
 

@@ -207,6 +207,8 @@ class CT2Generator(Generator):
             "end_token": stops,
             "return_end_token": True,
         }
+        if params.repetition_penalty != 1.0:
+            options["repetition_penalty"] = params.repetition_penalty
         if static:
             options["static_prompt"] = self.tokenizer.convert_ids_to_tokens(static)
         if params.greedy:

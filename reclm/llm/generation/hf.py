@@ -48,6 +48,8 @@ class TransformersGenerator(Generator):
         for batch in sorted_batches([len(x) for x in ids], self.batch_size):
             encoded = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
             options: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "do_sample": not params.greedy}
+            if params.repetition_penalty != 1.0:
+                options["repetition_penalty"] = params.repetition_penalty
             if not params.greedy:
                 torch.manual_seed(params.seed)
                 options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)

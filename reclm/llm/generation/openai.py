@@ -57,6 +57,7 @@ class GenerationEndpoint(EndpointConfig):
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0  # sent as vLLM's `repetition_penalty` field when not 1 (no OpenAI equivalent)
     system: str | None = SYSTEM_PROMPT
     fingerprint: str | None = None  # what the server runs (the adapter's content hash): part of the cache key
     cooldown: float = 30.0
@@ -91,6 +92,8 @@ class GenerationEndpoint(EndpointConfig):
                 body["seed"] = self.seed
         if self.stop:
             body["stop"] = list(self.stop)
+        if self.repetition_penalty != 1.0:
+            body["repetition_penalty"] = self.repetition_penalty
         return body
 
 
@@ -153,6 +156,7 @@ class OpenAIGenerator(Generator):
             top_p=params.top_p,
             seed=None if params.greedy else params.seed,
             stop=["\n"] if params.single_line else [],
+            repetition_penalty=params.repetition_penalty,
         )
         client = ChatClient(config, self.ledger)
         replicas, several = self.replicas, len(self.replicas) > 1

@@ -95,7 +95,9 @@ def decode_params(cfg: PipelineConfig) -> Any:
     from reclm.llm.generation import DecodeParams
 
     gen = cfg.generation
-    return DecodeParams(gen.max_new_tokens, gen.temperature, gen.top_p, 0, gen.seed)
+    return DecodeParams(
+        gen.max_new_tokens, gen.temperature, gen.top_p, 0, gen.seed, repetition_penalty=gen.repetition_penalty
+    )
 
 
 def profile_generator(generation: Any, cfg: PipelineConfig, adapter: Path | None) -> Any:
