@@ -39,18 +39,10 @@ def sample_prompts(run: Path, side: str, n: int, seed: int) -> list[str]:
     return prompts
 
 
-def entries_repeat(text: str) -> bool:
-    from reclm.llm.prompts import parse_profile
-
-    parsed = parse_profile(text)
-    if parsed is None:
-        return False
-    return any(len({e.lower() for e in part}) < len(part) for part in parsed)
-
-
 def agreement(int8: list[str], float32: list[str], encoder) -> dict[str, float]:
     """How int8's texts compare with float32's, prompt by prompt."""
     from reclm.llm.prompts import parse_profile
+    from reclm.llm.quality import repeats_an_entry
 
     a, b = encoder.encode(int8, "int8"), encoder.encode(float32, "float32")
     shifted = np.roll(b, 1, axis=0)  # another prompt's float32 profile: the cosine of unrelated texts
@@ -59,8 +51,8 @@ def agreement(int8: list[str], float32: list[str], encoder) -> dict[str, float]:
         "format_float32": float(np.mean([parse_profile(t) is not None for t in float32])),
         "identical": float(np.mean([x.strip() == y.strip() for x, y in zip(int8, float32)])),
         "first_three_words": float(np.mean([x.split()[:3] == y.split()[:3] for x, y in zip(int8, float32)])),
-        "repeated_entry_int8": float(np.mean([entries_repeat(t) for t in int8])),
-        "repeated_entry_float32": float(np.mean([entries_repeat(t) for t in float32])),
+        "repeated_entry_int8": float(np.mean([repeats_an_entry(t) for t in int8])),
+        "repeated_entry_float32": float(np.mean([repeats_an_entry(t) for t in float32])),
         "cosine_to_float32": float(np.mean(np.sum(a * b, axis=1))),
         "cosine_float32_other_prompt": float(np.mean(np.sum(b * shifted, axis=1))),
     }

@@ -20,28 +20,27 @@ from pathlib import Path
 import numpy as np
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def held_out_ids(run: Path, side: str, teacher: list[dict]) -> list[str]:
+def held_out_ids(run: Path, side: str, teacher_ids: list[str]) -> list[str]:
+    """The ids the writer was not tuned on: SFT's held-out users, or the item side's held-out teacher records."""
     if side == "users":
         return [str(u) for u in json.loads((run / "sft" / "heldout.json").read_text()).get("user", [])]
     split = json.loads((run / "item_sft" / "split.json").read_text())
-    return [str(teacher[i]["id"]) for i in split.get("heldout", []) if i < len(teacher)]
+    return [teacher_ids[i] for i in split.get("heldout", []) if i < len(teacher_ids)]
 
 
 def pick_prompts(run: Path, side: str, n: int, seed: int) -> tuple[list[str], list[str], dict[str, str], str]:
     """(ids, prompts, the teacher's profile by id, how they were picked)."""
-    generated = {str(r["id"]): r for r in read_jsonl(run / "profiles" / f"{side}.jsonl") if r.get("prompt")}
-    teacher = read_jsonl(run / "teacher" / f"{side}.jsonl")
-    by_id = {str(r["id"]): r["profile"] for r in teacher if r.get("profile")}
-    held = [i for i in held_out_ids(run, side, teacher) if i in generated and i in by_id][:n]
+    from reclm.llm.records import read_records
+
+    generated = {r.id: r.prompt for r in read_records(run / "profiles" / f"{side}.jsonl") if r.prompt}
+    teacher = read_records(run / "teacher" / f"{side}.jsonl")
+    by_id = {r.id: r.profile for r in teacher if r.profile}
+    held = [i for i in held_out_ids(run, side, [r.id for r in teacher]) if i in generated and i in by_id][:n]
     if held:
-        return held, [generated[i]["prompt"] for i in held], by_id, "held out from tuning"
+        return held, [generated[i] for i in held], by_id, "held out from tuning"
     ids = sorted(generated)
     ids = [ids[i] for i in np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), replace=False)]
-    return ids, [generated[i]["prompt"] for i in ids], {}, "a seeded sample (no teacher profile to compare)"
+    return ids, [generated[i] for i in ids], {}, "a seeded sample (no teacher profile to compare)"
 
 
 def entries(text: str) -> set[str]:
@@ -49,17 +48,6 @@ def entries(text: str) -> set[str]:
 
     parsed = parse_profile(text)
     return {e.lower() for part in parsed for e in part} if parsed else set()
-
-
-def repeated(text: str) -> bool:
-    from reclm.llm.prompts import parse_profile
-
-    parsed = parse_profile(text)
-    return bool(parsed) and any(len({e.lower() for e in part}) < len(part) for part in parsed)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
 
 
 def main() -> None:
@@ -74,7 +62,7 @@ def main() -> None:
 
     from reclm.llm.generation import DecodeParams
     from reclm.llm.generation.ct2 import CT2Generator
-    from reclm.llm.quality import compliant
+    from reclm.llm.quality import compliant, repeats_an_entry, similarity
     from reclm.rundir import RunDir
     from reclm.serve.runinfo import find_adapter
     from reclm.text.encoder import TextEncoder
@@ -85,23 +73,24 @@ def main() -> None:
     generator = CT2Generator(adapter=adapter)
     encoder = TextEncoder("all-MiniLM-L6-v2")
     refs = [teacher[i] for i in ids] if teacher else []
-    ref_vectors = encoder.encode(refs, "teacher") if refs else None
     print(f"{platform.processor() or platform.machine()}; {generator.quantization}; {len(ids)} {args.side}, {how}")
     for penalty in (float(p) for p in args.penalties.split(",")):
         params = DecodeParams(max_new_tokens=args.max_new_tokens, repetition_penalty=penalty)
         start = time.perf_counter()
         out = generator.generate(prompts, params)
         seconds = time.perf_counter() - start
+        in_format, twice = np.mean([compliant(t) for t in out]), np.mean([repeats_an_entry(t) for t in out])
         line = (
-            f"penalty {penalty:4.2f}: {len(out) / seconds:5.2f} profiles/s, in the format "
-            f"{np.mean([compliant(t) for t in out]):.3f}, an entry twice {np.mean([repeated(t) for t in out]):.3f}"
+            f"penalty {penalty:4.2f}: {len(out) / seconds:5.2f} profiles/s, in the format {in_format:.3f}, "
+            f"an entry twice {twice:.3f}"
         )
         if refs:
             jaccard = np.mean(
                 [len(entries(o) & entries(r)) / max(1, len(entries(o) | entries(r))) for o, r in zip(out, refs)]
             )
             line += f", entries shared with the teacher (Jaccard) {jaccard:.3f}"
-            line += f", MiniLM cosine to the teacher {cosine(encoder.encode(out, 'profiles'), ref_vectors):.3f}"
+            cosine = similarity(dict(zip(ids, out)), teacher, encoder, ids).get("mean_cosine", float("nan"))
+            line += f", MiniLM cosine to the teacher {cosine:.4f}"
         print(line, flush=True)
 
 

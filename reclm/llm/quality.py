@@ -39,6 +39,12 @@ def compliant(profile: str) -> bool:
     return MIN_ENTRIES <= len(identities) <= MAX_ENTRIES and MIN_ENTRIES <= len(interests) <= MAX_ENTRIES
 
 
+def repeats_an_entry(profile: str) -> bool:
+    """Whether a part of the profile lists one entry twice ("Drama, Drama"; case-insensitive)."""
+    parsed = parse_profile(profile)
+    return parsed is not None and any(len({e.lower() for e in part}) < len(part) for part in parsed)
+
+
 def text_stats(profiles: list[str]) -> dict:
     """Format, empty, duplicate and length statistics of a list of profile texts."""
     n = len(profiles)

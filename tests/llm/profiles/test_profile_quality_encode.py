@@ -7,7 +7,7 @@ import pytest
 
 from reclm.data.errors import DataError
 from reclm.llm.encode import aligned_vectors, encode_run, load_vectors
-from reclm.llm.quality import read_heldout, run_quality, text_stats
+from reclm.llm.quality import read_heldout, repeats_an_entry, run_quality, text_stats
 from reclm.llm.records import ProfileRecord, write_records
 from reclm.text.encoder import TextEncoder
 
@@ -33,6 +33,13 @@ def test_text_stats_on_a_constructed_list():
     assert stats["mean_interests"] == round((2 + 2 + 1 + 1 + 3) / 5, 2)
     words = [len(t.split()) for t in [GOOD_A, GOOD_A, "", TOO_MANY, "no profile at all", CHATTY, GOOD_B, ""]]
     assert stats["mean_words"] == round(float(np.mean(words)), 2)
+
+
+def test_an_entry_listed_twice_in_either_part_is_found_case_insensitively():
+    assert repeats_an_entry("User identity: Movie lover, movie lover; User interests: Drama.")
+    assert repeats_an_entry("User identity: Student; User interests: Drama, Comedy, Drama.")
+    assert not repeats_an_entry("User identity: Drama fan; User interests: Drama, Comedy.")  # across parts is fine
+    assert not repeats_an_entry("Drama, Drama")  # not a profile
 
 
 def test_run_quality_similarity_to_heldout_teacher(tmp_path, encoder):
